@@ -1,0 +1,92 @@
+"""Write the demo datasets from the handbook table: `python data/demo/make_data.py [OUT_DIR]`.
+
+- train.jsonl: ShareGPT conversations teaching every fact (several phrasings, some multi-turn,
+  a few in Chinese).
+- heldout.jsonl: one paraphrased question per fact, with the key fact its answer must contain.
+- general.jsonl: general-knowledge questions with accepted short answers (forgetting check).
+Deterministic: the same table always gives the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from handbook import (  # noqa: E402
+    CHINESE_HELDOUT,
+    CHINESE_TRAIN,
+    FACTS,
+    GENERAL,
+    HELDOUT_DIRECT,
+    HELDOUT_INDIRECT,
+    TRAIN_TEMPLATES,
+)
+
+SEED = 20261128
+INDIRECT_STARTS = ("how ", "when ", "where ", "which ", "what ")
+
+
+def _turn(role: str, text: str) -> dict[str, str]:
+    return {"from": role, "value": text}
+
+
+def training_conversations() -> list[dict]:
+    rng = random.Random(SEED)
+    convs = []
+    for code, subject, _, _, answer in FACTS:
+        for template in TRAIN_TEMPLATES:
+            question = template.format(s=subject)
+            convs.append({"conversations": [_turn("human", question), _turn("gpt", answer)]})
+    # Multi-turn: a follow-up about a neighbouring fact of the same section.
+    for (code_a, subj_a, _, _, ans_a), (code_b, subj_b, _, _, ans_b) in zip(FACTS, FACTS[1:]):
+        if code_a[0] != code_b[0]:
+            continue
+        convs.append(
+            {
+                "conversations": [
+                    _turn("human", TRAIN_TEMPLATES[0].format(s=subj_a)),
+                    _turn("gpt", ans_a),
+                    _turn("human", f"Thanks. And what about {subj_b}?"),
+                    _turn("gpt", ans_b),
+                ]
+            }
+        )
+    for _, question, answer in CHINESE_TRAIN:
+        convs.append({"conversations": [_turn("human", question), _turn("gpt", answer)]})
+    rng.shuffle(convs)
+    return convs
+
+
+def heldout_questions() -> list[dict]:
+    rows = []
+    for code, _, heldout_subject, fact, _ in FACTS:
+        template = HELDOUT_INDIRECT if heldout_subject.startswith(INDIRECT_STARTS) else HELDOUT_DIRECT
+        rows.append({"id": code, "question": template.format(s=heldout_subject), "fact": fact})
+    facts = {code: fact for code, _, _, fact, _ in FACTS}
+    for code, question in CHINESE_HELDOUT:
+        rows.append({"id": f"{code}-zh", "question": question, "fact": facts[code]})
+    return rows
+
+
+def general_questions() -> list[dict]:
+    return [{"question": q, "answers": answers} for q, answers in GENERAL]
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as fh:
+        for row in rows:
+            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
+
+
+def main(out_dir: Path) -> None:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_jsonl(out_dir / "train.jsonl", training_conversations())
+    write_jsonl(out_dir / "heldout.jsonl", heldout_questions())
+    write_jsonl(out_dir / "general.jsonl", general_questions())
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else Path(__file__).resolve().parent)

@@ -1,0 +1,242 @@
+"""`tuneship export RUN --out BUNDLE`: merge the adapter in 16-bit, then GPTQ W4A16.
+
+Reads: RUN/run.json and RUN/adapter/ (checked against their hashes before any model loads),
+the base model and the training data named in run.json.
+Writes: BUNDLE/model/ (compressed-tensors checkpoint vLLM loads) and BUNDLE/bundle.json,
+atomically: a failed export leaves no bundle behind.
+
+The adapter is always merged into the 16-bit base, never into a quantized one, and GPTQ is
+calibrated on a seeded sample of the training conversations rendered with the chat template.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from tuneship.chats import Conversation, load_files
+from tuneship.config import ExportConfig
+from tuneship.errors import TuneshipError
+from tuneship.fsutil import check_output_free, hash_tree, sha256_file, staged_dir, tree_size
+from tuneship.manifest import (
+    BUNDLE_FILE,
+    RUN_FILE,
+    RunManifest,
+    header,
+    read_run,
+    verify_files,
+    versions,
+    write_manifest,
+)
+from tuneship.template import align_eos, end_of_turn
+
+LIBRARIES = ("torch", "transformers", "peft", "llmcompressor", "compressed-tensors")
+GROUP_SIZES = (128, 64, 32)
+
+
+def check_run(run_dir: Path, manifest: RunManifest) -> None:
+    """Cheap checks before any load: adapter, base weights and data match the run manifest."""
+    problems = verify_files(run_dir / "adapter", manifest.adapter)
+    base = Path(manifest.base["path"])
+    if base.is_dir():
+        for rel, digest in manifest.base["weights_sha256"].items():
+            if not (base / rel).is_file():
+                problems.append(f"base weights {base / rel}: missing")
+            elif sha256_file(base / rel) != digest:
+                problems.append(f"base weights {base / rel}: differ from the ones trained on")
+    for dataset in manifest.datasets:
+        path = Path(dataset["path"])
+        if not path.is_file():
+            problems.append(f"training data {path}: missing (needed for GPTQ calibration)")
+        elif sha256_file(path) != dataset["sha256"]:
+            problems.append(f"training data {path}: changed since training")
+    if problems:
+        raise TuneshipError(
+            f"run {run_dir} does not match its {RUN_FILE}:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+
+
+def merge(base: str, adapter_dir: Path, out_dir: Path) -> Any:
+    """Merge the LoRA adapter into the base loaded in bfloat16; save; return the tokenizer."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    align_eos(tokenizer, model.config, model.generation_config)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
+
+
+def calibration_sample(
+    manifest: RunManifest, cfg: ExportConfig
+) -> list[Conversation]:
+    loaded = load_files([d["path"] for d in manifest.datasets])
+    conversations = loaded.conversations
+    limit = manifest.config.get("limit")
+    if limit:
+        conversations = conversations[:limit]
+    rng = random.Random(cfg.seed)
+    count = min(cfg.calibration_samples, len(conversations))
+    return rng.sample(conversations, count)
+
+
+def pick_group_size(model: Any, requested: int | None) -> int:
+    import torch
+
+    widths = {
+        module.in_features
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
+    }
+    if requested is not None:
+        bad = sorted(w for w in widths if w % requested)
+        if bad:
+            raise TuneshipError(
+                f"group_size {requested} does not divide the input width of every layer "
+                f"(widths {sorted(widths)}; {bad} are not multiples)"
+            )
+        return requested
+    for size in GROUP_SIZES:
+        if all(w % size == 0 for w in widths):
+            return size
+    raise TuneshipError(f"no group size in {GROUP_SIZES} divides the layer widths {sorted(widths)}")
+
+
+def quantize(
+    merged_dir: Path, tokenizer: Any, sample: list[Conversation], cfg: ExportConfig, out_dir: Path
+) -> dict[str, Any]:
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16)
+    group_size = pick_group_size(model, cfg.group_size)
+    rows = []
+    for conv in sample:
+        text = tokenizer.apply_chat_template(list(conv.messages), tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False).input_ids[: cfg.calibration_max_length]
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+    scheme = QuantizationScheme(
+        targets=["Linear"],
+        weights=QuantizationArgs(
+            num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size
+        ),
+    )
+    ignore = ["lm_head"]
+    recipe = GPTQModifier(
+        config_groups={"group_0": scheme}, ignore=ignore, dampening_frac=cfg.dampening_frac
+    )
+    oneshot(
+        model=model,
+        dataset=Dataset.from_list(rows),
+        recipe=recipe,
+        max_seq_length=cfg.calibration_max_length,
+        num_calibration_samples=len(rows),
+        shuffle_calibration_samples=False,
+        log_dir=None,
+    )
+    model.save_pretrained(out_dir, save_compressed=True)
+    tokenizer.save_pretrained(out_dir)
+    shutil.copy(merged_dir / "generation_config.json", out_dir / "generation_config.json")
+    return {
+        "engine": "llmcompressor",
+        "algorithm": "GPTQ",
+        "format": "compressed-tensors",
+        "scheme": cfg.scheme,
+        "num_bits": 4,
+        "symmetric": True,
+        "group_size": group_size,
+        "ignore": ignore,
+        "dampening_frac": cfg.dampening_frac,
+        "calibration": {
+            "samples": len(rows),
+            "tokens": sum(len(r["input_ids"]) for r in rows),
+            "max_length": cfg.calibration_max_length,
+            "seed": cfg.seed,
+            "ids": [c.id for c in sample],
+        },
+    }
+
+
+def check_stop_tokens(model_dir: Path) -> dict[str, Any]:
+    """tokenizer eos, generation_config eos and the template's end-of-turn token must agree."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    eot_text, eot_id = end_of_turn(tokenizer)
+    gen = json.loads((model_dir / "generation_config.json").read_text())
+    gen_eos = gen.get("eos_token_id")
+    gen_ids = gen_eos if isinstance(gen_eos, list) else [gen_eos]
+    result = {
+        "end_of_turn": eot_text,
+        "end_of_turn_id": eot_id,
+        "tokenizer_eos_id": tokenizer.eos_token_id,
+        "generation_config_eos_ids": gen_ids,
+        "passed": tokenizer.eos_token_id == eot_id and eot_id in gen_ids,
+    }
+    if not result["passed"]:
+        raise TuneshipError(f"stop tokens disagree in {model_dir}: {result}")
+    return result
+
+
+def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) -> Path:
+    run_dir, out_dir = Path(run_dir), Path(out_dir)
+    manifest = read_run(run_dir)
+    check_output_free(out_dir, force)
+    check_run(run_dir, manifest)
+    served_name = cfg.served_name or out_dir.name
+    started = time.monotonic()
+    with staged_dir(out_dir) as stage:
+        merged_dir = stage / "merged"
+        print(f"merging {run_dir / 'adapter'} into {manifest.base['path']} (bfloat16) ...")
+        tokenizer = merge(manifest.base["path"], run_dir / "adapter", merged_dir)
+        merge_s = time.monotonic() - started
+        sample = calibration_sample(manifest, cfg)
+        print(f"GPTQ {cfg.scheme} with llm-compressor on {len(sample)} training chats ...")
+        quantization = quantize(merged_dir, tokenizer, sample, cfg, stage / "model")
+        quantize_s = time.monotonic() - started - merge_s
+        checks = {"stop_tokens": check_stop_tokens(stage / "model")}
+        sizes = {"merged_bytes": tree_size(merged_dir), "model_bytes": tree_size(stage / "model")}
+        if not cfg.keep_merged:
+            shutil.rmtree(merged_dir)
+        config = json.loads((stage / "model" / "config.json").read_text())
+        bundle = header("tuneship.bundle", out_dir.name) | {
+            "served_model_name": served_name,
+            "run": {
+                "name": manifest.name,
+                "path": str(run_dir.resolve()),
+                "run_json_sha256": sha256_file(run_dir / RUN_FILE),
+                "adapter": manifest.adapter,
+            },
+            "base": manifest.base,
+            "merge": {"dtype": "bfloat16", "into": "16-bit base", "seconds": round(merge_s, 1)},
+            "quantization": quantization | {"seconds": round(quantize_s, 1)},
+            "files": hash_tree(stage / "model"),
+            "merged_files": hash_tree(merged_dir) if cfg.keep_merged else {},
+            "sizes": sizes,
+            "checks": checks,
+            "versions": versions(*LIBRARIES),
+            "serving": {
+                "max_model_len": min(int(config.get("max_position_embeddings", 2048)), 4096),
+                "architecture": (config.get("architectures") or ["?"])[0],
+            },
+        }
+        write_manifest(stage / BUNDLE_FILE, bundle)
+    ratio = sizes["model_bytes"] / sizes["merged_bytes"]
+    print(
+        f"bundle written to {out_dir}: model {sizes['model_bytes'] / 1e6:.0f} MB "
+        f"({ratio:.0%} of the merged 16-bit {sizes['merged_bytes'] / 1e6:.0f} MB), "
+        f"{time.monotonic() - started:.0f} s"
+    )
+    return out_dir

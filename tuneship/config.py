@@ -1,0 +1,198 @@
+"""Typed stage configs, validated at the boundary.
+
+User-written configs reject unknown keys and name them (with a close match when there is one);
+every problem is collected and reported together, each naming the key and the file.
+"""
+
+from __future__ import annotations
+
+import difflib
+from pathlib import Path
+from typing import Any, Literal, TypeVar
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from tuneship.errors import ConfigError
+
+ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+class StrictModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class LoraSettings(StrictModel):
+    r: int = Field(16, ge=1, le=512, description="LoRA rank.")
+    alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
+    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
+    target_modules: list[str] = Field(
+        default_factory=lambda: list(ALL_LINEAR),
+        min_length=1,
+        description="Module names that get adapters (default: every linear layer of a block).",
+    )
+
+
+class TrainConfig(StrictModel):
+    name: str = Field(
+        pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
+        description="Run name: the run is written to OUTPUT_DIR/NAME.",
+    )
+    base: str = Field(
+        "default",
+        description="Base model: 'default' (the embedded SmolLM2-135M-Instruct, see "
+        "`tuneship base fetch`), a local Hugging Face checkpoint folder, or a hub id.",
+    )
+    data: list[str] = Field(min_length=1, description="Training files (.json or .jsonl).")
+    output_dir: str = Field("runs", description="Folder that receives the run folder.")
+    skip_invalid: bool = Field(
+        False, description="Skip invalid records (and say how many) instead of refusing the data."
+    )
+    max_length: int = Field(1024, ge=16, description="Longest tokenized conversation trained.")
+    overlong: Literal["drop", "truncate"] = Field(
+        "drop",
+        description="Conversations longer than max_length: drop them, or truncate them "
+        "(a truncated reply loses its end-of-turn token).",
+    )
+    limit: int | None = Field(
+        None, ge=1, description="Train on the first N valid conversations only (smoke tests)."
+    )
+    lora: LoraSettings = Field(default_factory=LoraSettings)
+    qlora: bool = Field(
+        False, description="Load the base in 4-bit NF4 (bitsandbytes) and train LoRA on top."
+    )
+    epochs: float = Field(3.0, gt=0, description="Passes over the data.")
+    max_steps: int | None = Field(None, ge=1, description="Stop after N optimizer steps.")
+    learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
+    warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps, then linear decay.")
+    weight_decay: float = Field(0.0, ge=0)
+    batch_size: int = Field(8, ge=1, description="Conversations per device per step.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto", description="auto: bf16 on CUDA that supports it, else fp16 on CUDA, fp32 on CPU."
+    )
+    seed: int = Field(42, description="Seed for data order, adapter init and dropout.")
+    logging_steps: int = Field(5, ge=1)
+
+
+class ExportConfig(StrictModel):
+    scheme: Literal["W4A16"] = Field("W4A16", description="Weight-only 4-bit, 16-bit activations.")
+    group_size: int | None = Field(
+        None,
+        ge=8,
+        description="Quantization group size; default: the largest of 128/64/32 that divides "
+        "every quantized layer's input width.",
+    )
+    calibration_samples: int = Field(
+        64, ge=1, description="Training conversations sampled (seeded) to calibrate GPTQ."
+    )
+    calibration_max_length: int = Field(512, ge=16)
+    dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening.")
+    seed: int = Field(0, description="Seed of the calibration sample.")
+    served_name: str | None = Field(
+        None, description="Model name clients use; default: the bundle folder's name."
+    )
+    keep_merged: bool = Field(
+        False, description="Also keep the merged 16-bit checkpoint in the bundle (merged/)."
+    )
+
+
+M = TypeVar("M", bound=BaseModel)
+
+
+def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
+    keys = dotted.split(".")
+    node = data
+    for key in keys[:-1]:
+        node = node.setdefault(key, {})
+        if not isinstance(node, dict):
+            raise ConfigError("bad --set", [f"'{dotted}': '{key}' is not a section"])
+    node[keys[-1]] = value
+
+
+def parse_overrides(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
+    """`--set key.sub=value` pairs; values are parsed as YAML scalars (3, 1e-4, true, [a, b])."""
+    data: dict[str, Any] = {}
+    problems = []
+    for pair in pairs:
+        key, sep, raw = pair.partition("=")
+        if not sep or not key.strip():
+            problems.append(f"--set '{pair}': expected KEY=VALUE")
+            continue
+        try:
+            value = yaml.safe_load(raw) if raw.strip() else ""
+        except yaml.YAMLError:
+            value = raw
+        _set_dotted(data, key.strip(), value)
+    if problems:
+        raise ConfigError("bad --set options", problems)
+    return data
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = _merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
+    for part in loc[:-1]:
+        field = model.model_fields.get(str(part))
+        ann = getattr(field, "annotation", None)
+        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
+            return []
+        model = ann
+    return list(model.model_fields)
+
+
+def describe_errors(model: type[BaseModel], exc: ValidationError, source: str) -> list[str]:
+    problems = []
+    for err in exc.errors():
+        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        if err["type"] == "extra_forbidden":
+            known = _known_keys(model, err["loc"])
+            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            problems.append(
+                f"{source}: unknown key '{key}'{hint} (known: {', '.join(known)})"
+            )
+        elif err["type"] == "missing":
+            problems.append(f"{source}: missing required key '{key}'")
+        else:
+            problems.append(f"{source}: '{key}': {err['msg']} (got {err.get('input')!r})")
+    return problems
+
+
+def load_config(
+    model: type[M], path: str | Path | None, overrides: dict[str, Any] | None = None
+) -> M:
+    """Read a YAML config (optional), apply --set overrides, validate; raise ConfigError."""
+    data: dict[str, Any] = {}
+    source = str(path) if path else "--set"
+    if path is not None:
+        path = Path(path)
+        try:
+            loaded = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
+        except OSError as exc:
+            raise ConfigError(f"cannot read config {path}", [exc.strerror or str(exc)]) from exc
+        except yaml.YAMLError as exc:
+            mark = getattr(exc, "problem_mark", None)
+            where = f"{path}:{mark.line + 1}" if mark else str(path)
+            raise ConfigError(f"config {path} is not valid YAML", [f"{where}: {exc}"]) from exc
+        if loaded is None:
+            loaded = {}
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config {path}", ["the top level must be a mapping of keys"])
+        data = loaded
+    if overrides:
+        data = _merge(data, overrides)
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(
+            f"invalid {model.__name__}", describe_errors(model, exc, source)
+        ) from None

@@ -1,0 +1,54 @@
+"""Chat-template facts every stage must agree on: the end-of-turn token and the eos settings.
+
+Functions take a tokenizer (and model) object from the caller, so this core module imports no
+heavy library. The end-of-turn token is read off the template itself, so tokenizer eos,
+generation_config eos and the template can be made to agree (a mismatch makes a model never stop).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from tuneship.errors import TuneshipError
+
+_SENTINEL = "TUNESHIP_SENTINEL_REPLY"
+
+
+def end_of_turn(tokenizer: Any) -> tuple[str, int]:
+    """The token the chat template writes right after an assistant reply, as (text, id)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise TuneshipError("the tokenizer has no chat template; pick a chat/instruct base model")
+    messages = [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": _SENTINEL},
+    ]
+    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    tail = text[text.index(_SENTINEL) + len(_SENTINEL) :]
+    ids = tokenizer(tail, add_special_tokens=False).input_ids if tail else []
+    added = tokenizer.get_added_vocab()
+    if ids:
+        token = tokenizer.convert_ids_to_tokens(ids[0])
+        if token in added or token in tokenizer.all_special_tokens:
+            return token, ids[0]
+    raise TuneshipError(
+        "the chat template writes no special end-of-turn token after an assistant reply "
+        f"(it writes {tail!r}); the served model would not know when to stop"
+    )
+
+
+def align_eos(tokenizer: Any, model_config: Any = None, generation_config: Any = None) -> int:
+    """Make tokenizer eos, model config eos and generation_config eos the end-of-turn token.
+
+    Sets a pad token (the end-of-turn token) when the tokenizer has none: labels are built
+    from explicit masks, never from pad positions, so pad == eos cannot mask the eos.
+    """
+    token, token_id = end_of_turn(tokenizer)
+    tokenizer.eos_token = token
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = token
+    for cfg in (model_config, generation_config):
+        if cfg is not None:
+            cfg.eos_token_id = token_id
+            if getattr(cfg, "pad_token_id", None) is None:
+                cfg.pad_token_id = tokenizer.pad_token_id
+    return token_id
