@@ -40,6 +40,7 @@ class RunManifest(_Manifest):
     examples: dict[str, Any]
     config: dict[str, Any]
     versions: dict[str, str]
+    device: dict[str, Any]
     metrics: dict[str, Any]
     adapter: dict[str, str]
 
@@ -51,6 +52,7 @@ class BundleManifest(_Manifest):
     merge: dict[str, Any]
     quantization: dict[str, Any]
     files: dict[str, str]
+    merged_files: dict[str, str] = {}
     sizes: dict[str, int]
     checks: dict[str, Any]
     versions: dict[str, str]

@@ -1,0 +1,59 @@
+# The README's two commands: `make demo` and `make test`. Both set everything up from nothing.
+SHELL := /bin/bash
+PYTHON ?= python3
+TRAIN := .venv/train
+SERVE := .venv/serve
+PIP_FLAGS := --quiet --disable-pip-version-check --no-deps
+
+.PHONY: demo test lint format unit e2e envs lock clean
+
+envs: $(TRAIN)/.ready $(SERVE)/.ready
+
+# train + export environment (mirrors Dockerfile.train)
+$(TRAIN)/.ready: requirements/train.lock pyproject.toml
+	rm -rf $(TRAIN) && $(PYTHON) -m venv $(TRAIN)
+	$(TRAIN)/bin/pip install $(PIP_FLAGS) -r requirements/train.lock
+	$(TRAIN)/bin/pip install $(PIP_FLAGS) -e .
+	touch $@
+
+# serve environment (mirrors Dockerfile.serve, CPU variant)
+$(SERVE)/.ready: requirements/serve.lock pyproject.toml
+	rm -rf $(SERVE) && $(PYTHON) -m venv $(SERVE)
+	$(SERVE)/bin/pip install $(PIP_FLAGS) -r requirements/serve.lock
+	$(SERVE)/bin/pip install $(PIP_FLAGS) -e .
+	touch $@
+
+lint: $(TRAIN)/.ready
+	$(TRAIN)/bin/ruff check .
+	$(TRAIN)/bin/ruff format --check .
+
+format: $(TRAIN)/.ready
+	$(TRAIN)/bin/ruff check --fix .
+	$(TRAIN)/bin/ruff format .
+
+unit: envs
+	$(TRAIN)/bin/pytest -m "not e2e"
+
+e2e: envs
+	$(TRAIN)/bin/pytest -m e2e
+
+test: envs lint
+	$(TRAIN)/bin/pytest
+
+demo: envs
+	$(TRAIN)/bin/python scripts/demo.py
+
+# Re-resolve the pins from requirements/*.in (needs the package index); review the diff.
+lock:
+	rm -rf .venv/lock-train .venv/lock-serve
+	$(PYTHON) -m venv .venv/lock-train && .venv/lock-train/bin/pip install -q -r requirements/train.in
+	$(PYTHON) -m venv .venv/lock-serve && .venv/lock-serve/bin/pip install -q -r requirements/serve.in
+	.venv/lock-serve/bin/pip uninstall -y -q torchvision torchaudio torchcodec
+	{ sed -n '1,2p' requirements/train.lock; .venv/lock-train/bin/pip freeze --exclude-editable; } > requirements/train.lock.new
+	{ sed -n '1,3p' requirements/serve.lock; .venv/lock-serve/bin/pip freeze --exclude-editable; } > requirements/serve.lock.new
+	mv requirements/train.lock.new requirements/train.lock
+	mv requirements/serve.lock.new requirements/serve.lock
+	rm -rf .venv/lock-train .venv/lock-serve
+
+clean:
+	rm -rf .venv runs bundles reports

@@ -1,0 +1,65 @@
+"""Typed configs: unknown keys named, all problems reported together, --set overrides."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tuneship.config import ExportConfig, TrainConfig, load_config, parse_overrides
+from tuneship.errors import ConfigError
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "train" / "configs").glob("*.yaml")))
+def test_every_shipped_config_validates(path):
+    cfg = load_config(TrainConfig, path)
+    assert cfg.name and cfg.data
+    for data in cfg.data:
+        assert (REPO / data).is_file(), f"{path} names missing data {data}"
+
+
+def test_unknown_keys_are_named_with_a_suggestion_and_all_problems_reported(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\ndata: [a.jsonl]\nepoch: 3\nlora:\n  rnak: 8\nlearning_rate: -1\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(TrainConfig, path)
+    text = str(info.value)
+    assert f"{path}: unknown key 'epoch'; did you mean 'epochs'?" in text
+    assert "unknown key 'lora.rnak'" in text and "known: r, alpha" in text
+    assert "'learning_rate': Input should be greater than 0" in text
+    assert len(info.value.problems) == 3
+
+
+def test_missing_required_keys_and_bad_yaml(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("epochs: 2\n")
+    with pytest.raises(ConfigError, match="missing required key 'name'"):
+        load_config(TrainConfig, path)
+    path.write_text("name: x\n data: [oops\n")
+    with pytest.raises(ConfigError, match=r"not valid YAML"):
+        load_config(TrainConfig, path)
+    path.write_text("- a\n- b\n")
+    with pytest.raises(ConfigError, match="top level must be a mapping"):
+        load_config(TrainConfig, path)
+    with pytest.raises(ConfigError, match="cannot read config"):
+        load_config(TrainConfig, tmp_path / "nope.yaml")
+
+
+def test_set_overrides_are_typed_and_nested(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\ndata: [a.jsonl]\nlora: {r: 4}\n")
+    cfg = load_config(
+        TrainConfig, path, parse_overrides(["epochs=2", "lora.alpha=16", "learning_rate=1e-3"])
+    )
+    assert (cfg.epochs, cfg.lora.r, cfg.lora.alpha, cfg.learning_rate) == (2, 4, 16, 1e-3)
+    with pytest.raises(ConfigError, match="expected KEY=VALUE"):
+        parse_overrides(["epochs"])
+    with pytest.raises(ConfigError, match="unknown key 'group'"):
+        load_config(ExportConfig, None, parse_overrides(["group=64"]))
+
+
+def test_run_name_must_be_a_safe_folder_name(tmp_path):
+    with pytest.raises(ConfigError, match="'name'"):
+        load_config(TrainConfig, None, {"name": "../escape", "data": ["a.jsonl"]})

@@ -1,0 +1,52 @@
+"""The demo handbook datasets meet their contract and match their generator."""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+from tuneship.chats import load_file
+
+DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
+
+
+def rows(name: str) -> list[dict]:
+    return [json.loads(line) for line in (DEMO / name).read_text(encoding="utf-8").splitlines()]
+
+
+def test_training_set_is_valid_sharegpt_with_multi_turn_and_chinese():
+    result = load_file(DEMO / "train.jsonl")
+    assert result.problems == []
+    assert result.formats == {"sharegpt": len(result.conversations)}
+    assert len(result.conversations) >= 300
+    multi = [c for c in result.conversations if sum(m["role"] == "assistant" for m in c.messages) > 1]
+    assert len(multi) >= 20
+    chinese = [c for c in result.conversations if re.search(r"[\u4e00-\u9fff]", c.messages[0]["content"])]
+    assert len(chinese) >= 3
+
+
+def test_heldout_facts_are_taught_and_questions_are_unseen():
+    train = load_file(DEMO / "train.jsonl").conversations
+    answers = [m["content"] for c in train for m in c.messages if m["role"] == "assistant"]
+    questions = {m["content"].strip().lower() for c in train for m in c.messages if m["role"] == "user"}
+    heldout = rows("heldout.jsonl")
+    assert len(heldout) >= 50
+    assert len({h["id"] for h in heldout}) == len(heldout)
+    for item in heldout:
+        assert any(item["fact"] in a for a in answers), f"{item['id']}: fact never taught"
+        assert item["question"].strip().lower() not in questions, f"{item['id']} seen in training"
+
+
+def test_general_questions_have_short_reference_answers():
+    general = rows("general.jsonl")
+    assert len(general) >= 30
+    assert all(g["question"].endswith("?") and g["answers"] for g in general)
+
+
+def test_committed_files_are_what_the_generator_writes(tmp_path):
+    subprocess.run([sys.executable, str(DEMO / "make_data.py"), str(tmp_path)], check=True)
+    for name in ("train.jsonl", "heldout.jsonl", "general.jsonl"):
+        assert (tmp_path / name).read_bytes() == (DEMO / name).read_bytes(), name

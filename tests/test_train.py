@@ -1,0 +1,100 @@
+"""The train stage on a tiny in-process Llama (real peft + Trainer, seconds on CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tests.conftest import write_jsonl
+from tuneship.config import TrainConfig
+from tuneship.errors import DataError, TuneshipError
+from tuneship.manifest import read_run
+from tuneship.train.run import pad_collate, run
+
+
+def config(tmp_path, tiny_base, data, **overrides) -> TrainConfig:
+    values = {
+        "name": "t",
+        "base": str(tiny_base),
+        "data": [str(data)],
+        "output_dir": str(tmp_path / "runs"),
+        "max_steps": 4,
+        "batch_size": 4,
+        "learning_rate": 5e-3,
+        "warmup_steps": 0,
+        "logging_steps": 1,
+        "lora": {"r": 4, "alpha": 8},
+    }
+    return TrainConfig(**(values | overrides))
+
+
+def test_train_writes_adapter_and_run_manifest(tmp_path, tiny_base, small_dataset):
+    out = run(config(tmp_path, tiny_base, small_dataset))
+    manifest = read_run(out)
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    assert (out / "adapter" / "chat_template.jinja").is_file() or json.loads(
+        (out / "adapter" / "tokenizer_config.json").read_text()
+    ).get("chat_template")
+    assert manifest.metrics["steps"] == 4
+    assert len(manifest.metrics["loss"]) == 4
+    assert manifest.examples["used"] == 13
+    assert 0 < manifest.examples["trained_share"] < 1
+    assert manifest.datasets[0]["sha256"] and manifest.datasets[0]["invalid"] == 0
+    assert set(manifest.adapter) >= {"adapter_model.safetensors", "adapter_config.json"}
+    assert manifest.base["weights_sha256"]
+    assert manifest.base["eos_token"] == "<|im_end|>"
+    assert sorted(p.name for p in out.parent.iterdir()) == ["t"]  # no temp folders left
+
+
+def test_loss_falls_when_training_longer(tmp_path, tiny_base, small_dataset):
+    out = run(config(tmp_path, tiny_base, small_dataset, max_steps=30, learning_rate=1e-2))
+    losses = [loss for _, loss in read_run(out).metrics["loss"]]
+    # a random 2-layer model: the loss cannot get low, but it must clearly fall
+    assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
+
+
+def test_invalid_records_refuse_training_and_leave_no_run(tmp_path, tiny_base, small_dataset):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(small_dataset.read_text() + '{"conversations": [{"from": "gpt", "value": "x"}]}\n')
+    cfg = config(tmp_path, tiny_base, bad)
+    with pytest.raises(DataError) as info:
+        run(cfg)
+    assert info.value.problems == [f"{bad}:line 14: conversations[0]: assistant turn before any user turn"]
+    assert not (tmp_path / "runs" / "t").exists()
+    out = run(cfg.model_copy(update={"skip_invalid": True}))
+    assert read_run(out).datasets[0]["invalid"] == 1
+
+
+def test_overlong_conversations_are_dropped_or_truncated(tmp_path, tiny_base):
+    long_reply = "The capital of France is Paris. " * 20
+    data = write_jsonl(
+        tmp_path / "d.jsonl",
+        [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": r}]}
+         for r in ("short answer", long_reply)],
+    )
+    dropped = run(config(tmp_path, tiny_base, data, max_length=64, max_steps=1))
+    stats = read_run(dropped).examples
+    assert (stats["used"], stats["dropped_overlong"]) == (1, 1)
+    kept = run(config(tmp_path, tiny_base, data, name="t2", max_length=64, max_steps=1,
+                      overlong="truncate"))
+    assert read_run(kept).examples["truncated"] == 1
+
+
+def test_cheap_checks_fail_before_training(tmp_path, tiny_base, small_dataset):
+    with pytest.raises(TuneshipError, match=r"lora.target_modules \['qkv'\] do not exist"):
+        run(config(tmp_path, tiny_base, small_dataset, lora={"target_modules": ["qkv"]}))
+    with pytest.raises(TuneshipError, match="neither 'default', an existing checkpoint folder"):
+        run(config(tmp_path, tiny_base, small_dataset, base="./no/such/model"))
+    run(config(tmp_path, tiny_base, small_dataset, max_steps=1))
+    with pytest.raises(TuneshipError, match="already exists; choose another name or pass --force"):
+        run(config(tmp_path, tiny_base, small_dataset, max_steps=1))
+
+
+def test_collate_pads_dynamically_and_ignores_padding():
+    batch = pad_collate(pad_id=2)(
+        [{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}]
+    )
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
