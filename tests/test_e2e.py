@@ -1,0 +1,129 @@
+"""End to end on the real default base: fetch, train a few steps, merge + GPTQ, serve with vLLM
+(the serve environment, CPU), then talk to it with the official OpenAI SDK."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tuneship.launch import Server, free_port
+
+pytestmark = pytest.mark.e2e
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_BIN = Path(sys.executable).parent / "tuneship"
+SERVE_BIN = Path(os.environ.get("TUNESHIP_SERVE_BIN", REPO / ".venv" / "serve" / "bin" / "tuneship"))
+QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+def tuneship(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    proc = subprocess.run([str(TRAIN_BIN), *args], cwd=cwd, capture_output=True, text=True)
+    assert proc.returncode == 0, f"tuneship {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+    return proc
+
+
+@pytest.fixture(scope="module")
+def bundle(tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("e2e")
+    tuneship("base", "fetch", cwd=work)
+    tuneship(
+        "train", "--config", str(REPO / "train" / "configs" / "demo.yaml"),
+        "--set", f"data=[{REPO / 'data' / 'demo' / 'train.jsonl'}]",
+        "--set", "limit=48", "--set", "max_steps=4", "--set", "warmup_steps=0",
+        "--set", "name=e2e", cwd=work,
+    )  # fmt: skip
+    tuneship("export", "runs/e2e", "--out", "bundles/e2e", "--set", "calibration_samples=8", cwd=work)
+    return work / "bundles" / "e2e"
+
+
+@pytest.fixture(scope="module")
+def server(bundle):
+    assert SERVE_BIN.exists(), f"serve environment missing at {SERVE_BIN}: run `make envs`"
+    port = free_port()
+    argv = [str(SERVE_BIN), "serve", str(bundle), "--host", "127.0.0.1", "--port", str(port)]
+    with Server(argv, port, bundle.parent / "serve.log") as srv:
+        yield srv
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from openai import OpenAI
+
+    return OpenAI(base_url=f"{server.base_url}/v1", api_key="unused", timeout=120)
+
+
+def test_bundle_is_quantized_and_smaller_than_the_merge(bundle):
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    assert manifest["quantization"]["group_size"] == 64  # 576 is not a multiple of 128
+    assert manifest["sizes"]["model_bytes"] < 0.5 * manifest["sizes"]["merged_bytes"]
+    assert manifest["checks"]["stop_tokens"]["end_of_turn"] == "<|im_end|>"
+
+
+def test_chat_reply_stops_on_its_own(client):
+    reply = client.chat.completions.create(
+        model="e2e", messages=QUESTION, max_tokens=200, temperature=0
+    )
+    choice = reply.choices[0]
+    assert choice.message.content.strip()
+    assert choice.finish_reason == "stop"
+
+
+def test_streaming_yields_several_chunks(client):
+    stream = client.chat.completions.create(
+        model="e2e", messages=QUESTION, max_tokens=32, temperature=0, stream=True
+    )
+    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    assert len(pieces) >= 3
+    assert "".join(pieces).strip()
+
+
+def test_models_lists_the_bundle_name(client):
+    assert [m.id for m in client.models.list().data] == ["e2e"]
+
+
+def test_completions_endpoint(client):
+    reply = client.completions.create(model="e2e", prompt="The capital of France is", max_tokens=5)
+    assert reply.choices[0].text
+
+
+def test_metrics_expose_vllm_series(server, client):
+    import httpx
+
+    client.chat.completions.create(model="e2e", messages=QUESTION, max_tokens=4)
+    text = httpx.get(f"{server.base_url}/metrics").text
+    assert "vllm:generation_tokens_total" in text
+
+
+def test_unknown_model_is_a_404_in_openai_error_shape(client):
+    import openai
+
+    with pytest.raises(openai.NotFoundError) as info:
+        client.chat.completions.create(model="nope", messages=QUESTION, max_tokens=4)
+    error = info.value.body
+    assert set(error) >= {"message", "type", "param", "code"}
+    assert "nope" in error["message"]
+
+
+def test_served_prompt_tokens_equal_the_training_tokens(server, bundle):
+    """Template parity: vLLM renders the chat exactly as training did (one BOS, same ids)."""
+    import httpx
+    from transformers import AutoTokenizer
+
+    from tuneship.chats import Conversation
+    from tuneship.train.tokenize import ChatTokenizer
+
+    messages = [{"role": "user", "content": "国内出差每天的餐费补贴是多少?"}]
+    served = httpx.post(
+        f"{server.base_url}/tokenize",
+        json={"model": "e2e", "messages": messages, "add_generation_prompt": True},
+    ).json()["tokens"]
+    tokenizer = AutoTokenizer.from_pretrained(bundle / "model")
+    conv = Conversation("x", "openai", (*messages, {"role": "assistant", "content": "ok"}))
+    trained = ChatTokenizer(tokenizer)(conv).input_ids
+    assert trained[: len(served)] == served
+    assert len(trained) > len(served)

@@ -1,0 +1,71 @@
+"""The serve stage's checks and command (no server here; tests/test_e2e.py runs vLLM)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from tuneship.errors import TuneshipError
+from tuneship.fsutil import hash_tree
+from tuneship.manifest import BUNDLE_FILE, header
+from tuneship.serve.run import build_command, verify_bundle
+
+
+def fake_bundle(root: Path) -> Path:
+    model = root / "model"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"weights" * 100)
+    (model / "config.json").write_text("{}")
+    manifest = header("tuneship.bundle", root.name) | {
+        "served_model_name": "handbook",
+        "run": {}, "base": {}, "merge": {}, "quantization": {}, "sizes": {}, "checks": {},
+        "versions": {}, "serving": {"max_model_len": 2048},
+        "files": hash_tree(model),
+    }
+    (root / BUNDLE_FILE).write_text(json.dumps(manifest))
+    return root
+
+
+def test_a_flipped_byte_in_a_weight_file_is_refused_naming_the_file(tmp_path):
+    bundle = fake_bundle(tmp_path / "b")
+    assert verify_bundle(bundle).served_model_name == "handbook"
+    weights = bundle / "model" / "model.safetensors"
+    data = bytearray(weights.read_bytes())
+    data[10] ^= 0xFF
+    weights.write_bytes(bytes(data))
+    with pytest.raises(TuneshipError, match=r"model\.safetensors: sha256 differs"):
+        verify_bundle(bundle)
+
+
+def test_missing_and_extra_files_are_refused(tmp_path):
+    bundle = fake_bundle(tmp_path / "b")
+    (bundle / "model" / "config.json").unlink()
+    (bundle / "model" / "extra.bin").write_bytes(b"x")
+    with pytest.raises(TuneshipError) as info:
+        verify_bundle(bundle)
+    assert "config.json: missing" in str(info.value)
+    assert "extra.bin: not listed in the manifest" in str(info.value)
+
+
+def test_not_a_bundle(tmp_path):
+    with pytest.raises(TuneshipError, match="bundle.json not found"):
+        verify_bundle(tmp_path)
+    (tmp_path / BUNDLE_FILE).write_text('{"schema_version": 1}')
+    with pytest.raises(TuneshipError, match="not a valid bundle manifest: 'kind': Field required"):
+        verify_bundle(tmp_path)
+
+
+def test_vllm_command_uses_the_bundle_name_and_cpu_settings(tmp_path):
+    bundle = fake_bundle(tmp_path / "b")
+    manifest = verify_bundle(bundle)
+    argv, env = build_command(bundle, manifest, "127.0.0.1", 9000, "cpu", extra=("--seed", "1"))
+    assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
+    assert argv[argv.index("--served-model-name") + 1] == "handbook"
+    assert argv[argv.index("--model") + 1] == str(bundle / "model")
+    assert argv[argv.index("--max-model-len") + 1] == "2048"
+    assert "--enforce-eager" in argv and argv[-2:] == ["--seed", "1"]
+    assert env["VLLM_CPU_KVCACHE_SPACE"]
+    argv, env = build_command(bundle, manifest, "0.0.0.0", 8000, "cuda")
+    assert "--enforce-eager" not in argv and "--dtype" not in argv and env == {}
