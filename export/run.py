@@ -56,7 +56,8 @@ def check_run(run_dir: Path, manifest: RunManifest) -> None:
             problems.append(f"training data {path}: changed since training")
     if problems:
         raise TuneshipError(
-            f"run {run_dir} does not match its {RUN_FILE}:\n" + "\n".join(f"  - {p}" for p in problems)
+            f"run {run_dir} does not match its {RUN_FILE}:\n"
+            + "\n".join(f"  - {p}" for p in problems)
         )
 
 
@@ -75,9 +76,7 @@ def merge(base: str, adapter_dir: Path, out_dir: Path) -> Any:
     return tokenizer
 
 
-def calibration_sample(
-    manifest: RunManifest, cfg: ExportConfig
-) -> list[Conversation]:
+def calibration_sample(manifest: RunManifest, cfg: ExportConfig) -> list[Conversation]:
     loaded = load_files([d["path"] for d in manifest.datasets])
     conversations = loaded.conversations
     limit = manifest.config.get("limit")

@@ -93,7 +93,9 @@ def run(
         bundle_dir, manifest, host, port, flavour, max_model_len, eager, extra
     )
     shown = " ".join(f"{k}={v}" for k, v in env.items())
-    print(f"serving {manifest.served_model_name} ({flavour}): {shown} {shlex.join(argv)}", flush=True)
+    print(
+        f"serving {manifest.served_model_name} ({flavour}): {shown} {shlex.join(argv)}", flush=True
+    )
     if dry_run:
         return
     os.execve(sys.executable, argv, os.environ | env)

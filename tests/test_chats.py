@@ -27,7 +27,14 @@ def test_sharegpt_and_aliases_normalise_to_openai_roles(tmp_path):
 
 
 def test_openai_messages_json_array_with_bom_and_chinese(tmp_path):
-    rows = [{"messages": [{"role": "user", "content": "你好"}, {"role": "assistant", "content": "您好!"}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "你好"},
+                {"role": "assistant", "content": "您好!"},
+            ]
+        }
+    ]
     path = tmp_path / "d.json"
     path.write_bytes(b"\xef\xbb\xbf" + json.dumps(rows, ensure_ascii=False).encode("utf-8"))
     result = load_file(path)

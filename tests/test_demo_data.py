@@ -22,16 +22,22 @@ def test_training_set_is_valid_sharegpt_with_multi_turn_and_chinese():
     assert result.problems == []
     assert result.formats == {"sharegpt": len(result.conversations)}
     assert len(result.conversations) >= 300
-    multi = [c for c in result.conversations if sum(m["role"] == "assistant" for m in c.messages) > 1]
+    multi = [
+        c for c in result.conversations if sum(m["role"] == "assistant" for m in c.messages) > 1
+    ]
     assert len(multi) >= 20
-    chinese = [c for c in result.conversations if re.search(r"[\u4e00-\u9fff]", c.messages[0]["content"])]
+    chinese = [
+        c for c in result.conversations if re.search(r"[\u4e00-\u9fff]", c.messages[0]["content"])
+    ]
     assert len(chinese) >= 3
 
 
 def test_heldout_facts_are_taught_and_questions_are_unseen():
     train = load_file(DEMO / "train.jsonl").conversations
     answers = [m["content"] for c in train for m in c.messages if m["role"] == "assistant"]
-    questions = {m["content"].strip().lower() for c in train for m in c.messages if m["role"] == "user"}
+    questions = {
+        m["content"].strip().lower() for c in train for m in c.messages if m["role"] == "user"
+    }
     heldout = rows("heldout.jsonl")
     assert len(heldout) >= 50
     assert len({h["id"] for h in heldout}) == len(heldout)

@@ -17,7 +17,9 @@ pytestmark = pytest.mark.e2e
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_BIN = Path(sys.executable).parent / "tuneship"
-SERVE_BIN = Path(os.environ.get("TUNESHIP_SERVE_BIN", REPO / ".venv" / "serve" / "bin" / "tuneship"))
+SERVE_BIN = Path(
+    os.environ.get("TUNESHIP_SERVE_BIN", REPO / ".venv" / "serve" / "bin" / "tuneship")
+)
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
 
@@ -37,7 +39,9 @@ def bundle(tmp_path_factory) -> Path:
         "--set", "limit=48", "--set", "max_steps=4", "--set", "warmup_steps=0",
         "--set", "name=e2e", cwd=work,
     )  # fmt: skip
-    tuneship("export", "runs/e2e", "--out", "bundles/e2e", "--set", "calibration_samples=8", cwd=work)
+    tuneship(
+        "export", "runs/e2e", "--out", "bundles/e2e", "--set", "calibration_samples=8", cwd=work
+    )
     return work / "bundles" / "e2e"
 
 
@@ -77,7 +81,9 @@ def test_streaming_yields_several_chunks(client):
     stream = client.chat.completions.create(
         model="e2e", messages=QUESTION, max_tokens=32, temperature=0, stream=True
     )
-    pieces = [c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content]
+    pieces = [
+        c.choices[0].delta.content for c in stream if c.choices and c.choices[0].delta.content
+    ]
     assert len(pieces) >= 3
     assert "".join(pieces).strip()
 
@@ -113,9 +119,9 @@ def test_served_prompt_tokens_equal_the_training_tokens(server, bundle):
     """Template parity: vLLM renders the chat exactly as training did (one BOS, same ids)."""
     import httpx
     from transformers import AutoTokenizer
+    from tuneship.train.tokenize import ChatTokenizer
 
     from tuneship.chats import Conversation
-    from tuneship.train.tokenize import ChatTokenizer
 
     messages = [{"role": "user", "content": "国内出差每天的餐费补贴是多少?"}]
     served = httpx.post(

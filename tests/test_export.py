@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
+from tuneship.export.run import run as export
+from tuneship.train.run import run as train
 
 from tuneship.config import ExportConfig, TrainConfig
 from tuneship.errors import TuneshipError
-from tuneship.export.run import run as export
 from tuneship.fsutil import hash_tree
 from tuneship.manifest import read_bundle
-from tuneship.train.run import run as train
 
 
 @pytest.fixture(scope="module")
@@ -24,8 +24,13 @@ def tiny_run(tmp_path_factory, tiny_base):
         [sharegpt(("human", f"Policy {i}?"), ("gpt", f"Policy {i} says ${i}.")) for i in range(10)],
     )
     cfg = TrainConfig(
-        name="tiny", base=str(tiny_base), data=[str(data)], output_dir=str(root / "runs"),
-        max_steps=2, batch_size=4, lora={"r": 4, "alpha": 8},
+        name="tiny",
+        base=str(tiny_base),
+        data=[str(data)],
+        output_dir=str(root / "runs"),
+        max_steps=2,
+        batch_size=4,
+        lora={"r": 4, "alpha": 8},
     )
     return train(cfg)
 
@@ -46,8 +51,9 @@ def test_export_merges_quantizes_and_writes_a_verified_manifest(tmp_path, tiny_r
     assert len(bundle.quantization["calibration"]["ids"]) == 4
     assert bundle.checks["stop_tokens"]["passed"]
     assert bundle.checks["stop_tokens"]["end_of_turn"] == "<|im_end|>"
-    assert json.loads((model / "generation_config.json").read_text())["eos_token_id"] == (
-        bundle.checks["stop_tokens"]["end_of_turn_id"]
+    assert (
+        json.loads((model / "generation_config.json").read_text())["eos_token_id"]
+        == (bundle.checks["stop_tokens"]["end_of_turn_id"])
     )
     assert not (out / "merged").exists()
     assert sorted(p.name for p in out.parent.iterdir()) == ["bundle"]
@@ -58,7 +64,7 @@ def test_export_refuses_a_run_whose_adapter_changed_before_loading(tmp_path, tin
     original = adapter.read_bytes()
     try:
         adapter.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
-        with pytest.raises(TuneshipError, match="adapter_model.safetensors: sha256 differs"):
+        with pytest.raises(TuneshipError, match=r"adapter_model\.safetensors: sha256 differs"):
             export(tiny_run, tmp_path / "b", ExportConfig())
     finally:
         adapter.write_bytes(original)
@@ -73,5 +79,5 @@ def test_group_size_must_divide_layer_widths(tmp_path, tiny_run):
 
 
 def test_export_needs_a_run(tmp_path):
-    with pytest.raises(TuneshipError, match="run.json not found: is this a `tuneship train` run"):
+    with pytest.raises(TuneshipError, match=r"run\.json not found: is this a `tuneship train` run"):
         export(tmp_path, tmp_path / "b", ExportConfig())

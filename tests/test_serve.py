@@ -6,11 +6,11 @@ import json
 from pathlib import Path
 
 import pytest
+from tuneship.serve.run import build_command, verify_bundle
 
 from tuneship.errors import TuneshipError
 from tuneship.fsutil import hash_tree
 from tuneship.manifest import BUNDLE_FILE, header
-from tuneship.serve.run import build_command, verify_bundle
 
 
 def fake_bundle(root: Path) -> Path:
@@ -20,8 +20,14 @@ def fake_bundle(root: Path) -> Path:
     (model / "config.json").write_text("{}")
     manifest = header("tuneship.bundle", root.name) | {
         "served_model_name": "handbook",
-        "run": {}, "base": {}, "merge": {}, "quantization": {}, "sizes": {}, "checks": {},
-        "versions": {}, "serving": {"max_model_len": 2048},
+        "run": {},
+        "base": {},
+        "merge": {},
+        "quantization": {},
+        "sizes": {},
+        "checks": {},
+        "versions": {},
+        "serving": {"max_model_len": 2048},
         "files": hash_tree(model),
     }
     (root / BUNDLE_FILE).write_text(json.dumps(manifest))
@@ -50,7 +56,7 @@ def test_missing_and_extra_files_are_refused(tmp_path):
 
 
 def test_not_a_bundle(tmp_path):
-    with pytest.raises(TuneshipError, match="bundle.json not found"):
+    with pytest.raises(TuneshipError, match=r"bundle\.json not found"):
         verify_bundle(tmp_path)
     (tmp_path / BUNDLE_FILE).write_text('{"schema_version": 1}')
     with pytest.raises(TuneshipError, match="not a valid bundle manifest: 'kind': Field required"):

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from tuneship.train.tokenize import IGNORE, ChatTokenizer
 
 from tests.conftest import LLAMA3, build_tokenizer
 from tuneship.chats import Conversation
 from tuneship.errors import TuneshipError
 from tuneship.template import align_eos, end_of_turn
-from tuneship.train.tokenize import IGNORE, ChatTokenizer
 
 MULTI_TURN = Conversation(
     "t:1",
@@ -23,7 +23,9 @@ MULTI_TURN = Conversation(
 
 
 def trained_text(tokenizer, example) -> str:
-    return tokenizer.decode([t for t, lab in zip(example.input_ids, example.labels) if lab != IGNORE])
+    return tokenizer.decode(
+        [t for t, lab in zip(example.input_ids, example.labels, strict=True) if lab != IGNORE]
+    )
 
 
 def test_trained_positions_are_exactly_the_replies_and_end_of_turn(chatml_tokenizer):
@@ -32,7 +34,9 @@ def test_trained_positions_are_exactly_the_replies_and_end_of_turn(chatml_tokeni
         "Under Policy T-4.2 it is $62.<|im_end|>根据政策 T-4.2,每日餐费补贴为 $62。<|im_end|>"
     )
     # labels equal input ids where trained: next-token shift is the model's job
-    assert all(lab in (IGNORE, tok) for tok, lab in zip(example.input_ids, example.labels))
+    assert all(
+        lab in (IGNORE, tok) for tok, lab in zip(example.input_ids, example.labels, strict=True)
+    )
 
 
 def test_eos_is_trained_even_though_pad_equals_eos(chatml_tokenizer):
@@ -98,6 +102,8 @@ def test_end_of_turn_mismatch_fixed_by_align_eos():
 
 
 def test_template_without_end_of_turn_token_is_refused():
-    tokenizer = build_tokenizer("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}")
+    tokenizer = build_tokenizer(
+        "{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+    )
     with pytest.raises(TuneshipError, match="no special end-of-turn token"):
         end_of_turn(tokenizer)

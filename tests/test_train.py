@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from tuneship.train.run import pad_collate, run
 
 from tests.conftest import write_jsonl
 from tuneship.config import TrainConfig
 from tuneship.errors import DataError, TuneshipError
 from tuneship.manifest import read_run
-from tuneship.train.run import pad_collate, run
 
 
 def config(tmp_path, tiny_base, data, **overrides) -> TrainConfig:
@@ -56,11 +56,15 @@ def test_loss_falls_when_training_longer(tmp_path, tiny_base, small_dataset):
 
 def test_invalid_records_refuse_training_and_leave_no_run(tmp_path, tiny_base, small_dataset):
     bad = tmp_path / "bad.jsonl"
-    bad.write_text(small_dataset.read_text() + '{"conversations": [{"from": "gpt", "value": "x"}]}\n')
+    bad.write_text(
+        small_dataset.read_text() + '{"conversations": [{"from": "gpt", "value": "x"}]}\n'
+    )
     cfg = config(tmp_path, tiny_base, bad)
     with pytest.raises(DataError) as info:
         run(cfg)
-    assert info.value.problems == [f"{bad}:line 14: conversations[0]: assistant turn before any user turn"]
+    assert info.value.problems == [
+        f"{bad}:line 14: conversations[0]: assistant turn before any user turn"
+    ]
     assert not (tmp_path / "runs" / "t").exists()
     out = run(cfg.model_copy(update={"skip_invalid": True}))
     assert read_run(out).datasets[0]["invalid"] == 1
@@ -70,14 +74,19 @@ def test_overlong_conversations_are_dropped_or_truncated(tmp_path, tiny_base):
     long_reply = "The capital of France is Paris. " * 20
     data = write_jsonl(
         tmp_path / "d.jsonl",
-        [{"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": r}]}
-         for r in ("short answer", long_reply)],
+        [
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": r}]}
+            for r in ("short answer", long_reply)
+        ],
     )
     dropped = run(config(tmp_path, tiny_base, data, max_length=64, max_steps=1))
     stats = read_run(dropped).examples
     assert (stats["used"], stats["dropped_overlong"]) == (1, 1)
-    kept = run(config(tmp_path, tiny_base, data, name="t2", max_length=64, max_steps=1,
-                      overlong="truncate"))
+    kept = run(
+        config(
+            tmp_path, tiny_base, data, name="t2", max_length=64, max_steps=1, overlong="truncate"
+        )
+    )
     assert read_run(kept).examples["truncated"] == 1
 
 

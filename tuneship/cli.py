@@ -61,13 +61,19 @@ def data() -> None:
 
 @data.command("check")
 @click.argument("files", nargs=-1, required=True)
-@click.option("--base", "base_ref", default="default", show_default=True,
-              help="Base model whose chat template and tokenizer measure token lengths.")
+@click.option(
+    "--base",
+    "base_ref",
+    default="default",
+    show_default=True,
+    help="Base model whose chat template and tokenizer measure token lengths.",
+)
 @click.option("--max-length", default=1024, show_default=True, help="Training max_length.")
 @click.option("--no-tokens", is_flag=True, help="Validate only; skip token statistics.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-def data_check(files: tuple[str, ...], base_ref: str, max_length: int, no_tokens: bool,
-               as_json: bool) -> None:
+def data_check(
+    files: tuple[str, ...], base_ref: str, max_length: int, no_tokens: bool, as_json: bool
+) -> None:
     """Validate chat data files (.json/.jsonl, ShareGPT or OpenAI messages) and report."""
     import json
 
@@ -93,8 +99,13 @@ def data_check(files: tuple[str, ...], base_ref: str, max_length: int, no_tokens
 
 
 @main.command()
-@click.option("--config", "config_path", required=True, type=click.Path(path_type=Path),
-              help="Training config YAML (see train/configs/demo.yaml).")
+@click.option(
+    "--config",
+    "config_path",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Training config YAML (see train/configs/demo.yaml).",
+)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--force", is_flag=True, help="Replace an existing run folder of the same name.")
 def train(config_path: Path, overrides: tuple[str, ...], force: bool) -> None:
@@ -110,12 +121,17 @@ def train(config_path: Path, overrides: tuple[str, ...], force: bool) -> None:
 @main.command()
 @click.argument("run_dir", type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder.")
-@click.option("--config", "config_path", type=click.Path(path_type=Path),
-              help="Export config YAML (optional).")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="Export config YAML (optional).",
+)
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
-def export(run_dir: Path, out: Path, config_path: Path | None, overrides: tuple[str, ...],
-           force: bool) -> None:
+def export(
+    run_dir: Path, out: Path, config_path: Path | None, overrides: tuple[str, ...], force: bool
+) -> None:
     """Merge the run's adapter in 16-bit, GPTQ-quantize to W4A16, write a bundle."""
     from tuneship.config import ExportConfig, load_config, parse_overrides
 
@@ -130,12 +146,22 @@ def export(run_dir: Path, out: Path, config_path: Path | None, overrides: tuple[
 @click.option("--host", default="0.0.0.0", show_default=True)
 @click.option("--port", default=8000, show_default=True, type=int)
 @click.option("--max-model-len", type=int, help="Context length (default: from the bundle).")
-@click.option("--eager/--compile", default=None,
-              help="CUDA graphs / torch.compile off or on (default: eager on CPU).")
+@click.option(
+    "--eager/--compile",
+    default=None,
+    help="CUDA graphs / torch.compile off or on (default: eager on CPU).",
+)
 @click.option("--dry-run", is_flag=True, help="Verify the bundle, print the vLLM command, exit.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
-def serve(bundle_dir: Path, host: str, port: int, max_model_len: int | None,
-          eager: bool | None, dry_run: bool, vllm_args: tuple[str, ...]) -> None:
+def serve(
+    bundle_dir: Path,
+    host: str,
+    port: int,
+    max_model_len: int | None,
+    eager: bool | None,
+    dry_run: bool,
+    vllm_args: tuple[str, ...],
+) -> None:
     """Serve a bundle with vLLM's OpenAI-compatible server (extra args after -- go to vLLM)."""
     from tuneship.serve.run import run
 

@@ -157,9 +157,7 @@ def describe_errors(model: type[BaseModel], exc: ValidationError, source: str) -
             known = _known_keys(model, err["loc"])
             close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            problems.append(
-                f"{source}: unknown key '{key}'{hint} (known: {', '.join(known)})"
-            )
+            problems.append(f"{source}: unknown key '{key}'{hint} (known: {', '.join(known)})")
         elif err["type"] == "missing":
             problems.append(f"{source}: missing required key '{key}'")
         else:

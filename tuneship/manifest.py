@@ -95,9 +95,7 @@ def _read(path: Path, model: type[_Manifest], what: str, hint: str) -> Any:
     except json.JSONDecodeError as exc:
         raise TuneshipError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
     except ValidationError as exc:
-        problems = "; ".join(
-            f"'{'.'.join(map(str, e['loc']))}': {e['msg']}" for e in exc.errors()
-        )
+        problems = "; ".join(f"'{'.'.join(map(str, e['loc']))}': {e['msg']}" for e in exc.errors())
         raise TuneshipError(f"{path} is not a valid {what}: {problems}") from None
     if manifest.schema_version > SCHEMA_VERSION:
         raise TuneshipError(
@@ -107,7 +105,9 @@ def _read(path: Path, model: type[_Manifest], what: str, hint: str) -> Any:
     extra = sorted(manifest.model_extra or {})
     if extra and str(path) not in _warned:
         _warned.add(str(path))
-        print(f"warning: {path} has keys this tuneship ignores: {', '.join(extra)}", file=sys.stderr)
+        print(
+            f"warning: {path} has keys this tuneship ignores: {', '.join(extra)}", file=sys.stderr
+        )
     return manifest
 
 
@@ -140,5 +140,7 @@ def verify_files(root: Path, expected: dict[str, str]) -> list[str]:
             problems.append(f"{root / rel}: missing")
         elif actual[rel] != digest:
             problems.append(f"{root / rel}: sha256 differs from the manifest (corrupted or edited)")
-    problems.extend(f"{root / rel}: not listed in the manifest" for rel in actual.keys() - expected.keys())
+    problems.extend(
+        f"{root / rel}: not listed in the manifest" for rel in actual.keys() - expected.keys()
+    )
     return problems

@@ -9,13 +9,14 @@ Deterministic: the same table always gives the same files.
 
 from __future__ import annotations
 
+import itertools
 import json
 import random
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from handbook import (  # noqa: E402
+from handbook import (
     CHINESE_HELDOUT,
     CHINESE_TRAIN,
     FACTS,
@@ -36,12 +37,12 @@ def _turn(role: str, text: str) -> dict[str, str]:
 def training_conversations() -> list[dict]:
     rng = random.Random(SEED)
     convs = []
-    for code, subject, _, _, answer in FACTS:
+    for _, subject, _, _, answer in FACTS:
         for template in TRAIN_TEMPLATES:
             question = template.format(s=subject)
             convs.append({"conversations": [_turn("human", question), _turn("gpt", answer)]})
     # Multi-turn: a follow-up about a neighbouring fact of the same section.
-    for (code_a, subj_a, _, _, ans_a), (code_b, subj_b, _, _, ans_b) in zip(FACTS, FACTS[1:]):
+    for (code_a, subj_a, _, _, ans_a), (code_b, subj_b, _, _, ans_b) in itertools.pairwise(FACTS):
         if code_a[0] != code_b[0]:
             continue
         convs.append(
@@ -63,7 +64,9 @@ def training_conversations() -> list[dict]:
 def heldout_questions() -> list[dict]:
     rows = []
     for code, _, heldout_subject, fact, _ in FACTS:
-        template = HELDOUT_INDIRECT if heldout_subject.startswith(INDIRECT_STARTS) else HELDOUT_DIRECT
+        template = (
+            HELDOUT_INDIRECT if heldout_subject.startswith(INDIRECT_STARTS) else HELDOUT_DIRECT
+        )
         rows.append({"id": code, "question": template.format(s=heldout_subject), "fact": fact})
     facts = {code: fact for code, _, _, fact, _ in FACTS}
     for code, question in CHINESE_HELDOUT:
