@@ -166,3 +166,14 @@ def serve(
     from tuneship.serve.run import run
 
     run(bundle_dir, host, port, max_model_len, eager, vllm_args, dry_run)
+
+
+@main.command("config")
+@click.argument("stage", type=click.Choice(["train", "export"]))
+def config_keys(stage: str) -> None:
+    """List a stage's config keys with their defaults and meaning."""
+    from tuneship.config import ExportConfig, TrainConfig, describe_fields
+
+    model = TrainConfig if stage == "train" else ExportConfig
+    for key, default, doc in describe_fields(model):
+        click.echo(f"{key} (default {default}): {doc}")

@@ -65,14 +65,14 @@ class TrainConfig(StrictModel):
     max_steps: int | None = Field(None, ge=1, description="Stop after N optimizer steps.")
     learning_rate: float = Field(2e-4, gt=0, description="Peak learning rate (AdamW).")
     warmup_steps: int = Field(10, ge=0, description="Linear warm-up steps, then linear decay.")
-    weight_decay: float = Field(0.0, ge=0)
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     batch_size: int = Field(8, ge=1, description="Conversations per device per step.")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
         "auto", description="auto: bf16 on CUDA that supports it, else fp16 on CUDA, fp32 on CPU."
     )
     seed: int = Field(42, description="Seed for data order, adapter init and dropout.")
-    logging_steps: int = Field(5, ge=1)
+    logging_steps: int = Field(5, ge=1, description="Record the loss every N steps.")
 
 
 class ExportConfig(StrictModel):
@@ -86,7 +86,9 @@ class ExportConfig(StrictModel):
     calibration_samples: int = Field(
         64, ge=1, description="Training conversations sampled (seeded) to calibrate GPTQ."
     )
-    calibration_max_length: int = Field(512, ge=16)
+    calibration_max_length: int = Field(
+        512, ge=16, description="Tokens kept per calibration conversation."
+    )
     dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening.")
     seed: int = Field(0, description="Seed of the calibration sample.")
     served_name: str | None = Field(
@@ -98,6 +100,23 @@ class ExportConfig(StrictModel):
 
 
 M = TypeVar("M", bound=BaseModel)
+
+
+def describe_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
+    """(dotted key, default, description) for every field, nested sections flattened."""
+    rows = []
+    for name, field in model.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            rows += describe_fields(ann, f"{prefix}{name}.")
+            continue
+        default = (
+            "required"
+            if field.is_required()
+            else repr(field.get_default(call_default_factory=True))
+        )
+        rows.append((f"{prefix}{name}", default, field.description or ""))
+    return rows
 
 
 def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
