@@ -107,3 +107,12 @@ def test_collate_pads_dynamically_and_ignores_padding():
     assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]
     assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_qlora_trains_on_a_4bit_nf4_base(tmp_path, tiny_base, small_dataset):
+    """bitsandbytes 4-bit works on CPU too, so QLoRA is exercised here, not only on CUDA."""
+    out = run(config(tmp_path, tiny_base, small_dataset, qlora=True, max_steps=2))
+    manifest = read_run(out)
+    assert manifest.device["qlora"] is True
+    assert manifest.metrics["steps"] == 2
+    assert (out / "adapter" / "adapter_model.safetensors").is_file()
