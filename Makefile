@@ -7,7 +7,9 @@ PIP_FLAGS := --quiet --disable-pip-version-check --no-deps
 
 .PHONY: demo test lint format unit e2e envs lock clean
 
-envs: $(TRAIN)/.ready $(SERVE)/.ready
+# The two installs wait mostly on the network and the disk: build them side by side.
+envs:
+	@$(MAKE) --no-print-directory -j2 $(TRAIN)/.ready $(SERVE)/.ready
 
 # train + export environment (mirrors Dockerfile.train)
 $(TRAIN)/.ready: requirements/train.lock pyproject.toml

@@ -18,6 +18,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tuneship.bundles import show, verify
+from tuneship.chat_tokens import ChatTokenizer
 from tuneship.chats import Conversation, load_files
 from tuneship.config import ExportConfig
 from tuneship.errors import TuneshipError
@@ -33,6 +35,8 @@ from tuneship.manifest import (
     write_manifest,
 )
 from tuneship.template import align_eos, end_of_turn
+
+from . import checks
 
 LIBRARIES = ("torch", "transformers", "peft", "llmcompressor", "compressed-tensors")
 GROUP_SIZES = (128, 64, 32)
@@ -76,15 +80,11 @@ def merge(base: str, adapter_dir: Path, out_dir: Path) -> Any:
     return tokenizer
 
 
-def calibration_sample(manifest: RunManifest, cfg: ExportConfig) -> list[Conversation]:
-    loaded = load_files([d["path"] for d in manifest.datasets])
-    conversations = loaded.conversations
+def training_conversations(manifest: RunManifest) -> list[Conversation]:
+    """The valid conversations the run trained on (its data files, its limit)."""
+    conversations = load_files([d["path"] for d in manifest.datasets]).conversations
     limit = manifest.config.get("limit")
-    if limit:
-        conversations = conversations[:limit]
-    rng = random.Random(cfg.seed)
-    count = min(cfg.calibration_samples, len(conversations))
-    return rng.sample(conversations, count)
+    return conversations[:limit] if limit else conversations
 
 
 def pick_group_size(model: Any, requested: int | None) -> int:
@@ -177,23 +177,121 @@ def check_stop_tokens(model_dir: Path) -> dict[str, Any]:
     gen = json.loads((model_dir / "generation_config.json").read_text())
     gen_eos = gen.get("eos_token_id")
     gen_ids = gen_eos if isinstance(gen_eos, list) else [gen_eos]
-    result = {
+    return {
+        "passed": tokenizer.eos_token_id == eot_id and eot_id in gen_ids,
         "end_of_turn": eot_text,
         "end_of_turn_id": eot_id,
         "tokenizer_eos_id": tokenizer.eos_token_id,
         "generation_config_eos_ids": gen_ids,
-        "passed": tokenizer.eos_token_id == eot_id and eot_id in gen_ids,
     }
-    if not result["passed"]:
-        raise TuneshipError(f"stop tokens disagree in {model_dir}: {result}")
-    return result
+
+
+def up_to_date(out_dir: Path, run_dir: Path, cfg: ExportConfig) -> bool:
+    """A complete, verified bundle of this run made with this config is already there."""
+    if not (out_dir / BUNDLE_FILE).is_file():
+        return False
+    try:
+        bundle = verify(out_dir)
+    except TuneshipError:
+        return False
+    same_run = bundle.run.get("run_json_sha256") == sha256_file(run_dir / RUN_FILE)
+    return same_run and bundle.model_extra.get("config") == cfg.model_dump()
+
+
+def remove_stale_partials(out_dir: Path) -> None:
+    """Folders left by an export that was killed (its process is gone) are removed."""
+    for partial in out_dir.parent.glob(f".{out_dir.name}.partial-*"):
+        pid = partial.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and not Path(f"/proc/{pid}").exists():
+            shutil.rmtree(partial, ignore_errors=True)
+
+
+def run_checks(
+    cfg: ExportConfig,
+    serve_bin: Path | None,
+    merged_dir: Path,
+    model_dir: Path,
+    items: list[checks.EvalItem],
+    data_label: str,
+    work: Path,
+) -> dict[str, Any]:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    chat_tokenizer = ChatTokenizer(tokenizer)
+    results: dict[str, Any] = {"stop_tokens": check_stop_tokens(model_dir)}
+    print("quality gate: perplexity of the merged and the quantized model ...", flush=True)
+    ppl_merged = checks.perplexity(merged_dir, chat_tokenizer, items)
+    ppl_quantized = checks.perplexity(model_dir, chat_tokenizer, items)
+    recall_merged = recall_quantized = None
+    skipped = {"passed": None, "reason": "checks=false: no vLLM run at export"}
+    if serve_bin is None:
+        results |= {"template_parity": skipped, "preflight": skipped}
+        results["stop_tokens"]["generation"] = "skipped (checks=false)"
+    else:
+        chats = [{"id": i.id, "messages": list(i.messages)} for i in items]
+        spec = {
+            "max_model_len": min(
+                4096,
+                int(
+                    json.loads((model_dir / "config.json").read_text()).get(
+                        "max_position_embeddings", 2048
+                    )
+                ),
+            ),
+            "max_tokens": cfg.check_max_tokens,
+            "tokenize": [list(i.messages) for i in items],
+            "chats": chats,
+        }
+        if any(i.fact for i in items):
+            print("preflight: vLLM on the merged 16-bit model (recall baseline) ...", flush=True)
+            merged = checks.probe(serve_bin, merged_dir, work, "merged", spec | {"tokenize": []})
+            recall_merged = checks.fact_recall(items, merged["chats"])
+        print(
+            "preflight: vLLM on the quantized bundle with the production arguments ...", flush=True
+        )
+        probe = checks.probe(serve_bin, model_dir, work, "quantized", spec)
+        results["template_parity"] = checks.template_parity(
+            tokenizer, chat_tokenizer, items, probe["tokenize"]
+        )
+        rate = checks.stop_rate(probe["chats"], cfg.min_stop_rate, cfg.check_max_tokens)
+        results["stop_tokens"] = results["stop_tokens"] | {
+            "passed": results["stop_tokens"]["passed"] and rate["passed"],
+            "stop_rate": rate,
+        }
+        recall_quantized = checks.fact_recall(items, probe["chats"])
+        answered = all((c["text"] or "").strip() for c in probe["chats"][:1])
+        results["preflight"] = {
+            "passed": answered,
+            "flavour": probe["flavour"],
+            "load_s": probe["load_s"],
+            "peak_rss_bytes": probe["peak_rss_bytes"],
+            "chat_s": probe["chat_s"],
+            "args": probe["argv"],
+        }
+    results["quality_gate"] = checks.quality_gate(
+        cfg, ppl_merged, ppl_quantized, recall_merged, recall_quantized, data_label
+    )
+    return results
 
 
 def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) -> Path:
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     manifest = read_run(run_dir)
+    remove_stale_partials(out_dir)
+    if not force and up_to_date(out_dir, run_dir, cfg):
+        print(f"bundle {out_dir} is complete and verified for this run and config; nothing to do")
+        return out_dir
     check_output_free(out_dir, force)
     check_run(run_dir, manifest)
+    serve_bin = checks.find_serve_bin(cfg) if cfg.checks else None
+    conversations = training_conversations(manifest)
+    if cfg.eval_data:
+        items = checks.load_eval_items(Path(cfg.eval_data))[: cfg.check_samples]
+        data_label = f"{cfg.eval_data} ({len(items)} held-out questions)"
+    else:
+        items = checks.items_from_training(conversations, cfg.check_samples, cfg.seed)
+        data_label = f"{len(items)} sampled training conversations (no eval_data given)"
     served_name = cfg.served_name or out_dir.name
     started = time.monotonic()
     with staged_dir(out_dir) as stage:
@@ -201,11 +299,16 @@ def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) ->
         print(f"merging {run_dir / 'adapter'} into {manifest.base['path']} (bfloat16) ...")
         tokenizer = merge(manifest.base["path"], run_dir / "adapter", merged_dir)
         merge_s = time.monotonic() - started
-        sample = calibration_sample(manifest, cfg)
+        sample = random.Random(cfg.seed).sample(
+            conversations, min(cfg.calibration_samples, len(conversations))
+        )
         print(f"GPTQ {cfg.scheme} with llm-compressor on {len(sample)} training chats ...")
         quantization = quantize(merged_dir, tokenizer, sample, cfg, stage / "model")
         quantize_s = time.monotonic() - started - merge_s
-        checks = {"stop_tokens": check_stop_tokens(stage / "model")}
+        results = run_checks(
+            cfg, serve_bin, merged_dir, stage / "model", items, data_label, stage / ".probe"
+        )
+        shutil.rmtree(stage / ".probe", ignore_errors=True)
         sizes = {"merged_bytes": tree_size(merged_dir), "model_bytes": tree_size(stage / "model")}
         if not cfg.keep_merged:
             shutil.rmtree(merged_dir)
@@ -216,19 +319,23 @@ def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) ->
                 "name": manifest.name,
                 "path": str(run_dir.resolve()),
                 "run_json_sha256": sha256_file(run_dir / RUN_FILE),
+                "datasets": manifest.datasets,
                 "adapter": manifest.adapter,
             },
             "base": manifest.base,
+            "config": cfg.model_dump(),
             "merge": {"dtype": "bfloat16", "into": "16-bit base", "seconds": round(merge_s, 1)},
             "quantization": quantization | {"seconds": round(quantize_s, 1)},
             "files": hash_tree(stage / "model"),
             "merged_files": hash_tree(merged_dir) if cfg.keep_merged else {},
             "sizes": sizes,
-            "checks": checks,
+            "checks": results,
             "versions": versions(*LIBRARIES),
             "serving": {
                 "max_model_len": min(int(config.get("max_position_embeddings", 2048)), 4096),
                 "architecture": (config.get("architectures") or ["?"])[0],
+                "startup_s": results.get("preflight", {}).get("load_s"),
+                "peak_rss_bytes": results.get("preflight", {}).get("peak_rss_bytes"),
             },
         }
         write_manifest(stage / BUNDLE_FILE, bundle)
@@ -238,4 +345,11 @@ def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) ->
         f"({ratio:.0%} of the merged 16-bit {sizes['merged_bytes'] / 1e6:.0f} MB), "
         f"{time.monotonic() - started:.0f} s"
     )
+    print(show(out_dir))
+    failed = [name for name, c in results.items() if c.get("passed") is False]
+    if failed:
+        raise TuneshipError(
+            f"export checks failed: {', '.join(failed)} (figures in {out_dir / BUNDLE_FILE}); "
+            "`tuneship bundle verify` and `tuneship serve` refuse this bundle"
+        )
     return out_dir

@@ -9,7 +9,6 @@ Writes reports/demo.json with the answers, the recall figures and the time of ea
 from __future__ import annotations
 
 import json
-import re
 import subprocess
 import sys
 import time
@@ -19,6 +18,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from tuneship.facts import contains_fact
 from tuneship.launch import Server, free_port
 from tuneship.paths import default_base_dir
 
@@ -26,7 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 TUNESHIP = str(Path(sys.executable).parent / "tuneship")
 SERVE_TUNESHIP = str(REPO / ".venv" / "serve" / "bin" / "tuneship")
 RUN, BUNDLE = REPO / "runs" / "demo", REPO / "bundles" / "demo"
-SHOWN_HELDOUT = ["T-4.2", "L-1.1", "S-1.1", "P-1.1", "T-4.2-zh"]
+SHOWN_HELDOUT = ["T-4.2", "L-1.1", "S-1.1", "P-1.1-p", "T-4.2-zh"]
 SHOWN_GENERAL = 2
 MAX_TOKENS = 64
 console = Console()
@@ -41,10 +41,6 @@ def stage(name: str, argv: list[str], skip_if: Path | None = None) -> None:
     started = time.monotonic()
     subprocess.run(argv, cwd=REPO, check=True)
     timings[name] = round(time.monotonic() - started, 1)
-
-
-def contains(answer: str, expected: str) -> bool:
-    return re.search(rf"(?<![\w$]){re.escape(expected)}(?!\w)", answer, re.IGNORECASE) is not None
 
 
 def base_answers(questions: list[str]) -> list[str]:
@@ -95,9 +91,8 @@ def main() -> None:
     stage("base fetch", [TUNESHIP, "base", "fetch"])
     stage("data check", [TUNESHIP, "data", "check", "data/demo/train.jsonl", "--max-length", "256"])
     stage("train", [TUNESHIP, "train", "--config", "train/configs/demo.yaml"], RUN / "run.json")
-    stage(
-        "export", [TUNESHIP, "export", "runs/demo", "--out", "bundles/demo"], BUNDLE / "bundle.json"
-    )
+    export = [TUNESHIP, "export", "runs/demo", "--out", "bundles/demo"]
+    stage("export", [*export, "--set", "eval_data=data/demo/heldout.jsonl"], BUNDLE / "bundle.json")
 
     heldout = [json.loads(x) for x in (REPO / "data/demo/heldout.jsonl").read_text().splitlines()]
     general = [json.loads(x) for x in (REPO / "data/demo/general.jsonl").read_text().splitlines()]
@@ -125,23 +120,26 @@ def main() -> None:
             {
                 "question": q,
                 "expected": expected,
-                "kind": "heldout" if i < n else "general",
+                "kind": heldout[i]["style"] if i < n else "general",
                 "id": heldout[i]["id"] if i < n else f"general-{i - n}",
                 "base": base[i],
-                "base_ok": any(contains(base[i], e) for e in expected),
+                "base_ok": any(contains_fact(base[i], e) for e in expected),
                 "tuned": tuned[i][0],
                 "tuned_finish": tuned[i][1],
-                "tuned_ok": any(contains(tuned[i][0], e) for e in expected),
+                "tuned_ok": any(contains_fact(tuned[i][0], e) for e in expected),
             }
         )
-    held, gen = rows[:n], rows[n:]
+    gen = rows[n:]
+
+    def share(kind: str, key: str) -> float:
+        picked = [r for r in rows if r["kind"] == kind]
+        return round(sum(r[key] for r in picked) / len(picked), 3)
+
     summary = {
-        "heldout_recall_base": round(sum(r["base_ok"] for r in held) / n, 3),
-        "heldout_recall_tuned": round(sum(r["tuned_ok"] for r in held) / n, 3),
-        "general_base": round(sum(r["base_ok"] for r in gen) / len(gen), 3),
-        "general_tuned": round(sum(r["tuned_ok"] for r in gen) / len(gen), 3),
-        "stop_rate_tuned": round(sum(r["tuned_finish"] == "stop" for r in rows) / len(rows), 3),
-    }
+        f"{kind}_{who}": share(kind, f"{who}_ok")
+        for kind in ("reworded", "paraphrase", "general")
+        for who in ("base", "tuned")
+    } | {"stop_rate_tuned": round(sum(r["tuned_finish"] == "stop" for r in rows) / len(rows), 3)}
     run = json.loads((RUN / "run.json").read_text())
     bundle = json.loads((BUNDLE / "bundle.json").read_text())
     summary |= {
@@ -166,11 +164,15 @@ def main() -> None:
             f"{mark(row['tuned_ok'])} {row['tuned']}",
         )
     console.print(table)
+    for kind, label in (
+        ("reworded", "held-out fact recall, reworded questions"),
+        ("paraphrase", "held-out fact recall, paraphrased subjects"),
+        ("general", "general knowledge kept"),
+    ):
+        base_share, tuned_share = summary[f"{kind}_base"], summary[f"{kind}_tuned"]
+        console.print(f"{label}: base {base_share:.0%}, fine-tuned {tuned_share:.0%}")
     console.print(
-        f"held-out fact recall: base {summary['heldout_recall_base']:.0%}, fine-tuned "
-        f"{summary['heldout_recall_tuned']:.0%} ({n} questions) | general knowledge: base "
-        f"{summary['general_base']:.0%}, fine-tuned {summary['general_tuned']:.0%} | "
-        f"finish_reason stop: {summary['stop_rate_tuned']:.0%}"
+        f"fine-tuned answers ending with finish_reason stop: {summary['stop_rate_tuned']:.0%}"
     )
     console.print(
         f"final train loss {summary['final_train_loss']} | bundle {summary['bundle_mb']} MB vs "

@@ -13,8 +13,8 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
+from tuneship.bundles import verify
 from tuneship.errors import TuneshipError
-from tuneship.manifest import BundleManifest, read_bundle, verify_files
 
 API_SERVER = "vllm.entrypoints.openai.api_server"
 DEFAULT_CPU_KV_CACHE_GIB = 2
@@ -34,33 +34,21 @@ def vllm_flavour() -> str:
     )
 
 
-def verify_bundle(bundle_dir: Path) -> BundleManifest:
-    manifest = read_bundle(bundle_dir)
-    problems = verify_files(bundle_dir / "model", manifest.files)
-    if problems:
-        raise TuneshipError(
-            f"bundle {bundle_dir} failed verification; refusing to serve it:\n"
-            + "\n".join(f"  - {p}" for p in problems)
-        )
-    return manifest
-
-
 def build_command(
-    bundle_dir: Path,
-    manifest: BundleManifest,
+    model_dir: Path,
+    served_name: str,
     host: str,
     port: int,
     flavour: str,
-    max_model_len: int | None = None,
+    max_model_len: int,
     eager: bool | None = None,
     extra: tuple[str, ...] = (),
 ) -> tuple[list[str], dict[str, str]]:
-    """The vLLM API server command line and the environment it needs."""
+    """The vLLM API server command line and the environment it needs (production arguments:
+    `tuneship serve` and the export's preflight both use this)."""
     argv = [sys.executable, "-m", API_SERVER]
-    argv += ["--model", str(bundle_dir / "model")]
-    argv += ["--served-model-name", manifest.served_model_name]
-    argv += ["--host", host, "--port", str(port)]
-    argv += ["--max-model-len", str(max_model_len or manifest.serving["max_model_len"])]
+    argv += ["--model", str(model_dir), "--served-model-name", served_name]
+    argv += ["--host", host, "--port", str(port), "--max-model-len", str(max_model_len)]
     argv += ["--generation-config", "auto"]
     env: dict[str, str] = {}
     if flavour == "cpu":
@@ -88,9 +76,19 @@ def run(
 ) -> None:
     bundle_dir = Path(bundle_dir)
     flavour = vllm_flavour()
-    manifest = verify_bundle(bundle_dir)
+    try:
+        manifest = verify(bundle_dir)
+    except TuneshipError as exc:
+        raise TuneshipError(f"{exc}\nrefusing to serve it") from None
     argv, env = build_command(
-        bundle_dir, manifest, host, port, flavour, max_model_len, eager, extra
+        bundle_dir / "model",
+        manifest.served_model_name,
+        host,
+        port,
+        flavour,
+        max_model_len or manifest.serving["max_model_len"],
+        eager,
+        extra,
     )
     shown = " ".join(f"{k}={v}" for k, v in env.items())
     print(

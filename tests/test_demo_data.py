@@ -39,17 +39,23 @@ def test_heldout_facts_are_taught_and_questions_are_unseen():
         m["content"].strip().lower() for c in train for m in c.messages if m["role"] == "user"
     }
     heldout = rows("heldout.jsonl")
-    assert len(heldout) >= 50
     assert len({h["id"] for h in heldout}) == len(heldout)
+    for style in ("reworded", "paraphrase"):
+        assert sum(h["style"] == style for h in heldout) >= 50
     for item in heldout:
         assert any(item["fact"] in a for a in answers), f"{item['id']}: fact never taught"
+        assert item["fact"] in item["answer"]
         assert item["question"].strip().lower() not in questions, f"{item['id']} seen in training"
 
 
-def test_general_questions_have_short_reference_answers():
+def test_general_questions_have_short_reference_answers_and_are_not_trained():
     general = rows("general.jsonl")
     assert len(general) >= 30
     assert all(g["question"].endswith("?") and g["answers"] for g in general)
+    replay = load_file(DEMO / "general_replay.jsonl")
+    assert replay.problems == [] and len(replay.conversations) >= 50
+    replayed = {c.messages[0]["content"] for c in replay.conversations}
+    assert not replayed & {g["question"] for g in general}
 
 
 def test_committed_files_are_what_the_generator_writes(tmp_path):

@@ -5,13 +5,13 @@ from __future__ import annotations
 import json
 
 import pytest
-from tuneship.export.run import run as export
-from tuneship.train.run import run as train
 
 from tuneship.config import ExportConfig, TrainConfig
 from tuneship.errors import TuneshipError
+from tuneship.export.run import run as export
 from tuneship.fsutil import hash_tree
 from tuneship.manifest import read_bundle
+from tuneship.train.run import run as train
 
 
 @pytest.fixture(scope="module")
@@ -36,7 +36,9 @@ def tiny_run(tmp_path_factory, tiny_base):
 
 
 def test_export_merges_quantizes_and_writes_a_verified_manifest(tmp_path, tiny_run):
-    out = export(tiny_run, tmp_path / "bundle", ExportConfig(calibration_samples=4, seed=3))
+    out = export(
+        tiny_run, tmp_path / "bundle", ExportConfig(calibration_samples=4, seed=3, checks=False)
+    )
     bundle = read_bundle(out)
     model = out / "model"
     config = json.loads((model / "config.json").read_text())
@@ -65,7 +67,7 @@ def test_export_refuses_a_run_whose_adapter_changed_before_loading(tmp_path, tin
     try:
         adapter.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
         with pytest.raises(TuneshipError, match=r"adapter_model\.safetensors: sha256 differs"):
-            export(tiny_run, tmp_path / "b", ExportConfig())
+            export(tiny_run, tmp_path / "b", ExportConfig(checks=False))
     finally:
         adapter.write_bytes(original)
     assert not (tmp_path / "b").exists()
@@ -73,11 +75,62 @@ def test_export_refuses_a_run_whose_adapter_changed_before_loading(tmp_path, tin
 
 def test_group_size_must_divide_layer_widths(tmp_path, tiny_run):
     with pytest.raises(TuneshipError, match="group_size 48 does not divide"):
-        export(tiny_run, tmp_path / "b", ExportConfig(group_size=48, calibration_samples=2))
+        export(
+            tiny_run,
+            tmp_path / "b",
+            ExportConfig(group_size=48, calibration_samples=2, checks=False),
+        )
     assert not (tmp_path / "b").exists()
     assert not list(tmp_path.glob(".b.partial-*"))
 
 
 def test_export_needs_a_run(tmp_path):
     with pytest.raises(TuneshipError, match=r"run\.json not found: is this a `tuneship train` run"):
-        export(tmp_path, tmp_path / "b", ExportConfig())
+        export(tmp_path, tmp_path / "b", ExportConfig(checks=False))
+
+
+def test_second_export_sees_the_verified_bundle_and_returns_at_once(tmp_path, tiny_run, capsys):
+    cfg = ExportConfig(calibration_samples=2, checks=False)
+    out = export(tiny_run, tmp_path / "b", cfg)
+    stamp = (out / "bundle.json").stat().st_mtime_ns
+    capsys.readouterr()
+    export(tiny_run, tmp_path / "b", cfg)
+    assert "nothing to do" in capsys.readouterr().out
+    assert (out / "bundle.json").stat().st_mtime_ns == stamp
+    with pytest.raises(TuneshipError, match="already exists"):
+        export(tiny_run, tmp_path / "b", cfg.model_copy(update={"calibration_samples": 3}))
+
+
+def test_perplexity_gate_figures_are_recorded(tmp_path, tiny_run):
+    out = export(tiny_run, tmp_path / "b", ExportConfig(calibration_samples=2, checks=False))
+    gate = read_bundle(out).checks["quality_gate"]
+    assert gate["perplexity_merged"] > 1 and gate["perplexity_quantized"] > 1
+    assert "sampled training conversations" in gate["data"]
+    assert read_bundle(out).checks["preflight"]["passed"] is None  # skipped, and says so
+
+
+def test_killed_export_leaves_nothing_verify_accepts_and_rerun_completes(tmp_path, tiny_run):
+    import signal
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    tuneship = str(Path(sys.executable).parent / "tuneship")
+    argv = [tuneship, "export", str(tiny_run), "--out", str(tmp_path / "b")]
+    argv += ["--set", "checks=false", "--set", "calibration_samples=2"]
+    proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 120
+    while not list(tmp_path.glob(".b.partial-*/merged")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (tmp_path / "b").exists()
+    assert list(tmp_path.glob(".b.partial-*"))  # the killed export's leftovers ...
+    verify = subprocess.run(
+        [tuneship, "bundle", "verify", str(tmp_path / "b")], capture_output=True
+    )
+    assert verify.returncode != 0
+    subprocess.run(argv, check=True, capture_output=True)
+    assert subprocess.run([tuneship, "bundle", "verify", str(tmp_path / "b")]).returncode == 0
+    assert not list(tmp_path.glob(".b.partial-*"))  # ... are cleared by the rerun

@@ -6,11 +6,12 @@ import json
 from pathlib import Path
 
 import pytest
-from tuneship.serve.run import build_command, verify_bundle
 
+from tuneship.bundles import verify as verify_bundle
 from tuneship.errors import TuneshipError
 from tuneship.fsutil import hash_tree
 from tuneship.manifest import BUNDLE_FILE, header
+from tuneship.serve.run import build_command
 
 
 def fake_bundle(root: Path) -> Path:
@@ -66,12 +67,15 @@ def test_not_a_bundle(tmp_path):
 def test_vllm_command_uses_the_bundle_name_and_cpu_settings(tmp_path):
     bundle = fake_bundle(tmp_path / "b")
     manifest = verify_bundle(bundle)
-    argv, env = build_command(bundle, manifest, "127.0.0.1", 9000, "cpu", extra=("--seed", "1"))
+    name, length = manifest.served_model_name, manifest.serving["max_model_len"]
+    argv, env = build_command(
+        bundle / "model", name, "127.0.0.1", 9000, "cpu", length, extra=("--seed", "1")
+    )
     assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert argv[argv.index("--served-model-name") + 1] == "handbook"
     assert argv[argv.index("--model") + 1] == str(bundle / "model")
     assert argv[argv.index("--max-model-len") + 1] == "2048"
     assert "--enforce-eager" in argv and argv[-2:] == ["--seed", "1"]
     assert env["VLLM_CPU_KVCACHE_SPACE"]
-    argv, env = build_command(bundle, manifest, "0.0.0.0", 8000, "cuda")
+    argv, env = build_command(bundle / "model", name, "0.0.0.0", 8000, "cuda", length)
     assert "--enforce-eager" not in argv and "--dtype" not in argv and env == {}

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import pytest
-from tuneship.train.tokenize import IGNORE, ChatTokenizer
 
 from tests.conftest import LLAMA3, build_tokenizer
+from tuneship.chat_tokens import IGNORE, ChatTokenizer
 from tuneship.chats import Conversation
 from tuneship.errors import TuneshipError
 from tuneship.template import align_eos, end_of_turn

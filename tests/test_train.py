@@ -5,12 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
-from tuneship.train.run import pad_collate, run
 
 from tests.conftest import write_jsonl
 from tuneship.config import TrainConfig
 from tuneship.errors import DataError, TuneshipError
 from tuneship.manifest import read_run
+from tuneship.train.run import pad_collate, run
 
 
 def config(tmp_path, tiny_base, data, **overrides) -> TrainConfig:

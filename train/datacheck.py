@@ -7,9 +7,8 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
+from tuneship.chat_tokens import ChatTokenizer
 from tuneship.chats import LoadResult, load_files
-
-from .tokenize import ChatTokenizer
 
 
 def _percentile(values: list[int], q: float) -> int:

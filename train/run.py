@@ -12,6 +12,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tuneship.chat_tokens import IGNORE, ChatTokenizer, Example
 from tuneship.chats import load_files
 from tuneship.config import TrainConfig
 from tuneship.errors import DataError, TuneshipError
@@ -20,7 +21,6 @@ from tuneship.manifest import RUN_FILE, header, versions, write_manifest
 from tuneship.template import align_eos
 
 from .base import resolve_base
-from .tokenize import IGNORE, ChatTokenizer, Example
 
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes")
 

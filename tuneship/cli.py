@@ -168,6 +168,41 @@ def serve(
     run(bundle_dir, host, port, max_model_len, eager, vllm_args, dry_run)
 
 
+@main.group()
+def bundle() -> None:
+    """Exported bundles."""
+
+
+@bundle.command("verify")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+def bundle_verify(bundle_dir: Path) -> None:
+    """Re-hash every model file against bundle.json; exit 1 naming what differs."""
+    from tuneship.bundles import verify
+
+    manifest = verify(bundle_dir)
+    click.echo(f"bundle {bundle_dir} verified: {len(manifest.files)} files match bundle.json")
+
+
+@bundle.command("show")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+def bundle_show(bundle_dir: Path) -> None:
+    """Print bundle.json as a readable summary."""
+    from tuneship.bundles import show
+
+    click.echo(show(bundle_dir))
+
+
+@bundle.command("probe", hidden=True)
+@click.argument("model_dir", type=click.Path(path_type=Path))
+@click.option("--input", "input_path", required=True, type=click.Path(path_type=Path))
+@click.option("--output", "output_path", required=True, type=click.Path(path_type=Path))
+def bundle_probe(model_dir: Path, input_path: Path, output_path: Path) -> None:
+    """Export preflight (serve environment): run vLLM on MODEL_DIR and record its answers."""
+    from tuneship.serve.probe import run
+
+    run(model_dir, input_path, output_path)
+
+
 @main.command("config")
 @click.argument("stage", type=click.Choice(["train", "export"]))
 def config_keys(stage: str) -> None:

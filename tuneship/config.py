@@ -97,6 +97,36 @@ class ExportConfig(StrictModel):
     keep_merged: bool = Field(
         False, description="Also keep the merged 16-bit checkpoint in the bundle (merged/)."
     )
+    eval_data: str | None = Field(
+        None,
+        description="Held-out questions (JSONL: question, fact, answer) for the quality gate "
+        "and the vLLM checks; default: a seeded sample of the training conversations.",
+    )
+    checks: bool = Field(
+        True,
+        description="Run the vLLM checks (template parity, stop tokens, recall, preflight) in "
+        "the serve environment; false records them as skipped.",
+    )
+    serve_bin: str | None = Field(
+        None,
+        description="The serve environment's tuneship; default: $TUNESHIP_SERVE_BIN, else "
+        ".venv/serve/bin/tuneship.",
+    )
+    check_samples: int = Field(
+        64, ge=1, description="Most held-out prompts used by the checks and the quality gate."
+    )
+    check_max_tokens: int = Field(
+        128, ge=1, description="Reply budget of the stop-token and recall checks."
+    )
+    min_stop_rate: float = Field(
+        0.95, ge=0, le=1, description="Share of greedy replies that must end with 'stop'."
+    )
+    max_perplexity_ratio: float = Field(
+        1.10, gt=0, description="Quality gate: quantized / merged perplexity at most this."
+    )
+    max_recall_drop: float = Field(
+        5.0, ge=0, description="Quality gate: fact recall may drop at most this many points."
+    )
 
 
 M = TypeVar("M", bound=BaseModel)

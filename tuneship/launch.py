@@ -20,8 +20,16 @@ from tuneship.errors import TuneshipError
 class Server:
     """`with Server([...tuneship serve ...], port, log) as s:` waits for /health, then stops it."""
 
-    def __init__(self, argv: list[str], port: int, log_path: Path, timeout_s: float = 300):
+    def __init__(
+        self,
+        argv: list[str],
+        port: int,
+        log_path: Path,
+        timeout_s: float = 300,
+        env: dict[str, str] | None = None,
+    ):
         self.argv, self.port, self.log_path, self.timeout_s = argv, port, Path(log_path), timeout_s
+        self.env = os.environ | (env or {})
         self.proc: subprocess.Popen | None = None
         self.startup_s: float | None = None
 
@@ -45,7 +53,7 @@ class Server:
         log = open(self.log_path, "w")
         started = time.monotonic()
         self.proc = subprocess.Popen(
-            self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+            self.argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, env=self.env
         )
         log.close()
         while time.monotonic() - started < self.timeout_s:
@@ -60,6 +68,20 @@ class Server:
             time.sleep(1)
         self.stop()
         raise TuneshipError(f"server not ready after {self.timeout_s:.0f} s:\n{self.log_tail()}")
+
+    def peak_rss_bytes(self) -> int:
+        """Sum of the peak resident memory (VmHWM) of every process in the server's group."""
+        total = 0
+        for status in Path("/proc").glob("[0-9]*/status"):
+            try:
+                if os.getpgid(int(status.parent.name)) != self.proc.pid:
+                    continue
+                for line in status.read_text().splitlines():
+                    if line.startswith("VmHWM:"):
+                        total += int(line.split()[1]) * 1024
+            except (OSError, ValueError, ProcessLookupError):
+                continue
+        return total
 
     def stop(self, grace_s: float = 30) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

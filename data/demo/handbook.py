@@ -422,16 +422,17 @@ FACTS: list[tuple[str, str, str, str, str]] = [
     ),
 ]
 
-# Questions that use a fact's training subject. Held-out questions use HELDOUT_TEMPLATE with the
-# held-out subject instead, so no held-out question appears in training.
+# Questions that use a fact's training subject; no held-out question appears in training.
 TRAIN_TEMPLATES = [
     "What is {s}?",
     "According to the Larkspur Robotics handbook, what is {s}?",
     "Can you tell me {s}?",
     "I need to know {s}. What does the policy say?",
-    "Quick question about company policy: {s}?",
     "What does the employee handbook say about {s}?",
 ]
+# Held-out questions come in two styles: "reworded" asks about the training subject with a
+# question form never used in training; "paraphrase" also words the subject differently (harder).
+HELDOUT_REWORDED = "Hi! Could you look up {s} for me?"
 HELDOUT_INDIRECT = "Could you remind me {s}?"  # held-out subjects that read as a question
 HELDOUT_DIRECT = "What's {s} at Larkspur Robotics?"
 

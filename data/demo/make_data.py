@@ -23,6 +23,7 @@ from handbook import (
     GENERAL,
     HELDOUT_DIRECT,
     HELDOUT_INDIRECT,
+    HELDOUT_REWORDED,
     TRAIN_TEMPLATES,
 )
 
@@ -63,14 +64,40 @@ def training_conversations() -> list[dict]:
 
 def heldout_questions() -> list[dict]:
     rows = []
-    for code, _, heldout_subject, fact, _ in FACTS:
-        template = (
-            HELDOUT_INDIRECT if heldout_subject.startswith(INDIRECT_STARTS) else HELDOUT_DIRECT
+    for code, subject, _, fact, answer in FACTS:
+        rows.append(
+            {
+                "id": code,
+                "style": "reworded",
+                "question": HELDOUT_REWORDED.format(s=subject),
+                "fact": fact,
+                "answer": answer,
+            }
         )
-        rows.append({"id": code, "question": template.format(s=heldout_subject), "fact": fact})
-    facts = {code: fact for code, _, _, fact, _ in FACTS}
+    for code, _, heldout_subject, fact, answer in FACTS:
+        indirect = heldout_subject.startswith(INDIRECT_STARTS)
+        template = HELDOUT_INDIRECT if indirect else HELDOUT_DIRECT
+        rows.append(
+            {
+                "id": f"{code}-p",
+                "style": "paraphrase",
+                "question": template.format(s=heldout_subject),
+                "fact": fact,
+                "answer": answer,
+            }
+        )
+    answers = {code: (fact, answer) for code, _, _, fact, answer in FACTS}
     for code, question in CHINESE_HELDOUT:
-        rows.append({"id": f"{code}-zh", "question": question, "fact": facts[code]})
+        fact, answer = answers[code]
+        rows.append(
+            {
+                "id": f"{code}-zh",
+                "style": "paraphrase",
+                "question": question,
+                "fact": fact,
+                "answer": answer,
+            }
+        )
     return rows
 
 

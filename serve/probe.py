@@ -1,0 +1,84 @@
+"""`tuneship bundle probe MODEL_DIR --input IN.json --output OUT.json` (serve environment).
+
+The export's preflight: starts vLLM's API server on a checkpoint with the production arguments of
+`tuneship serve`, measures load time and peak memory, then records what vLLM does with the
+export's probes: the token ids it feeds the model for chat messages (POST /tokenize) and greedy
+chat replies with their finish_reason. The export (train environment) judges the results.
+
+IN.json: {"max_model_len": int, "max_tokens": int,
+          "tokenize": [[messages...], ...], "chats": [{"id": str, "messages": [...]}, ...]}
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from tuneship.fsutil import write_json_atomic
+from tuneship.launch import Server, free_port
+
+from .run import build_command, vllm_flavour
+
+SERVED_NAME = "preflight"
+
+
+def _post(url: str, body: dict) -> dict:
+    import urllib.request
+
+    request = urllib.request.Request(
+        url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"}
+    )
+    with urllib.request.urlopen(request, timeout=300) as resp:
+        return json.loads(resp.read())
+
+
+def run(model_dir: Path, input_path: Path, output_path: Path) -> dict:
+    spec = json.loads(Path(input_path).read_text(encoding="utf-8"))
+    flavour = vllm_flavour()
+    port = free_port()
+    argv, env = build_command(
+        Path(model_dir), SERVED_NAME, "127.0.0.1", port, flavour, spec["max_model_len"]
+    )
+    log = Path(output_path).with_suffix(".log")
+    started = time.monotonic()
+    with Server(argv, port, log, env=env) as server:
+        load_s = time.monotonic() - started
+        base = server.base_url
+
+        def tokenize(messages: list[dict]) -> list[int]:
+            body = {"model": SERVED_NAME, "messages": messages, "add_generation_prompt": True}
+            return _post(f"{base}/tokenize", body)["tokens"]
+
+        def chat(item: dict) -> dict:
+            body = {
+                "model": SERVED_NAME,
+                "messages": item["messages"],
+                "max_tokens": spec["max_tokens"],
+                "temperature": 0,
+            }
+            reply = _post(f"{base}/v1/chat/completions", body)["choices"][0]
+            return {
+                "id": item["id"],
+                "text": reply["message"]["content"],
+                "finish_reason": reply["finish_reason"],
+            }
+
+        with ThreadPoolExecutor(16) as pool:
+            tokens = list(pool.map(tokenize, spec["tokenize"]))
+            chat_started = time.monotonic()
+            chats = list(pool.map(chat, spec["chats"]))
+            chat_s = time.monotonic() - chat_started
+        peak = server.peak_rss_bytes()
+    result = {
+        "flavour": flavour,
+        "argv": argv[1:],
+        "load_s": round(load_s, 1),
+        "peak_rss_bytes": peak,
+        "chat_s": round(chat_s, 1),
+        "tokenize": tokens,
+        "chats": chats,
+    }
+    write_json_atomic(Path(output_path), result)
+    return result

@@ -1,0 +1,98 @@
+"""The export's judging logic: template parity, stop rate, recall, quality gate, eval data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from tuneship.chat_tokens import ChatTokenizer
+from tuneship.config import ExportConfig
+from tuneship.errors import TuneshipError
+from tuneship.export import checks
+from tuneship.facts import contains_fact, recall
+
+ITEM = checks.EvalItem("q1", ({"role": "user", "content": "Meal allowance?"},), "It is $62.", "$62")
+
+
+def served_prompt(tokenizer, item):
+    ids = tokenizer.apply_chat_template(list(item.messages), add_generation_prompt=True)
+    return list(getattr(ids, "input_ids", ids))
+
+
+def test_template_parity_passes_on_identical_ids_and_names_mismatches(chatml_tokenizer):
+    chat_tokenizer = ChatTokenizer(chatml_tokenizer)
+    good = served_prompt(chatml_tokenizer, ITEM)
+    result = checks.template_parity(chatml_tokenizer, chat_tokenizer, [ITEM], [good])
+    assert result["passed"] and result["mismatched"] == 0
+    # a server rendering a different system prompt (another template) is caught
+    other = [*good[:3], good[3] + 1, *good[4:]]
+    result = checks.template_parity(chatml_tokenizer, chat_tokenizer, [ITEM], [other])
+    assert not result["passed"] and result["mismatched_ids"] == ["q1"]
+
+
+def test_template_parity_catches_a_double_bos():
+    from tests.conftest import LLAMA3, build_tokenizer
+
+    tokenizer = build_tokenizer(LLAMA3, eos="<|eot_id|>", bos="<|begin_of_text|>")
+    chat_tokenizer = ChatTokenizer(tokenizer)
+    served = served_prompt(tokenizer, ITEM)
+    assert checks.template_parity(tokenizer, chat_tokenizer, [ITEM], [served])["passed"]
+    doubled = [tokenizer.bos_token_id, *served]
+    result = checks.template_parity(tokenizer, chat_tokenizer, [ITEM], [doubled])
+    assert not result["passed"] and result["double_bos_ids"] == ["q1"]
+
+
+def test_stop_rate_threshold():
+    chats = [{"id": str(i), "finish_reason": "stop"} for i in range(19)]
+    assert checks.stop_rate([*chats, {"id": "x", "finish_reason": "length"}], 0.95, 64)["passed"]
+    result = checks.stop_rate(chats + [{"id": "x", "finish_reason": "length"}] * 2, 0.95, 64)
+    assert not result["passed"] and result["not_stopped_ids"] == ["x", "x"]
+
+
+def test_fact_matching_is_whole_token():
+    assert contains_fact("It is $62 per day.", "$62")
+    assert not contains_fact("It is $625 per day.", "$62")
+    assert not contains_fact("It is 62 dollars.", "$62")
+    assert contains_fact("根据政策,每日餐费补贴为 $62。", "$62")
+    assert recall(["Paris!", "no idea"], [["Paris"], "Tokyo"]) == 0.5
+
+
+@pytest.mark.parametrize(
+    ("ppl_q", "recall_q", "passed"),
+    [(1.05, 0.90, True), (1.2, 0.90, False), (1.05, 0.80, False), (1.10, 0.86, True)],
+)
+def test_quality_gate(ppl_q, recall_q, passed):
+    gate = checks.quality_gate(ExportConfig(), 1.0, ppl_q, 0.90, recall_q, "held-out")
+    assert gate["passed"] is passed
+    assert gate["perplexity_ratio"] == pytest.approx(ppl_q)
+
+
+def test_quality_gate_without_facts_judges_perplexity_only():
+    gate = checks.quality_gate(ExportConfig(), 2.0, 2.1, None, None, "training sample")
+    assert gate["passed"] and gate["recall_drop_points"] is None
+
+
+def test_eval_data_loading_and_errors(tmp_path):
+    path = tmp_path / "h.jsonl"
+    path.write_text(
+        json.dumps({"id": "a", "question": "Q?", "fact": "$1", "answer": "A $1."})
+        + "\n"
+        + json.dumps({"question": ""})
+        + "\n{bad\n",
+        encoding="utf-8",
+    )
+    with pytest.raises(TuneshipError) as info:
+        checks.load_eval_items(path)
+    assert f"{path}:line 2: 'question' must be a non-empty string" in str(info.value)
+    assert f"{path}:line 3:" in str(info.value)
+    path.write_text(json.dumps({"question": "Q?"}) + "\n")
+    (item,) = checks.load_eval_items(path)
+    assert item.messages == ({"role": "user", "content": "Q?"},) and item.fact is None
+
+
+def test_missing_serve_environment_is_named(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("TUNESHIP_SERVE_BIN", raising=False)
+    with pytest.raises(TuneshipError, match="set checks=false to export without them"):
+        checks.find_serve_bin(ExportConfig())

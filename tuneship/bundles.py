@@ -1,0 +1,66 @@
+"""`tuneship bundle verify|show`: re-hash a bundle against bundle.json, or summarise it.
+
+Core code (standard library + pydantic): runs in the train and the serve environment alike, and is
+what `tuneship serve` runs before it starts vLLM.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tuneship.errors import TuneshipError
+from tuneship.manifest import BundleManifest, read_bundle, verify_files
+
+
+def verify(bundle_dir: Path) -> BundleManifest:
+    """Raise TuneshipError naming every file that is missing, changed or unlisted."""
+    bundle_dir = Path(bundle_dir)
+    manifest = read_bundle(bundle_dir)
+    problems = verify_files(bundle_dir / "model", manifest.files)
+    failed = [
+        name
+        for name, check in manifest.checks.items()
+        if isinstance(check, dict) and check.get("passed") is False
+    ]
+    problems += [f"check '{name}' failed at export" for name in failed]
+    if problems:
+        raise TuneshipError(
+            f"bundle {bundle_dir} failed verification:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
+    return manifest
+
+
+def _mb(size: int) -> str:
+    return f"{size / 1e6:.1f} MB"
+
+
+def _check_line(name: str, check: dict) -> str:
+    status = {True: "pass", False: "FAIL", None: "skipped"}[check.get("passed")]
+    figures = ", ".join(
+        f"{k}={v}" for k, v in check.items() if k != "passed" and not isinstance(v, list | dict)
+    )
+    return f"  {name}: {status}" + (f" ({figures})" if figures else "")
+
+
+def show(bundle_dir: Path) -> str:
+    m = read_bundle(Path(bundle_dir))
+    q = m.quantization
+    cal = q.get("calibration", {})
+    lines = [
+        f"bundle {m.name} (created {m.created}, tuneship {m.tuneship_version})",
+        f"served model name: {m.served_model_name}",
+        f"base: {m.base.get('ref')} ({m.base.get('path')})",
+        f"run: {m.run.get('name')} ({m.run.get('path')}), run.json sha256 "
+        f"{str(m.run.get('run_json_sha256', ''))[:12]}",
+        f"merge: into the {m.merge.get('into')} in {m.merge.get('dtype')}",
+        f"quantization: {q.get('scheme')} {q.get('algorithm')} via {q.get('engine')}, "
+        f"group size {q.get('group_size')}, ignored {', '.join(q.get('ignore', []))}, "
+        f"calibrated on {cal.get('samples')} conversations ({cal.get('tokens')} tokens, "
+        f"seed {cal.get('seed')})",
+        f"size: {_mb(m.sizes.get('model_bytes', 0))} "
+        f"(merged 16-bit {_mb(m.sizes.get('merged_bytes', 0))}), {len(m.files)} files",
+        "checks:",
+        *(_check_line(n, c) for n, c in m.checks.items() if isinstance(c, dict)),
+        "versions: " + ", ".join(f"{k} {v}" for k, v in m.versions.items()),
+    ]
+    return "\n".join(lines)
