@@ -315,6 +315,7 @@ def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) ->
         config = json.loads((stage / "model" / "config.json").read_text())
         bundle = header("tuneship.bundle", out_dir.name) | {
             "served_model_name": served_name,
+            "layout": "merged",
             "run": {
                 "name": manifest.name,
                 "path": str(run_dir.resolve()),

@@ -5,8 +5,9 @@ The export's preflight: starts vLLM's API server on a checkpoint with the produc
 export's probes: the token ids it feeds the model for chat messages (POST /tokenize) and greedy
 chat replies with their finish_reason. The export (train environment) judges the results.
 
-IN.json: {"max_model_len": int, "max_tokens": int,
-          "tokenize": [[messages...], ...], "chats": [{"id": str, "messages": [...]}, ...]}
+IN.json: {"max_model_len": int, "max_tokens": int, "extra_args": [vLLM flags],
+          "tokenize": [[messages...], ...],
+          "chats": [{"id": str, "model": served name (optional), "messages": [...]}, ...]}
 """
 
 from __future__ import annotations
@@ -39,7 +40,13 @@ def run(model_dir: Path, input_path: Path, output_path: Path) -> dict:
     flavour = vllm_flavour()
     port = free_port()
     argv, env = build_command(
-        Path(model_dir), SERVED_NAME, "127.0.0.1", port, flavour, spec["max_model_len"]
+        Path(model_dir),
+        SERVED_NAME,
+        "127.0.0.1",
+        port,
+        flavour,
+        spec["max_model_len"],
+        extra=tuple(spec.get("extra_args", ())),
     )
     log = Path(output_path).with_suffix(".log")
     started = time.monotonic()
@@ -53,7 +60,7 @@ def run(model_dir: Path, input_path: Path, output_path: Path) -> dict:
 
         def chat(item: dict) -> dict:
             body = {
-                "model": SERVED_NAME,
+                "model": item.get("model", SERVED_NAME),
                 "messages": item["messages"],
                 "max_tokens": spec["max_tokens"],
                 "temperature": 0,
@@ -61,6 +68,7 @@ def run(model_dir: Path, input_path: Path, output_path: Path) -> dict:
             reply = _post(f"{base}/v1/chat/completions", body)["choices"][0]
             return {
                 "id": item["id"],
+                "model": body["model"],
                 "text": reply["message"]["content"],
                 "finish_reason": reply["finish_reason"],
             }

@@ -13,7 +13,7 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from tuneship.bundles import verify
+from tuneship.bundles import lora_arguments, verify
 from tuneship.errors import TuneshipError
 
 API_SERVER = "vllm.entrypoints.openai.api_server"
@@ -80,6 +80,11 @@ def run(
         manifest = verify(bundle_dir)
     except TuneshipError as exc:
         raise TuneshipError(f"{exc}\nrefusing to serve it") from None
+    skipped = [
+        n for n, c in manifest.checks.items() if isinstance(c, dict) and c.get("passed") is None
+    ]
+    if skipped:
+        print(f"warning: checks skipped at export: {', '.join(skipped)}", file=sys.stderr)
     argv, env = build_command(
         bundle_dir / "model",
         manifest.served_model_name,
@@ -88,7 +93,7 @@ def run(
         flavour,
         max_model_len or manifest.serving["max_model_len"],
         eager,
-        extra,
+        (*lora_arguments(bundle_dir, {n: a["rank"] for n, a in manifest.adapters.items()}), *extra),
     )
     shown = " ".join(f"{k}={v}" for k, v in env.items())
     print(

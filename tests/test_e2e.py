@@ -169,3 +169,27 @@ def test_served_prompt_tokens_equal_the_training_tokens(server, bundle):
     trained = ChatTokenizer(tokenizer)(conv).input_ids
     assert trained[: len(served)] == served
     assert len(trained) > len(served)
+
+
+def test_adapters_only_bundle_serves_each_adapter_through_vllm_multi_lora(bundle):
+    work = bundle.parent.parent
+    tuneship(
+        "train", "--config", str(REPO / "train" / "configs" / "demo.yaml"),
+        "--set", f"data=[{REPO / 'data' / 'demo' / 'train.jsonl'}]", "--set", "limit=16",
+        "--set", "max_steps=2", "--set", "name=e2e-attn",
+        "--set", "lora.target_modules=[q_proj, v_proj]", "--set", "lora.r=8", cwd=work,
+    )  # fmt: skip
+    tuneship(
+        "export", "runs/e2e", "runs/e2e-attn", "--adapters-only", "--out", "bundles/multi",
+        "--set", "check_samples=4", "--set", "min_stop_rate=0.5", cwd=work,
+    )  # fmt: skip
+    manifest = json.loads((work / "bundles" / "multi" / "bundle.json").read_text())
+    assert manifest["layout"] == "adapters"
+    preflight = manifest["checks"]["preflight"]
+    assert preflight["passed"] and preflight["adapters_answered"] == ["e2e", "e2e-attn"]
+    assert "--enable-lora" in preflight["args"]
+    dry = subprocess.run(
+        [str(SERVE_BIN), "serve", str(work / "bundles" / "multi"), "--dry-run"],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    assert "--lora-modules" in dry.stdout and "e2e-attn=" in dry.stdout

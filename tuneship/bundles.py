@@ -17,6 +17,8 @@ def verify(bundle_dir: Path) -> BundleManifest:
     bundle_dir = Path(bundle_dir)
     manifest = read_bundle(bundle_dir)
     problems = verify_files(bundle_dir / "model", manifest.files)
+    for name, adapter in manifest.adapters.items():
+        problems += verify_files(bundle_dir / "adapters" / name, adapter["files"])
     failed = [
         name
         for name, check in manifest.checks.items()
@@ -28,6 +30,24 @@ def verify(bundle_dir: Path) -> BundleManifest:
             f"bundle {bundle_dir} failed verification:\n" + "\n".join(f"  - {p}" for p in problems)
         )
     return manifest
+
+
+def vllm_rank(rank: int) -> int:
+    """vLLM accepts a fixed set of max_lora_rank values: the smallest one that fits."""
+    for allowed in (8, 16, 32, 64, 128, 256, 320, 512):
+        if rank <= allowed:
+            return allowed
+    return rank
+
+
+def lora_arguments(bundle_dir: Path, ranks: dict[str, int]) -> list[str]:
+    """vLLM flags that serve every adapter of a bundle under its own name."""
+    if not ranks:
+        return []
+    args = ["--enable-lora", "--max-loras", str(len(ranks))]
+    args += ["--max-lora-rank", str(vllm_rank(max(ranks.values())))]
+    args += ["--lora-modules", *(f"{n}={Path(bundle_dir) / 'adapters' / n}" for n in ranks)]
+    return args
 
 
 def _mb(size: int) -> str:
@@ -57,6 +77,7 @@ def show(bundle_dir: Path) -> str:
         f"group size {q.get('group_size')}, ignored {', '.join(q.get('ignore', []))}, "
         f"calibrated on {cal.get('samples')} conversations ({cal.get('tokens')} tokens, "
         f"seed {cal.get('seed')})",
+        f"layout: {m.layout}" + (f", adapters {', '.join(m.adapters)}" if m.adapters else ""),
         f"size: {_mb(m.sizes.get('model_bytes', 0))} "
         f"(merged 16-bit {_mb(m.sizes.get('merged_bytes', 0))}), {len(m.files)} files",
         "checks:",

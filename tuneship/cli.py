@@ -119,8 +119,13 @@ def train(config_path: Path, overrides: tuple[str, ...], force: bool) -> None:
 
 
 @main.command()
-@click.argument("run_dir", type=click.Path(path_type=Path))
+@click.argument("run_dirs", nargs=-1, required=True, type=click.Path(path_type=Path))
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Bundle folder.")
+@click.option(
+    "--adapters-only",
+    is_flag=True,
+    help="Serve the 16-bit base plus the runs' LoRA adapters unmerged (multi-LoRA).",
+)
 @click.option(
     "--config",
     "config_path",
@@ -130,15 +135,27 @@ def train(config_path: Path, overrides: tuple[str, ...], force: bool) -> None:
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--force", is_flag=True, help="Replace an existing bundle.")
 def export(
-    run_dir: Path, out: Path, config_path: Path | None, overrides: tuple[str, ...], force: bool
+    run_dirs: tuple[Path, ...],
+    out: Path,
+    adapters_only: bool,
+    config_path: Path | None,
+    overrides: tuple[str, ...],
+    force: bool,
 ) -> None:
-    """Merge the run's adapter in 16-bit, GPTQ-quantize to W4A16, write a bundle."""
+    """Merge a run's adapter, GPTQ-quantize to W4A16, check it in vLLM, write a bundle."""
     from tuneship.config import ExportConfig, load_config, parse_overrides
 
     cfg = load_config(ExportConfig, config_path, parse_overrides(overrides))
+    if adapters_only:
+        from tuneship.export.adapters import run as run_adapters
+
+        run_adapters(list(run_dirs), out, cfg, force=force)
+        return
+    if len(run_dirs) != 1:
+        raise click.UsageError("export takes one run (several only with --adapters-only)")
     from tuneship.export.run import run
 
-    run(run_dir, out, cfg, force=force)
+    run(run_dirs[0], out, cfg, force=force)
 
 
 @main.command(context_settings={"ignore_unknown_options": True})

@@ -124,6 +124,9 @@ class ExportConfig(StrictModel):
     max_perplexity_ratio: float = Field(
         1.10, gt=0, description="Quality gate: quantized / merged perplexity at most this."
     )
+    max_lora_rank: int = Field(
+        64, ge=1, description="Adapters-only bundles: adapters above this rank are rejected."
+    )
     max_recall_drop: float = Field(
         5.0, ge=0, description="Quality gate: fact recall may drop at most this many points."
     )

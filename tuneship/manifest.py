@@ -47,6 +47,9 @@ class RunManifest(_Manifest):
 
 class BundleManifest(_Manifest):
     served_model_name: str
+    layout: str = "merged"  # "merged" (one quantized model) or "adapters" (base + LoRA adapters)
+    config: dict[str, Any] = {}
+    adapters: dict[str, Any] = {}
     run: dict[str, Any]
     base: dict[str, Any]
     merge: dict[str, Any]

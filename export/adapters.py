@@ -1,0 +1,205 @@
+"""`tuneship export RUN [RUN ...] --out BUNDLE --adapters-only`: serve LoRA adapters unmerged.
+
+The bundle holds the 16-bit base (model/) and one or more LoRA adapters (adapters/NAME/), served
+through vLLM's multi-LoRA (`--enable-lora`), each adapter under its run's name. An adapter lint
+rejects, with the reason, what vLLM cannot load, before anything is copied.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import time
+from pathlib import Path
+from typing import Any
+
+from tuneship.bundles import lora_arguments, show
+from tuneship.config import ExportConfig
+from tuneship.errors import TuneshipError
+from tuneship.fsutil import check_output_free, hash_tree, sha256_file, staged_dir, tree_size
+from tuneship.manifest import BUNDLE_FILE, RUN_FILE, header, read_run, versions, write_manifest
+
+from . import checks
+from .run import LIBRARIES, check_run, check_stop_tokens
+
+EMBEDDING_MODULES = {"lm_head", "embed_tokens", "wte", "wpe", "embed_in", "embed_out"}
+BASE_FILES = ("config.json", "generation_config.json")
+
+
+def base_module_names(base: Path) -> set[str]:
+    """Leaf module names of the base checkpoint, read from safetensors headers (no load)."""
+    from safetensors import safe_open
+
+    names = set()
+    for weights in base.glob("*.safetensors"):
+        with safe_open(weights, "pt") as fh:
+            names |= {key.rsplit(".", 2)[-2] for key in fh.keys() if key.count(".") >= 2}  # noqa: SIM118
+    return names
+
+
+def lint_adapter(name: str, adapter_dir: Path, modules: set[str], max_rank: int) -> list[str]:
+    """Reasons vLLM would reject this adapter (empty when it can serve it)."""
+    cfg = json.loads((adapter_dir / "adapter_config.json").read_text())
+    problems = []
+    if cfg.get("peft_type") != "LORA":
+        problems.append(f"peft_type {cfg.get('peft_type')}: vLLM serves LoRA adapters only")
+    if cfg.get("modules_to_save"):
+        problems.append(
+            f"modules_to_save {cfg['modules_to_save']}: full module copies cannot be hot-loaded"
+        )
+    targets = cfg.get("target_modules") or []
+    targets = [targets] if isinstance(targets, str) else list(targets)
+    if embedded := sorted(set(targets) & EMBEDDING_MODULES):
+        problems.append(f"target_modules {embedded}: embedding and lm_head adapters are rejected")
+    if missing := sorted(set(targets) - modules - EMBEDDING_MODULES):
+        problems.append(f"target_modules {missing} do not exist in the base architecture")
+    if int(cfg.get("r", 0)) > max_rank:
+        problems.append(f"rank {cfg['r']} is above max_lora_rank {max_rank}")
+    if cfg.get("use_dora"):
+        problems.append("DoRA adapters are not supported by vLLM")
+    if cfg.get("trainable_token_indices"):
+        problems.append("trainable_token_indices (new token embeddings) are not supported")
+    return [f"adapter '{name}' ({adapter_dir}): {p}" for p in problems]
+
+
+def run(run_dirs: list[Path], out_dir: Path, cfg: ExportConfig, force: bool = False) -> Path:
+    run_dirs, out_dir = [Path(r) for r in run_dirs], Path(out_dir)
+    manifests = [read_run(r) for r in run_dirs]
+    check_output_free(out_dir, force)
+    names = [m.name for m in manifests]
+    if len(set(names)) != len(names):
+        raise TuneshipError(f"adapter names must be unique; runs are named {names}")
+    base = Path(manifests[0].base["path"])
+    if not base.is_dir():
+        raise TuneshipError(f"adapters-only bundles need a local base folder; got {base}")
+    problems = []
+    for run_dir, manifest in zip(run_dirs, manifests, strict=True):
+        if manifest.base["weights_sha256"] != manifests[0].base["weights_sha256"]:
+            problems.append(
+                f"adapter '{manifest.name}' ({run_dir}): trained on a base whose weights hash "
+                f"differs from the bundle's base {base}"
+            )
+    modules = base_module_names(base)
+    for run_dir, manifest in zip(run_dirs, manifests, strict=True):
+        problems += lint_adapter(manifest.name, run_dir / "adapter", modules, cfg.max_lora_rank)
+    if problems:
+        raise TuneshipError("adapter lint failed:\n" + "\n".join(f"  - {p}" for p in problems))
+    for run_dir, manifest in zip(run_dirs, manifests, strict=True):
+        check_run(run_dir, manifest)
+    serve_bin = checks.find_serve_bin(cfg) if cfg.checks else None
+    items = (
+        checks.load_eval_items(Path(cfg.eval_data))[: cfg.check_samples] if cfg.eval_data else []
+    )
+    served_name = cfg.served_name or out_dir.name
+    ranks = {}
+    started = time.monotonic()
+    with staged_dir(out_dir) as stage:
+        model_dir = stage / "model"
+        model_dir.mkdir()
+        for path in sorted(base.glob("*.safetensors")) + [base / f for f in BASE_FILES]:
+            if path.is_file():
+                shutil.copy2(path, model_dir / path.name)
+        # the first adapter's tokenizer carries the aligned eos and the chat template trained on
+        for path in (run_dirs[0] / "adapter").iterdir():
+            if path.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+                shutil.copy2(path, model_dir / path.name)
+        adapters: dict[str, Any] = {}
+        for run_dir, manifest in zip(run_dirs, manifests, strict=True):
+            target = stage / "adapters" / manifest.name
+            shutil.copytree(run_dir / "adapter", target)
+            rank = json.loads((target / "adapter_config.json").read_text())["r"]
+            ranks[manifest.name] = rank
+            adapters[manifest.name] = {
+                "run": str(run_dir.resolve()),
+                "run_json_sha256": sha256_file(run_dir / RUN_FILE),
+                "rank": rank,
+                "files": hash_tree(target),
+            }
+        results = {"stop_tokens": check_stop_tokens(model_dir)}
+        lora_args = lora_arguments(stage, ranks)
+        if serve_bin is not None:
+            results |= preflight_adapters(
+                cfg, serve_bin, model_dir, stage, list(adapters), items, lora_args
+            )
+        else:
+            skipped = {"passed": None, "reason": "checks=false: no vLLM run at export"}
+            results |= {"preflight": skipped}
+        shutil.rmtree(stage / ".probe", ignore_errors=True)
+        config = json.loads((model_dir / "config.json").read_text())
+        bundle = header("tuneship.bundle", out_dir.name) | {
+            "served_model_name": served_name,
+            "layout": "adapters",
+            "run": {"name": manifests[0].name, "path": str(run_dirs[0].resolve())},
+            "base": manifests[0].base,
+            "config": cfg.model_dump(),
+            "merge": {"into": "not merged (adapters served with --enable-lora)"},
+            "quantization": {"scheme": "none (16-bit base)"},
+            "files": hash_tree(model_dir),
+            "adapters": adapters,
+            "sizes": {
+                "model_bytes": tree_size(model_dir),
+                "adapters_bytes": tree_size(stage / "adapters"),
+            },
+            "checks": results,
+            "versions": versions(*LIBRARIES),
+            "serving": {
+                "max_model_len": min(int(config.get("max_position_embeddings", 2048)), 4096),
+                "architecture": (config.get("architectures") or ["?"])[0],
+                "max_lora_rank": max(ranks.values()),
+                "startup_s": results.get("preflight", {}).get("load_s"),
+            },
+        }
+        write_manifest(stage / BUNDLE_FILE, bundle)
+    print(f"adapters bundle written to {out_dir} in {time.monotonic() - started:.0f} s")
+    print(show(out_dir))
+    failed = [name for name, c in results.items() if c.get("passed") is False]
+    if failed:
+        raise TuneshipError(
+            f"export checks failed: {', '.join(failed)} (figures in {out_dir / BUNDLE_FILE})"
+        )
+    return out_dir
+
+
+def preflight_adapters(
+    cfg: ExportConfig,
+    serve_bin: Path,
+    model_dir: Path,
+    stage: Path,
+    names: list[str],
+    items: list[checks.EvalItem],
+    lora_args: list[str],
+) -> dict[str, Any]:
+    prompts = items or [
+        checks.EvalItem("hello", ({"role": "user", "content": "Hello! Who are you?"},), None, None)
+    ]
+    chats = [
+        {"id": f"{name}:{item.id}", "model": name, "messages": list(item.messages)}
+        for name in names
+        for item in prompts
+    ]
+    config = json.loads((model_dir / "config.json").read_text())
+    spec = {
+        "max_model_len": min(4096, int(config.get("max_position_embeddings", 2048))),
+        "max_tokens": cfg.check_max_tokens,
+        "tokenize": [],
+        "chats": chats,
+        "extra_args": lora_args,
+    }
+    result = checks.probe(serve_bin, model_dir, stage / ".probe", "adapters", spec)
+    rate = checks.stop_rate(result["chats"], cfg.min_stop_rate, cfg.check_max_tokens)
+    recalls = {}
+    for name in names:
+        mine = [c for c in result["chats"] if c["model"] == name]
+        recalls[name] = checks.fact_recall(prompts, mine)
+    return {
+        "preflight": {
+            "passed": all((c["text"] or "").strip() for c in result["chats"]),
+            "flavour": result["flavour"],
+            "load_s": result["load_s"],
+            "peak_rss_bytes": result["peak_rss_bytes"],
+            "adapters_answered": names,
+            "args": result["argv"],
+        },
+        "adapter_stop_rate": rate,
+        "adapter_recall": {"passed": None, "per_adapter": recalls},
+    }

@@ -1,0 +1,90 @@
+"""Adapters-only bundles: the lint that rejects what vLLM cannot load, and the bundle layout."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+
+from tests.conftest import sharegpt, write_jsonl
+from tuneship.bundles import lora_arguments, verify
+from tuneship.config import ExportConfig, TrainConfig
+from tuneship.errors import TuneshipError
+from tuneship.export.adapters import base_module_names, lint_adapter
+from tuneship.export.adapters import run as export_adapters
+from tuneship.manifest import read_bundle
+from tuneship.train.run import run as train
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory, tiny_base):
+    root = tmp_path_factory.mktemp("adapters")
+    data = write_jsonl(
+        root / "d.jsonl",
+        [sharegpt(("human", f"Policy {i}?"), ("gpt", f"Policy {i} says ${i}.")) for i in range(8)],
+    )
+    runs = []
+    for name, targets in (("legal", ["q_proj", "v_proj"]), ("medical", ["o_proj", "down_proj"])):
+        cfg = TrainConfig(
+            name=name, base=str(tiny_base), data=[str(data)], output_dir=str(root / "runs"),
+            max_steps=1, batch_size=4, lora={"r": 4, "alpha": 8, "target_modules": targets},
+        )  # fmt: skip
+        runs.append(train(cfg))
+    return runs
+
+
+def edit_adapter_config(run_dir, tmp_path, **changes):
+    copy = tmp_path / run_dir.name
+    shutil.copytree(run_dir, copy)
+    path = copy / "adapter" / "adapter_config.json"
+    path.write_text(json.dumps(json.loads(path.read_text()) | changes))
+    return copy / "adapter"
+
+
+def test_lint_accepts_plain_lora_and_names_each_rejection(two_runs, tiny_base, tmp_path):
+    modules = base_module_names(tiny_base)
+    assert {"q_proj", "down_proj", "lm_head"} <= modules or {"q_proj", "down_proj"} <= modules
+    assert lint_adapter("legal", two_runs[0] / "adapter", modules, 64) == []
+    bad = edit_adapter_config(
+        two_runs[0],
+        tmp_path,
+        modules_to_save=["lm_head"],
+        target_modules=["q_proj", "embed_tokens", "qkv_proj"],
+        r=128,
+        use_dora=True,
+    )
+    reasons = "\n".join(lint_adapter("legal", bad, modules, 64))
+    assert "modules_to_save ['lm_head']" in reasons
+    assert "target_modules ['embed_tokens']: embedding and lm_head adapters are rejected" in reasons
+    assert "target_modules ['qkv_proj'] do not exist in the base architecture" in reasons
+    assert "rank 128 is above max_lora_rank 64" in reasons
+    assert "DoRA" in reasons
+
+
+def test_adapters_bundle_layout_and_verification(two_runs, tmp_path):
+    out = export_adapters(two_runs, tmp_path / "multi", ExportConfig(checks=False))
+    bundle = read_bundle(out)
+    assert bundle.layout == "adapters"
+    assert set(bundle.adapters) == {"legal", "medical"}
+    assert (out / "adapters" / "medical" / "adapter_model.safetensors").is_file()
+    assert (out / "model" / "model.safetensors").is_file()
+    verify(out)
+    args = lora_arguments(out, {n: a["rank"] for n, a in bundle.adapters.items()})
+    assert args[:5] == ["--enable-lora", "--max-loras", "2", "--max-lora-rank", "8"]
+    assert f"legal={out / 'adapters' / 'legal'}" in args
+    (out / "adapters" / "legal" / "adapter_model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(TuneshipError, match=r"legal/adapter_model\.safetensors: sha256 differs"):
+        verify(out)
+
+
+def test_adapter_from_another_base_is_rejected(two_runs, tmp_path):
+    other = tmp_path / "other"
+    shutil.copytree(two_runs[1], other)
+    manifest = json.loads((other / "run.json").read_text())
+    manifest["base"]["weights_sha256"] = {"model.safetensors": "0" * 64}
+    manifest["name"] = "other"
+    (other / "run.json").write_text(json.dumps(manifest))
+    with pytest.raises(TuneshipError, match="weights hash differs from the bundle's base"):
+        export_adapters([two_runs[0], other], tmp_path / "b", ExportConfig(checks=False))
+    assert not (tmp_path / "b").exists()
