@@ -195,7 +195,7 @@ def up_to_date(out_dir: Path, run_dir: Path, cfg: ExportConfig) -> bool:
     except TuneshipError:
         return False
     same_run = bundle.run.get("run_json_sha256") == sha256_file(run_dir / RUN_FILE)
-    return same_run and bundle.model_extra.get("config") == cfg.model_dump()
+    return same_run and bundle.config == cfg.model_dump()
 
 
 def remove_stale_partials(out_dir: Path) -> None:

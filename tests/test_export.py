@@ -134,3 +134,15 @@ def test_killed_export_leaves_nothing_verify_accepts_and_rerun_completes(tmp_pat
     subprocess.run(argv, check=True, capture_output=True)
     assert subprocess.run([tuneship, "bundle", "verify", str(tmp_path / "b")]).returncode == 0
     assert not list(tmp_path.glob(".b.partial-*"))  # ... are cleared by the rerun
+
+
+def test_bundle_show_summarises_provenance_recipe_and_checks(tmp_path, tiny_run):
+    from tuneship.bundles import show
+
+    out = export(tiny_run, tmp_path / "b", ExportConfig(calibration_samples=2, checks=False))
+    text = show(out)
+    assert "served model name: b" in text
+    assert "W4A16 GPTQ via llmcompressor, group size 64, ignored lm_head" in text
+    assert "calibrated on 2 conversations" in text
+    assert "stop_tokens: pass" in text and "preflight: skipped" in text
+    assert "quality_gate: pass (data=" in text or "quality_gate: FAIL" in text
