@@ -92,7 +92,8 @@ def main() -> None:
     stage("data check", [TUNESHIP, "data", "check", "data/demo/train.jsonl", "--max-length", "256"])
     stage("train", [TUNESHIP, "train", "--config", "train/configs/demo.yaml"], RUN / "run.json")
     export = [TUNESHIP, "export", "runs/demo", "--out", "bundles/demo"]
-    stage("export", [*export, "--set", "eval_data=data/demo/heldout.jsonl"], BUNDLE / "bundle.json")
+    export += ["--set", "eval_data=data/demo/heldout.jsonl", "--set", "check_samples=200"]
+    stage("export", export, BUNDLE / "bundle.json")
 
     heldout = [json.loads(x) for x in (REPO / "data/demo/heldout.jsonl").read_text().splitlines()]
     general = [json.loads(x) for x in (REPO / "data/demo/general.jsonl").read_text().splitlines()]

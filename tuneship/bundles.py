@@ -54,11 +54,21 @@ def _mb(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
 
 
+def _figures(check: dict, prefix: str = "") -> list[str]:
+    figures = []
+    for key, value in check.items():
+        if key == "passed" or isinstance(value, list):
+            continue
+        if isinstance(value, dict):
+            figures += _figures(value, f"{prefix}{key}.")
+        else:
+            figures.append(f"{prefix}{key}={value}")
+    return figures
+
+
 def _check_line(name: str, check: dict) -> str:
     status = {True: "pass", False: "FAIL", None: "skipped"}[check.get("passed")]
-    figures = ", ".join(
-        f"{k}={v}" for k, v in check.items() if k != "passed" and not isinstance(v, list | dict)
-    )
+    figures = ", ".join(_figures(check))
     return f"  {name}: {status}" + (f" ({figures})" if figures else "")
 
 
