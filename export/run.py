@@ -310,6 +310,7 @@ def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) ->
         )
         shutil.rmtree(stage / ".probe", ignore_errors=True)
         sizes = {"merged_bytes": tree_size(merged_dir), "model_bytes": tree_size(stage / "model")}
+        merged_files = hash_tree(merged_dir)  # provenance, also when merged/ is not kept
         if not cfg.keep_merged:
             shutil.rmtree(merged_dir)
         config = json.loads((stage / "model" / "config.json").read_text())
@@ -328,7 +329,7 @@ def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) ->
             "merge": {"dtype": "bfloat16", "into": "16-bit base", "seconds": round(merge_s, 1)},
             "quantization": quantization | {"seconds": round(quantize_s, 1)},
             "files": hash_tree(stage / "model"),
-            "merged_files": hash_tree(merged_dir) if cfg.keep_merged else {},
+            "merged_files": merged_files,
             "sizes": sizes,
             "checks": results,
             "versions": versions(*LIBRARIES),

@@ -146,3 +146,16 @@ def test_bundle_show_summarises_provenance_recipe_and_checks(tmp_path, tiny_run)
     assert "calibrated on 2 conversations" in text
     assert "stop_tokens: pass" in text and "preflight: skipped" in text
     assert "quality_gate: pass (data=" in text or "quality_gate: FAIL" in text
+
+
+def test_merged_checkpoint_is_hashed_and_verified_when_kept(tmp_path, tiny_run):
+    from tuneship.bundles import verify
+
+    cfg = ExportConfig(calibration_samples=2, checks=False, keep_merged=True)
+    out = export(tiny_run, tmp_path / "b", cfg)
+    bundle = read_bundle(out)
+    assert bundle.merged_files == hash_tree(out / "merged")
+    verify(out)
+    (out / "merged" / "config.json").write_text("{}")
+    with pytest.raises(TuneshipError, match=r"merged/config\.json: sha256 differs"):
+        verify(out)

@@ -17,6 +17,8 @@ def verify(bundle_dir: Path) -> BundleManifest:
     bundle_dir = Path(bundle_dir)
     manifest = read_bundle(bundle_dir)
     problems = verify_files(bundle_dir / "model", manifest.files)
+    if (bundle_dir / "merged").is_dir():
+        problems += verify_files(bundle_dir / "merged", manifest.merged_files)
     for name, adapter in manifest.adapters.items():
         problems += verify_files(bundle_dir / "adapters" / name, adapter["files"])
     failed = [
