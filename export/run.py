@@ -12,8 +12,10 @@ calibrated on a seeded sample of the training conversations rendered with the ch
 from __future__ import annotations
 
 import json
+import os
 import random
 import shutil
+import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -109,6 +111,15 @@ def pick_group_size(model: Any, requested: int | None) -> int:
     raise TuneshipError(f"no group size in {GROUP_SIZES} divides the layer widths {sorted(widths)}")
 
 
+def quiet_llmcompressor() -> None:
+    """llm-compressor logs lines per layer (loguru); keep warnings unless
+    TUNESHIP_LLMCOMPRESSOR_LOG asks for more (e.g. INFO)."""
+    from loguru import logger
+
+    logger.remove()
+    logger.add(sys.stderr, level=os.environ.get("TUNESHIP_LLMCOMPRESSOR_LOG", "WARNING"))
+
+
 def quantize(
     merged_dir: Path, tokenizer: Any, sample: list[Conversation], cfg: ExportConfig, out_dir: Path
 ) -> dict[str, Any]:
@@ -118,6 +129,8 @@ def quantize(
     from llmcompressor import oneshot
     from llmcompressor.modifiers.quantization import GPTQModifier
     from transformers import AutoModelForCausalLM
+
+    quiet_llmcompressor()
 
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16)
     group_size = pick_group_size(model, cfg.group_size)

@@ -92,7 +92,7 @@ def main() -> None:
     stage("data check", [TUNESHIP, "data", "check", "data/demo/train.jsonl", "--max-length", "256"])
     stage("train", [TUNESHIP, "train", "--config", "train/configs/demo.yaml"], RUN / "run.json")
     export = [TUNESHIP, "export", "runs/demo", "--out", "bundles/demo"]
-    export += ["--set", "eval_data=data/demo/heldout.jsonl", "--set", "check_samples=200"]
+    export += ["--config", "export/configs/demo.yaml"]
     stage("export", export, BUNDLE / "bundle.json")
 
     heldout = [json.loads(x) for x in (REPO / "data/demo/heldout.jsonl").read_text().splitlines()]

@@ -20,6 +20,13 @@ def test_every_shipped_config_validates(path):
         assert (REPO / data).is_file(), f"{path} names missing data {data}"
 
 
+@pytest.mark.parametrize("path", sorted((REPO / "export" / "configs").glob("*.yaml")))
+def test_every_shipped_export_config_validates(path):
+    cfg = load_config(ExportConfig, path)
+    if cfg.eval_data:
+        assert (REPO / cfg.eval_data).is_file()
+
+
 def test_unknown_keys_are_named_with_a_suggestion_and_all_problems_reported(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("name: x\ndata: [a.jsonl]\nepoch: 3\nlora:\n  rnak: 8\nlearning_rate: -1\n")
