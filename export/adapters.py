@@ -20,7 +20,7 @@ from tuneship.fsutil import check_output_free, hash_tree, sha256_file, staged_di
 from tuneship.manifest import BUNDLE_FILE, RUN_FILE, header, read_run, versions, write_manifest
 
 from . import checks
-from .run import LIBRARIES, check_run, check_stop_tokens
+from .run import LIBRARIES, check_run, check_stop_tokens, serving_max_len
 
 EMBEDDING_MODULES = {"lm_head", "embed_tokens", "wte", "wpe", "embed_in", "embed_out"}
 BASE_FILES = ("config.json", "generation_config.json")
@@ -143,7 +143,7 @@ def run(run_dirs: list[Path], out_dir: Path, cfg: ExportConfig, force: bool = Fa
             "checks": results,
             "versions": versions(*LIBRARIES),
             "serving": {
-                "max_model_len": min(int(config.get("max_position_embeddings", 2048)), 4096),
+                "max_model_len": serving_max_len(model_dir),
                 "architecture": (config.get("architectures") or ["?"])[0],
                 "max_lora_rank": max(ranks.values()),
                 "startup_s": results.get("preflight", {}).get("load_s"),
@@ -177,9 +177,8 @@ def preflight_adapters(
         for name in names
         for item in prompts
     ]
-    config = json.loads((model_dir / "config.json").read_text())
     spec = {
-        "max_model_len": min(4096, int(config.get("max_position_embeddings", 2048))),
+        "max_model_len": serving_max_len(model_dir),
         "max_tokens": cfg.check_max_tokens,
         "tokenize": [],
         "chats": chats,

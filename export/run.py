@@ -181,6 +181,12 @@ def quantize(
     }
 
 
+def serving_max_len(model_dir: Path, cap: int = 4096) -> int:
+    """Context length served by default: the model's, capped to keep the KV cache small."""
+    config = json.loads((model_dir / "config.json").read_text())
+    return min(int(config.get("max_position_embeddings", 2048)), cap)
+
+
 def check_stop_tokens(model_dir: Path) -> dict[str, Any]:
     """tokenizer eos, generation_config eos and the template's end-of-turn token must agree."""
     from transformers import AutoTokenizer
@@ -244,14 +250,7 @@ def run_checks(
     else:
         chats = [{"id": i.id, "messages": list(i.messages)} for i in items]
         spec = {
-            "max_model_len": min(
-                4096,
-                int(
-                    json.loads((model_dir / "config.json").read_text()).get(
-                        "max_position_embeddings", 2048
-                    )
-                ),
-            ),
+            "max_model_len": serving_max_len(model_dir),
             "max_tokens": cfg.check_max_tokens,
             "tokenize": [list(i.messages) for i in items],
             "chats": chats,
@@ -347,7 +346,7 @@ def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) ->
             "checks": results,
             "versions": versions(*LIBRARIES),
             "serving": {
-                "max_model_len": min(int(config.get("max_position_embeddings", 2048)), 4096),
+                "max_model_len": serving_max_len(stage / "model"),
                 "architecture": (config.get("architectures") or ["?"])[0],
                 "startup_s": results.get("preflight", {}).get("load_s"),
                 "peak_rss_bytes": results.get("preflight", {}).get("peak_rss_bytes"),
