@@ -151,10 +151,14 @@ def fact_recall(items: list[EvalItem], chats: list[dict]) -> float | None:
     return sum(contains_fact(c["text"] or "", i.fact) for i, c in scored) / len(scored)
 
 
-def perplexity(model_dir: Path, chat_tokenizer: Any, items: list[EvalItem]) -> float:
-    """exp(mean loss) over the reference replies' tokens (assistant tokens only)."""
+def perplexity(model_dir: Path, chat_tokenizer: Any, items: list[EvalItem]) -> float | None:
+    """exp(mean loss) over the reference replies' tokens (assistant tokens only); None when the
+    held-out data has no reference replies."""
     import torch
     from transformers import AutoModelForCausalLM
+
+    if not any(item.answer for item in items):
+        return None
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
     total, count = 0.0, 0
@@ -182,21 +186,23 @@ def perplexity(model_dir: Path, chat_tokenizer: Any, items: list[EvalItem]) -> f
 
 def quality_gate(
     cfg: ExportConfig,
-    ppl_merged: float,
-    ppl_quantized: float,
+    ppl_merged: float | None,
+    ppl_quantized: float | None,
     recall_merged: float | None,
     recall_quantized: float | None,
     data: str,
 ) -> dict:
-    ratio = ppl_quantized / ppl_merged
+    ratio = None if ppl_merged is None or ppl_quantized is None else ppl_quantized / ppl_merged
     drop = None if recall_merged is None else 100 * (recall_merged - (recall_quantized or 0.0))
-    passed = ratio <= cfg.max_perplexity_ratio and (drop is None or drop <= cfg.max_recall_drop)
+    passed = (ratio is None or ratio <= cfg.max_perplexity_ratio) and (
+        drop is None or drop <= cfg.max_recall_drop
+    )
     return {
         "passed": passed,
         "data": data,
-        "perplexity_merged": round(ppl_merged, 4),
-        "perplexity_quantized": round(ppl_quantized, 4),
-        "perplexity_ratio": round(ratio, 4),
+        "perplexity_merged": None if ppl_merged is None else round(ppl_merged, 4),
+        "perplexity_quantized": None if ppl_quantized is None else round(ppl_quantized, 4),
+        "perplexity_ratio": None if ratio is None else round(ratio, 4),
         "max_perplexity_ratio": cfg.max_perplexity_ratio,
         "recall_merged": None if recall_merged is None else round(recall_merged, 4),
         "recall_quantized": None if recall_quantized is None else round(recall_quantized, 4),

@@ -68,6 +68,12 @@ def test_quality_gate(ppl_q, recall_q, passed):
     assert gate["perplexity_ratio"] == pytest.approx(ppl_q)
 
 
+def test_quality_gate_without_reference_answers_judges_recall_only():
+    gate = checks.quality_gate(ExportConfig(), None, None, 0.9, 0.8, "questions and facts")
+    assert not gate["passed"] and gate["perplexity_ratio"] is None
+    assert checks.quality_gate(ExportConfig(), None, None, 0.9, 0.88, "q")["passed"]
+
+
 def test_quality_gate_without_facts_judges_perplexity_only():
     gate = checks.quality_gate(ExportConfig(), 2.0, 2.1, None, None, "training sample")
     assert gate["passed"] and gate["recall_drop_points"] is None
