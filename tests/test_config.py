@@ -16,7 +16,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_every_shipped_config_validates(path):
     cfg = load_config(TrainConfig, path)
     assert cfg.name and cfg.data
-    for data in cfg.data:
+    for data in cfg.data_paths:
         assert (REPO / data).is_file(), f"{path} names missing data {data}"
 
 

@@ -108,14 +108,30 @@ def data_check(
 )
 @click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--force", is_flag=True, help="Replace an existing run folder of the same name.")
-def train(config_path: Path, overrides: tuple[str, ...], force: bool) -> None:
-    """Fine-tune with LoRA (or QLoRA) and write runs/NAME/{adapter/,run.json}."""
+@click.option(
+    "--restart",
+    is_flag=True,
+    help="Discard the checkpoints of an interrupted run of this name instead of resuming.",
+)
+@click.option(
+    "--dry-run",
+    is_flag=True,
+    help="Print the resolved config and the data report, then exit without loading weights.",
+)
+def train(
+    config_path: Path, overrides: tuple[str, ...], force: bool, restart: bool, dry_run: bool
+) -> None:
+    """Fine-tune with LoRA (or QLoRA) and write runs/NAME/{adapter/,run.json}.
+
+    An interrupted run resumes from its newest checkpoint when started again. Runs as one
+    process, or under `torchrun --nproc-per-node N` / `accelerate launch` (DDP or FSDP).
+    """
     from tuneship.config import TrainConfig, load_config, parse_overrides
 
     cfg = load_config(TrainConfig, config_path, parse_overrides(overrides))
     from tuneship.train.run import run
 
-    run(cfg, force=force)
+    run(cfg, force=force, restart=restart, dry_run=dry_run)
 
 
 @main.command()

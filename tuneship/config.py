@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any, Literal, TypeVar
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from tuneship.errors import ConfigError
 
@@ -33,6 +33,28 @@ class LoraSettings(StrictModel):
     )
 
 
+class DataSource(StrictModel):
+    path: str = Field(description="A chat data file (.json or .jsonl).")
+    weight: float | None = Field(
+        None,
+        gt=0,
+        description="Share of the training mix (relative to the other sources' weights); "
+        "sources are resampled, seeded, to these shares. Unset everywhere: concatenate as is.",
+    )
+
+
+class Distributed(StrictModel):
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="Under torchrun / accelerate launch: ddp replicates the model on every "
+        "process (LoRA, QLoRA); fsdp shards it (models that do not fit one GPU).",
+    )
+    backend: Literal["auto", "nccl", "gloo"] = Field(
+        "auto", description="Process-group backend: auto = nccl on CUDA, gloo on CPU."
+    )
+    fsdp_cpu_offload: bool = Field(False, description="FSDP: keep sharded parameters on CPU.")
+
+
 class TrainConfig(StrictModel):
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
@@ -43,7 +65,25 @@ class TrainConfig(StrictModel):
         description="Base model: 'default' (the embedded SmolLM2-135M-Instruct, see "
         "`tuneship base fetch`), a local Hugging Face checkpoint folder, or a hub id.",
     )
-    data: list[str] = Field(min_length=1, description="Training files (.json or .jsonl).")
+    data: list[DataSource] = Field(
+        min_length=1,
+        description="Training files: paths, or {path, weight} to mix sources in fixed shares "
+        "(e.g. domain 7 : general 3).",
+    )
+    dedup: bool = Field(True, description="Drop exact duplicate conversations (all turns equal).")
+    eval_data: str | None = Field(
+        None, description="Held-out chat file for the eval loss (instead of eval_fraction)."
+    )
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=0.5, description="Hold out this seeded share of the training data for eval."
+    )
+    eval_steps: int = Field(50, ge=1, description="Compute the eval loss every N steps.")
+    early_stopping_patience: int | None = Field(
+        None,
+        ge=1,
+        description="Stop after N evaluations without a lower eval loss; the adapter with the "
+        "best eval loss is the one written.",
+    )
     output_dir: str = Field("runs", description="Folder that receives the run folder.")
     skip_invalid: bool = Field(
         False, description="Skip invalid records (and say how many) instead of refusing the data."
@@ -73,6 +113,60 @@ class TrainConfig(StrictModel):
     )
     seed: int = Field(42, description="Seed for data order, adapter init and dropout.")
     logging_steps: int = Field(5, ge=1, description="Record the loss every N steps.")
+    batching: Literal["group_by_length", "packed"] = Field(
+        "group_by_length",
+        description="group_by_length: batches of similar lengths, padded to the longest; "
+        "packed: conversations concatenated without padding, attention kept within each "
+        "conversation (position ids restart per conversation).",
+    )
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute activations in the backward pass: less memory, ~30% slower."
+    )
+    checkpoint_steps: int | None = Field(
+        100,
+        ge=1,
+        description="Write a resumable checkpoint every N steps (null: none). A restarted run "
+        "resumes from the newest complete one.",
+    )
+    keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
+    distributed: Distributed = Field(default_factory=Distributed)
+    log_format: Literal["progress", "json"] = Field(
+        "progress",
+        description="progress: a progress bar with loss, tokens/s and ETA; json: one JSON "
+        "object per line on stdout (for log collectors).",
+    )
+    metrics_port: int | None = Field(
+        None,
+        ge=1,
+        le=65535,
+        description="Serve Prometheus metrics of the run on this port (rank 0); off when null.",
+    )
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _paths_as_sources(cls, value: Any) -> Any:
+        if isinstance(value, list):
+            return [{"path": item} if isinstance(item, str) else item for item in value]
+        return value
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        weighted = [s.weight is not None for s in self.data]
+        if any(weighted) and not all(weighted):
+            raise ValueError("data: give every source a weight, or none of them")
+        if self.eval_data and self.eval_fraction:
+            raise ValueError("set eval_data or eval_fraction, not both")
+        if self.early_stopping_patience and not (self.eval_data or self.eval_fraction):
+            raise ValueError("early_stopping_patience needs eval_data or eval_fraction")
+        return self
+
+    @property
+    def data_paths(self) -> list[str]:
+        return [source.path for source in self.data]
+
+    @property
+    def has_eval(self) -> bool:
+        return bool(self.eval_data or self.eval_fraction)
 
 
 class ExportConfig(StrictModel):
@@ -193,8 +287,14 @@ def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     for part in loc[:-1]:
+        if isinstance(part, int):
+            continue
         field = model.model_fields.get(str(part))
         ann = getattr(field, "annotation", None)
+        ann = next(
+            (a for a in getattr(ann, "__args__", ()) if isinstance(a, type)),
+            ann,
+        )
         if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
             return []
         model = ann
@@ -210,6 +310,8 @@ def describe_errors(model: type[BaseModel], exc: ValidationError, source: str) -
             close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             problems.append(f"{source}: unknown key '{key}'{hint} (known: {', '.join(known)})")
+        elif err["type"] == "value_error" and not err["loc"]:
+            problems.append(f"{source}: {err['msg'].removeprefix('Value error, ')}")
         elif err["type"] == "missing":
             problems.append(f"{source}: missing required key '{key}'")
         else:

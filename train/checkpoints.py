@@ -1,0 +1,149 @@
+"""Preemption-safe checkpoints and resume.
+
+A run works in OUTPUT_DIR/NAME.work/ until it finishes:
+  plan.json            what the run trains (config + data hashes): a restart must match it
+  .incoming/           the Trainer writes a checkpoint here first
+  checkpoints/checkpoint-N/   complete checkpoints only: fsynced, then renamed into place
+A killed run leaves at worst a partial folder in .incoming/, which the next start deletes.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+from tuneship.errors import TuneshipError
+from tuneship.fsutil import fsync_tree, write_json_atomic
+
+PLAN = "plan.json"
+INCOMING = ".incoming"
+COMPLETE = "checkpoints"
+_CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
+# Keys that change how a run is watched, not what it computes: a resume may change them.
+RUNTIME_KEYS = {"log_format", "metrics_port", "output_dir", "keep_checkpoints"}
+
+
+def work_dir(out_dir: Path) -> Path:
+    return out_dir.with_name(f"{out_dir.name}.work")
+
+
+def complete_checkpoints(work: Path) -> list[Path]:
+    folder = work / COMPLETE
+    found = [
+        p
+        for p in (folder.iterdir() if folder.is_dir() else [])
+        if _CHECKPOINT.match(p.name) and (p / "trainer_state.json").is_file()
+    ]
+    return sorted(found, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(_CHECKPOINT.match(path.name).group(1))
+
+
+def plan_for(cfg_dump: dict[str, Any], data_sha256: dict[str, str]) -> dict[str, Any]:
+    config = {k: v for k, v in cfg_dump.items() if k not in RUNTIME_KEYS}
+    return {"config": config, "data_sha256": data_sha256}
+
+
+def _differences(old: dict[str, Any], new: dict[str, Any], prefix: str = "") -> list[str]:
+    keys = sorted(set(old) | set(new))
+    out = []
+    for key in keys:
+        a, b = old.get(key), new.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append(f"{prefix}{key}: {a!r} -> {b!r}")
+    return out
+
+
+def resume_point(work: Path, plan: dict[str, Any], restart: bool, is_main: bool) -> Path | None:
+    """The newest complete checkpoint of the same plan, or None to start from step 0.
+
+    Only the main process changes the folder; the others just read it (after a barrier).
+    """
+    import json
+
+    if is_main:
+        if restart and work.exists():
+            shutil.rmtree(work)
+        shutil.rmtree(work / INCOMING, ignore_errors=True)
+    saved = work / PLAN
+    if saved.is_file():
+        previous = json.loads(saved.read_text(encoding="utf-8"))
+        if previous != plan:
+            changed = _differences(previous, plan)
+            raise TuneshipError(
+                f"{work} holds checkpoints of a run with different settings or data "
+                f"({'; '.join(changed[:5])}); pass --restart to discard them and start over, "
+                "or choose another name"
+            )
+    elif is_main:
+        write_json_atomic(saved, plan)
+    found = complete_checkpoints(work)
+    return found[-1] if found else None
+
+
+def preflight(work: Path, need_bytes: int) -> None:
+    """Fail before training, not at the first checkpoint, when the output cannot be written."""
+    try:
+        work.mkdir(parents=True, exist_ok=True)
+        probe = work / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"\0" * 4096)
+        probe.unlink()
+    except OSError as exc:
+        raise TuneshipError(
+            f"cannot write to the output folder {work.parent}: {exc.strerror or exc}; "
+            "check output_dir, its permissions (the container runs as a non-root user) "
+            "and the volume mount"
+        ) from None
+    free = shutil.disk_usage(work).free
+    if free < need_bytes:
+        raise TuneshipError(
+            f"only {free / 2**20:.0f} MiB free under {work.parent}; this run needs about "
+            f"{need_bytes / 2**20:.0f} MiB for its checkpoints and adapter; free space, "
+            "lower keep_checkpoints, or point output_dir elsewhere"
+        )
+
+
+def publish(incoming: Path, work: Path, keep: int) -> Path:
+    """Make a fully written checkpoint visible in one rename, then prune old ones."""
+    fsync_tree(incoming)
+    target = work / COMPLETE / incoming.name
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.exists():
+        shutil.rmtree(target)
+    os.replace(incoming, target)
+    dir_fd = os.open(target.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+    for old in complete_checkpoints(work)[:-keep]:
+        shutil.rmtree(old, ignore_errors=True)
+    return target
+
+
+def checkpointing_trainer(trainer_cls: type) -> type:
+    """A Trainer whose checkpoints are published atomically (see the module docstring)."""
+
+    class CheckpointingTrainer(trainer_cls):
+        work: Path
+        keep: int
+        extra_state: Any = None  # an object with save(folder) for state the Trainer lacks
+
+        def _save_checkpoint(self, model: Any, trial: Any) -> None:
+            super()._save_checkpoint(model, trial)
+            written = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+            self.accelerator.wait_for_everyone()
+            if self.is_world_process_zero():
+                if self.extra_state is not None:
+                    self.extra_state.save(written)
+                publish(written, self.work, self.keep)
+            self.accelerator.wait_for_everyone()
+
+    return CheckpointingTrainer
