@@ -202,10 +202,11 @@ def training_arguments(cfg: TrainConfig, precision: str, incoming: Path, world: 
     fsdp: dict[str, Any] = {}
     if world > 1 and cfg.distributed.strategy == "fsdp":
         fsdp = {
-            "fsdp": "full_shard auto_wrap"
-            + (" offload" if cfg.distributed.fsdp_cpu_offload else ""),
+            "fsdp": True,
             "fsdp_config": {
                 "version": 2,
+                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                "cpu_offload": cfg.distributed.fsdp_cpu_offload,
                 "transformer_layer_cls_to_wrap": list(model.base_model.model._no_split_modules),
                 "cpu_ram_efficient_loading": False,
                 "activation_checkpointing": cfg.gradient_checkpointing,
