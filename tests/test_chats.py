@@ -89,8 +89,8 @@ def test_json_array_problems_name_the_index(tmp_path):
     path.write_text(json.dumps([sharegpt(("human", "q"), ("gpt", "a")), {"x": 1}]))
     result = load_file(path)
     assert [str(p) for p in result.problems] == [
-        f"{path}:index 1: no 'conversations' (ShareGPT) or 'messages' (OpenAI) list; "
-        "keys present: x"
+        f"{path}:index 1: no 'conversations' (ShareGPT) or 'messages' (OpenAI) list, nor "
+        "'question' and 'answer' strings; keys present: x"
     ]
 
 

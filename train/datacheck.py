@@ -10,6 +10,8 @@ from typing import Any
 from tuneship.chat_tokens import ChatTokenizer
 from tuneship.chats import LoadResult, load_files
 
+from .data import drop_duplicates, leaks
+
 
 def _percentile(values: list[int], q: float) -> int:
     ordered = sorted(values)
@@ -36,8 +38,11 @@ def token_report(result: LoadResult, tokenizer: Any, max_length: int) -> dict[st
     }
 
 
-def check(paths: list[str], tokenizer: Any | None, max_length: int) -> tuple[LoadResult, dict]:
+def check(
+    paths: list[str], tokenizer: Any | None, max_length: int, eval_paths: list[str] | None = None
+) -> tuple[LoadResult, dict]:
     result = load_files(paths)
+    _, duplicates = drop_duplicates(result.conversations)
     report: dict[str, Any] = {
         "files": [str(Path(p)) for p in paths],
         "records": result.records_seen,
@@ -48,7 +53,18 @@ def check(paths: list[str], tokenizer: Any | None, max_length: int) -> tuple[Loa
         "multi_turn": sum(
             1 for c in result.conversations if sum(m["role"] == "assistant" for m in c.messages) > 1
         ),
+        "duplicates": {"count": len(duplicates), "ids": duplicates[:10]},
     }
+    if eval_paths:
+        held_out = load_files(eval_paths)
+        result.problems += held_out.problems
+        found = leaks(result.conversations, held_out.conversations)
+        report["eval"] = {
+            "files": [str(Path(p)) for p in eval_paths],
+            "conversations": len(held_out.conversations),
+            "leaks": len(found),
+            "leak_examples": found[:10],
+        }
     if tokenizer is not None and result.conversations:
         report["tokens"] = token_report(result, tokenizer, max_length)
     return result, report
@@ -63,6 +79,18 @@ def render(result: LoadResult, report: dict[str, Any]) -> str:
         + ", ".join(f"{k} turns: {v}" for k, v in report["turns"].items()),
         f"multi-turn (several assistant replies): {report['multi_turn']}",
     ]
+    dup = report["duplicates"]
+    lines.append(
+        f"exact duplicates (dropped by training with dedup: true): {dup['count']}"
+        + (f" e.g. {', '.join(dup['ids'][:3])}" if dup["count"] else "")
+    )
+    if "eval" in report:
+        ev = report["eval"]
+        lines.append(
+            f"eval data {', '.join(ev['files'])}: {ev['conversations']} conversations, "
+            f"{ev['leaks']} share a user turn with training"
+            + "".join(f"\n  leak: {x['eval']} = {x['train']}" for x in ev["leak_examples"])
+        )
     tokens = report.get("tokens")
     if tokens:
         lines += [

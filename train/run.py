@@ -337,7 +337,7 @@ def run(
         reporter.event("invalid_record", f"skipping invalid record: {problem}", record=str(problem))
     examples, stats = tokenize(cfg, data.train, tokenizer)
     eval_examples, eval_stats = tokenize(cfg, data.eval, tokenizer)
-    stats |= {"eval": eval_stats} | data.report
+    stats |= data.report | {"eval": data.report["eval"] | eval_stats}
     if not examples:
         raise TuneshipError("no trainable conversations left after validation and length limits")
     if data.report["eval"]["leaks"]:

@@ -1,4 +1,4 @@
-"""Chat datasets: ShareGPT and OpenAI-messages records in .json (array) or .jsonl files.
+"""Chat datasets: ShareGPT, OpenAI-messages and question/answer records in .json or .jsonl files.
 
 Every record is normalised to OpenAI-style messages (role system/user/assistant, content str).
 Every invalid record yields one RecordProblem naming the file, the line (or array index) and why.
@@ -64,9 +64,16 @@ def _turns(record: dict[str, Any]) -> tuple[str, list[Any], str, str, dict[str, 
         return "sharegpt", record["conversations"], "from", "value", SHAREGPT_ROLES
     if "messages" in record:
         return "openai", record["messages"], "role", "content", OPENAI_ROLES
+    if "question" in record and "answer" in record:
+        turns = [
+            {"role": "user", "content": record["question"]},
+            {"role": "assistant", "content": record["answer"]},
+        ]
+        return "qa", turns, "role", "content", OPENAI_ROLES
     keys = ", ".join(sorted(map(str, record))) or "none"
     raise InvalidRecord(
-        f"no 'conversations' (ShareGPT) or 'messages' (OpenAI) list; keys present: {keys}"
+        "no 'conversations' (ShareGPT) or 'messages' (OpenAI) list, nor 'question' and "
+        f"'answer' strings; keys present: {keys}"
     )
 
 
@@ -75,7 +82,7 @@ def parse_record(record: Any) -> tuple[str, tuple[dict[str, str], ...]]:
     if not isinstance(record, dict):
         raise InvalidRecord(f"record is a JSON {type(record).__name__}, expected an object")
     fmt, turns, role_key, content_key, roles = _turns(record)
-    list_key = "conversations" if fmt == "sharegpt" else "messages"
+    list_key = {"sharegpt": "conversations", "openai": "messages", "qa": "question/answer"}[fmt]
     if not isinstance(turns, list):
         raise InvalidRecord(f"'{list_key}' is a {type(turns).__name__}, expected a list")
     if not turns:

@@ -69,10 +69,21 @@ def data() -> None:
     help="Base model whose chat template and tokenizer measure token lengths.",
 )
 @click.option("--max-length", default=1024, show_default=True, help="Training max_length.")
+@click.option(
+    "--eval",
+    "eval_files",
+    multiple=True,
+    help="Held-out chat file: report user turns it shares with the training files (leakage).",
+)
 @click.option("--no-tokens", is_flag=True, help="Validate only; skip token statistics.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
 def data_check(
-    files: tuple[str, ...], base_ref: str, max_length: int, no_tokens: bool, as_json: bool
+    files: tuple[str, ...],
+    base_ref: str,
+    max_length: int,
+    eval_files: tuple[str, ...],
+    no_tokens: bool,
+    as_json: bool,
 ) -> None:
     """Validate chat data files (.json/.jsonl, ShareGPT or OpenAI messages) and report."""
     import json
@@ -88,7 +99,7 @@ def data_check(
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_base(base_ref))
         align_eos(tokenizer)
-    result, report = check(list(files), tokenizer, max_length)
+    result, report = check(list(files), tokenizer, max_length, list(eval_files))
     if as_json:
         report["problems"] = [str(p) for p in result.problems]
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
