@@ -5,7 +5,7 @@ TRAIN := .venv/train
 SERVE := .venv/serve
 PIP_FLAGS := --quiet --disable-pip-version-check --no-deps
 
-.PHONY: demo test lint format unit e2e envs lock clean
+.PHONY: demo test lint format unit e2e envs lock clean bench-train
 
 # The two installs wait mostly on the network and the disk: build them side by side.
 envs:
@@ -44,6 +44,11 @@ test: envs lint
 
 demo: envs
 	$(TRAIN)/bin/python scripts/demo.py
+
+# Training throughput against the article's recipe (needs `tuneship base fetch`; ~4 min on 2 cores)
+bench-train: envs
+	$(TRAIN)/bin/tuneship base fetch
+	$(TRAIN)/bin/python bench/train.py
 
 # Re-resolve the pins from requirements/*.in (needs the package index); review the diff.
 lock:

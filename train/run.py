@@ -159,6 +159,8 @@ def load_model(cfg: TrainConfig, base: str, dtype: Any, world: int) -> Any:
     if world > 1 and not fsdp and torch.cuda.is_available():
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
+    # no KV cache in training: it also disables transformers' packed-sequence masking
+    model.config.use_cache = False
     present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
     missing = [m for m in cfg.lora.target_modules if m not in present]
     if missing:
