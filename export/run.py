@@ -22,7 +22,7 @@ from typing import Any
 
 from tuneship.bundles import show, verify
 from tuneship.chat_tokens import ChatTokenizer
-from tuneship.chats import Conversation, load_files
+from tuneship.chats import Conversation
 from tuneship.config import ExportConfig
 from tuneship.errors import TuneshipError
 from tuneship.fsutil import check_output_free, hash_tree, sha256_file, staged_dir, tree_size
@@ -57,9 +57,12 @@ def check_run(run_dir: Path, manifest: RunManifest) -> None:
     for dataset in manifest.datasets:
         path = Path(dataset["path"])
         if not path.is_file():
-            problems.append(f"training data {path}: missing (needed for GPTQ calibration)")
+            problems.append(
+                f"{dataset.get('role', 'train')} data {path}: missing (the export samples "
+                "the training conversations for GPTQ calibration and checks)"
+            )
         elif sha256_file(path) != dataset["sha256"]:
-            problems.append(f"training data {path}: changed since training")
+            problems.append(f"{dataset.get('role', 'train')} data {path}: changed since training")
     if problems:
         raise TuneshipError(
             f"run {run_dir} does not match its {RUN_FILE}:\n"
@@ -83,10 +86,12 @@ def merge(base: str, adapter_dir: Path, out_dir: Path) -> Any:
 
 
 def training_conversations(manifest: RunManifest) -> list[Conversation]:
-    """The valid conversations the run trained on (its data files, its limit)."""
-    conversations = load_files([d["path"] for d in manifest.datasets]).conversations
-    limit = manifest.config.get("limit")
-    return conversations[:limit] if limit else conversations
+    """The conversations the run trained on: its data prepared again from its own config
+    (limit, de-duplication, eval split and mixing are deterministic)."""
+    from tuneship.config import TrainConfig
+    from tuneship.train.data import prepare
+
+    return prepare(TrainConfig.model_validate(manifest.config)).train
 
 
 def pick_group_size(model: Any, requested: int | None) -> int:

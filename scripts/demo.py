@@ -89,7 +89,8 @@ def served_answers(base_url: str, questions: list[str]) -> list[tuple[str, str]]
 def main() -> None:
     started = time.monotonic()
     stage("base fetch", [TUNESHIP, "base", "fetch"])
-    stage("data check", [TUNESHIP, "data", "check", "data/demo/train.jsonl", "--max-length", "256"])
+    check = [TUNESHIP, "data", "check", "data/demo/train.jsonl", "data/demo/general_replay.jsonl"]
+    stage("data check", [*check, "--eval", "data/demo/heldout.jsonl", "--max-length", "256"])
     stage("train", [TUNESHIP, "train", "--config", "train/configs/demo.yaml"], RUN / "run.json")
     export = [TUNESHIP, "export", "runs/demo", "--out", "bundles/demo"]
     export += ["--config", "export/configs/demo.yaml"]

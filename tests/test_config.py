@@ -16,8 +16,22 @@ REPO = Path(__file__).resolve().parents[1]
 def test_every_shipped_config_validates(path):
     cfg = load_config(TrainConfig, path)
     assert cfg.name and cfg.data
-    for data in cfg.data_paths:
-        assert (REPO / data).is_file(), f"{path} names missing data {data}"
+    for data in cfg.data_paths + ([cfg.eval_data] if cfg.eval_data else []):
+        # GPU configs name the container's data volume; the demo names files in the repo
+        assert data.startswith("/data/") or (REPO / data).is_file(), f"{path}: {data}"
+    if cfg.base != "default":  # hub ids of the GPU configs: real models, not typos
+        assert cfg.base.startswith("meta-llama/Meta-Llama-3-") and cfg.precision == "bf16"
+        assert cfg.checkpoint_steps and cfg.log_format == "json" and cfg.metrics_port
+
+
+def test_shipped_gpu_configs_say_what_they_claim():
+    configs = {p.stem: load_config(TrainConfig, p) for p in (REPO / "train/configs").glob("*.yaml")}
+    one_gpu = configs["llama3-8b-qlora-1gpu"]
+    assert one_gpu.qlora and "8B" in one_gpu.base and one_gpu.data[0].weight == 7
+    ddp = configs["llama3-8b-lora-8gpu-ddp"]
+    assert not ddp.qlora and ddp.distributed.strategy == "ddp"
+    fsdp = configs["llama3-70b-qlora-fsdp"]
+    assert fsdp.qlora and "70B" in fsdp.base and fsdp.distributed.strategy == "fsdp"
 
 
 @pytest.mark.parametrize("path", sorted((REPO / "export" / "configs").glob("*.yaml")))

@@ -37,6 +37,7 @@ def bundle(tmp_path_factory) -> Path:
     tuneship(
         "train", "--config", str(REPO / "train" / "configs" / "demo.yaml"),
         "--set", f"data=[{REPO / 'data' / 'demo' / 'train.jsonl'}]",
+        "--set", f"eval_data={REPO / 'data' / 'demo' / 'heldout.jsonl'}", "--set", "eval_steps=2",
         "--set", "limit=48", "--set", "max_steps=4", "--set", "warmup_steps=0",
         "--set", "name=e2e", cwd=work,
     )  # fmt: skip
@@ -51,6 +52,14 @@ def bundle(tmp_path_factory) -> Path:
         "--set", "max_recall_drop=100", cwd=work,
     )  # fmt: skip
     return work / "bundles" / "e2e"
+
+
+def test_real_model_run_records_eval_loss_and_curves(bundle):
+    run_dir = bundle.parent.parent / "runs" / "e2e"
+    metrics = json.loads((run_dir / "run.json").read_text())["metrics"]
+    assert [step for step, _ in metrics["eval_loss"]] == [2, 4]
+    assert all(0 < loss < 10 for _, loss in metrics["eval_loss"])
+    assert (run_dir / "loss.png").is_file() and (run_dir / "metrics.csv").is_file()
 
 
 @pytest.fixture(scope="module")
@@ -180,6 +189,7 @@ def test_adapters_only_bundle_serves_each_adapter_through_vllm_multi_lora(bundle
     tuneship(
         "train", "--config", str(REPO / "train" / "configs" / "demo.yaml"),
         "--set", f"data=[{REPO / 'data' / 'demo' / 'train.jsonl'}]", "--set", "limit=16",
+        "--set", "eval_data=null",
         "--set", "max_steps=2", "--set", "name=e2e-attn",
         "--set", "lora.target_modules=[q_proj, v_proj]", "--set", "lora.r=8", cwd=work,
     )  # fmt: skip

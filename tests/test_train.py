@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -11,6 +12,8 @@ from tuneship.config import TrainConfig
 from tuneship.errors import DataError, TuneshipError
 from tuneship.manifest import read_run
 from tuneship.train.run import pad_collate, run
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def config(tmp_path, tiny_base, data, **overrides) -> TrainConfig:
@@ -169,3 +172,33 @@ def test_gradient_checkpointing_gives_the_same_training(tmp_path, tiny_base, sma
     )
     a, b = read_run(plain).metrics["loss"], read_run(ckpt).metrics["loss"]
     assert all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a, b, strict=True))
+
+
+def test_dry_run_reports_config_and_data_without_loading_weights(
+    tmp_path, tiny_base, small_dataset
+):
+    import shutil
+    import subprocess
+    import sys
+
+    import yaml
+
+    no_weights = tmp_path / "base-without-weights"
+    shutil.copytree(tiny_base, no_weights)
+    (no_weights / "model.safetensors").unlink()
+    tuneship = str(Path(sys.executable).parent / "tuneship")
+    done = subprocess.run(
+        [
+            tuneship, "train", "--config", str(REPO / "train/configs/demo.yaml"), "--dry-run",
+            "--set", f"base={no_weights}", "--set", f"data=[{small_dataset}]",
+            "--set", "eval_data=null", "--set", "eval_fraction=0.2",
+            "--set", f"output_dir={tmp_path / 'runs'}",
+        ],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    report = yaml.safe_load(done.stdout)
+    assert report["config"]["learning_rate"] == 1e-3 and report["config"]["eval_fraction"] == 0.2
+    assert report["data"]["used"] == 10 and report["data"]["eval"]["used"] == 3
+    assert report["data"]["sources"][0]["path"] == str(small_dataset)
+    assert not (tmp_path / "runs").exists()

@@ -15,7 +15,7 @@ TORCHRUN = str(Path(sys.executable).parent / "torchrun")
 
 
 def torchrun(cfg_path: Path, *extra: str) -> None:
-    argv = [TORCHRUN, "--standalone", "--nproc-per-node", "2", TUNESHIP, "train"]
+    argv = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "tuneship", "train"]
     done = subprocess.run(
         [*argv, "--config", str(cfg_path), *extra], capture_output=True, text=True, timeout=300
     )

@@ -109,6 +109,13 @@ def prepare(cfg: TrainConfig) -> PreparedData:
         per_source = [[c for c in convs if c.id in kept_ids] for convs in per_source]
         report = {"duplicates_dropped": len(dropped), "duplicate_ids": dropped[:10]}
 
+    if cfg.limit:
+        room, limited = cfg.limit, []
+        for convs in per_source:
+            limited.append(convs[:room])
+            room -= len(limited[-1])
+        per_source = limited
+
     held_out: list[Conversation] = []
     if cfg.eval_data:
         held_out = _load([cfg.eval_data], cfg.skip_invalid, "eval data").conversations

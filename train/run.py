@@ -145,7 +145,10 @@ def load_model(cfg: TrainConfig, base: str, dtype: Any, world: int) -> Any:
     set_seed(cfg.seed)  # the LoRA A matrices are drawn from the global RNG
 
     fsdp = world > 1 and cfg.distributed.strategy == "fsdp"
-    kwargs: dict[str, Any] = {"dtype": torch.float32 if dtype == torch.float16 else dtype}
+    kwargs: dict[str, Any] = {
+        "dtype": torch.float32 if dtype == torch.float16 else dtype,
+        "attn_implementation": cfg.attention,
+    }
     if cfg.qlora:
         compute = torch.bfloat16 if dtype != torch.float16 else dtype
         kwargs["quantization_config"] = BitsAndBytesConfig(

@@ -119,6 +119,11 @@ class TrainConfig(StrictModel):
         "packed: conversations concatenated without padding, attention kept within each "
         "conversation (position ids restart per conversation).",
     )
+    attention: Literal["sdpa", "flash_attention_2", "eager"] = Field(
+        "sdpa",
+        description="Attention kernel; flash_attention_2 (needs the flash-attn package, CUDA) "
+        "runs packed batches as variable-length sequences.",
+    )
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, ~30% slower."
     )
