@@ -133,3 +133,30 @@ def test_unwritable_or_full_output_fails_before_training(
     with pytest.raises(TuneshipError, match=r"only 0 MiB free under .*needs about"):
         run(config(tmp_path, tiny_base, small_dataset))
     assert not (tmp_path / "runs" / "t").exists()
+
+
+def test_sigterm_checkpoints_the_current_step_and_exits_143(tmp_path, tiny_base, small_dataset):
+    cfg_path = write_config(
+        tmp_path, tiny_base, small_dataset, max_steps=400, checkpoint_steps=1000,
+        log_format="json",
+    )  # fmt: skip
+    argv = [TUNESHIP, "train", "--config", str(cfg_path)]
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:  # wait until training is under way
+        if '"train_log"' in line and json.loads(line)["step"] >= 7:
+            break
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 143, stderr[-2000:]
+    preempted = [e for e in events(stdout) if e["event"] == "preempted"]
+    assert len(preempted) == 1 and "run the same command to resume" in stderr
+    saved = ckpt.complete_checkpoints(tmp_path / "runs" / "t.work")
+    assert [ckpt.checkpoint_step(p) for p in saved] == [preempted[0]["step"]]
+    assert not (tmp_path / "runs" / "t").exists()
+
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert again.returncode == 0, again.stderr
+    assert [e["step"] for e in events(again.stdout) if e["event"] == "resume"] == [
+        preempted[0]["step"]
+    ]
+    assert read_run(tmp_path / "runs" / "t").metrics["steps"] == 400

@@ -147,3 +147,30 @@ def checkpointing_trainer(trainer_cls: type) -> type:
             self.accelerator.wait_for_everyone()
 
     return CheckpointingTrainer
+
+
+def sigterm_callback() -> Any:
+    """SIGTERM (Kubernetes eviction, spot reclaim, `docker stop`): finish the current step, write
+    a checkpoint, stop. torchrun forwards the signal to every rank, so all save together."""
+    import signal
+
+    from transformers import TrainerCallback
+
+    class SaveOnSigterm(TrainerCallback):
+        received = False
+
+        def _handle(self, signum: int, frame: Any) -> None:
+            self.received = True
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            self.previous = signal.signal(signal.SIGTERM, self._handle)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.received:
+                control.should_save = True
+                control.should_training_stop = True
+
+        def on_train_end(self, args, state, control, **kwargs):
+            signal.signal(signal.SIGTERM, self.previous)
+
+    return SaveOnSigterm()

@@ -20,7 +20,7 @@ import yaml
 from tuneship.chat_tokens import IGNORE, ChatTokenizer, Example
 from tuneship.chats import Conversation
 from tuneship.config import TrainConfig
-from tuneship.errors import TuneshipError
+from tuneship.errors import Preempted, TuneshipError
 from tuneship.fsutil import check_output_free, hash_tree, sha256_file, sha256_text, staged_dir
 from tuneship.manifest import RUN_FILE, header, versions, write_manifest
 from tuneship.template import align_eos
@@ -279,6 +279,7 @@ def train(
     flash = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
     collate = packed_collate(flash) if cfg.batching == "packed" else pad_collate(pad_id)
     best = best_adapter_callback(model, cfg.early_stopping_patience) if cfg.has_eval else None
+    sigterm = ckpt.sigterm_callback()
     trainer = ckpt.checkpointing_trainer(Trainer)(
         model=model,
         args=args,
@@ -289,6 +290,7 @@ def train(
         callbacks=[
             observer_callback(reporter, work / METRICS_JSONL, gauges, is_main),
             *([best] if best else []),
+            sigterm,
         ],
     )
     trainer.remove_callback(PrinterCallback)  # RunObserver reports instead
@@ -300,6 +302,17 @@ def train(
     finally:
         if server is not None:
             server.shutdown()
+    if sigterm.received:
+        step = trainer.state.global_step
+        reporter.event(
+            "preempted",
+            f"SIGTERM: checkpoint written at step {step}; run the same command to resume",
+            step=step,
+        )
+        raise Preempted(
+            f"stopped by SIGTERM at step {step} (checkpoint in {work}); "
+            "run the same command to resume"
+        )
     restored = best.restore_best() if best is not None else False
     rows = read_rows(work / METRICS_JSONL)
     losses = [[r["step"], r["loss"]] for r in rows if "loss" in r]

@@ -25,3 +25,9 @@ class ConfigError(ProblemsError):
 
 class DataError(ProblemsError):
     exit_code = 3
+
+
+class Preempted(TuneshipError):
+    """Stopped by SIGTERM after saving a checkpoint: run the same command again to resume."""
+
+    exit_code = 143  # 128 + SIGTERM, what an orchestrator expects from a terminated process
