@@ -1,15 +1,24 @@
 """`tuneship serve BUNDLE`: vLLM's own OpenAI-compatible server on a verified bundle.
 
 Reads BUNDLE/bundle.json, re-hashes BUNDLE/model/ against it (a corrupted or edited bundle is
-refused, naming the file), then replaces this process with vLLM's API server, so signals from
-Docker or Kubernetes reach vLLM directly. The served model name comes from the bundle.
+refused, naming the file), then runs vLLM's API server with tuneship's middleware (keys, metrics,
+readiness, request logs; see middleware.py) as a child and supervises it: SIGINT is passed on,
+SIGTERM drains (readiness goes 503, new requests get 503, in-flight ones finish up to the drain
+timeout) and then stops vLLM and exits 0; if vLLM dies, this exits with its code. The served
+model name comes from the bundle.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import shlex
+import signal
+import subprocess
 import sys
+import time
+import urllib.request
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
@@ -17,7 +26,38 @@ from tuneship.bundles import lora_arguments, verify
 from tuneship.errors import TuneshipError
 
 API_SERVER = "vllm.entrypoints.openai.api_server"
+MIDDLEWARE = "tuneship.serve.middleware.TuneshipMiddleware"
 DEFAULT_CPU_KV_CACHE_GIB = 2
+
+
+@dataclass(frozen=True)
+class ServeSettings:
+    """Operator settings (CLI options, or TUNESHIP_* environment variables in containers)."""
+
+    api_keys_file: str | None = None
+    metrics_auth: bool = False
+    log_prompts: bool = False
+    max_running: int | None = None  # vLLM --max-num-seqs (its default when None)
+    max_waiting: int | None = None  # bounded queue: 503 + Retry-After beyond this many waiting
+    drain_timeout_s: float = 30.0
+
+    def vllm_args(self) -> list[str]:
+        args = []
+        if self.max_running:
+            args += ["--max-num-seqs", str(self.max_running)]
+        if self.max_waiting is not None:
+            # vLLM caps waiting + running; its running default is 256 sequences
+            args += ["--max-num-queued-reqs", str((self.max_running or 256) + self.max_waiting)]
+        return args
+
+    def environment(self) -> dict[str, str]:
+        env = {
+            "TUNESHIP_METRICS_AUTH": "1" if self.metrics_auth else "0",
+            "TUNESHIP_LOG_PROMPTS": "1" if self.log_prompts else "0",
+        }
+        if self.api_keys_file:
+            env["TUNESHIP_API_KEYS_FILE"] = str(Path(self.api_keys_file).resolve())
+        return env
 
 
 def vllm_flavour() -> str:
@@ -49,8 +89,10 @@ def build_command(
     argv = [sys.executable, "-m", API_SERVER]
     argv += ["--model", str(model_dir), "--served-model-name", served_name]
     argv += ["--host", host, "--port", str(port), "--max-model-len", str(max_model_len)]
-    argv += ["--generation-config", "auto"]
-    env: dict[str, str] = {}
+    argv += ["--generation-config", "auto", "--middleware", MIDDLEWARE]
+    # one JSON line per request comes from the middleware instead of uvicorn's access log
+    argv += ["--disable-uvicorn-access-log"]
+    env: dict[str, str] = {"TUNESHIP_MODEL_DIR": str(Path(model_dir).resolve())}
     if flavour == "cpu":
         argv += ["--dtype", "bfloat16"]
         # On CPU, graph compilation triples start-up time (100 s vs 35 s) for little gain.
@@ -73,8 +115,10 @@ def run(
     eager: bool | None = None,
     extra: tuple[str, ...] = (),
     dry_run: bool = False,
-) -> None:
+    settings: ServeSettings | None = None,
+) -> int:
     bundle_dir = Path(bundle_dir)
+    settings = settings or ServeSettings()
     flavour = vllm_flavour()
     try:
         manifest = verify(bundle_dir)
@@ -93,12 +137,73 @@ def run(
         flavour,
         max_model_len or manifest.serving["max_model_len"],
         eager,
-        (*lora_arguments(bundle_dir, {n: a["rank"] for n, a in manifest.adapters.items()}), *extra),
+        (
+            *lora_arguments(bundle_dir, {n: a["rank"] for n, a in manifest.adapters.items()}),
+            *settings.vllm_args(),
+            *extra,
+        ),
     )
+    env |= settings.environment()
     shown = " ".join(f"{k}={v}" for k, v in env.items())
     print(
         f"serving {manifest.served_model_name} ({flavour}): {shown} {shlex.join(argv)}", flush=True
     )
     if dry_run:
+        return 0
+    return supervise(argv, os.environ | env, port, settings.drain_timeout_s)
+
+
+def _log(event: str, **fields) -> None:
+    print(json.dumps({"time": round(time.time(), 3), "event": event, **fields}), flush=True)
+
+
+def _get(url: str) -> dict | None:
+    try:
+        with urllib.request.urlopen(url, timeout=2) as reply:
+            return json.loads(reply.read())
+    except (OSError, ValueError):
+        return None
+
+
+def drain(child: subprocess.Popen, port: int, timeout_s: float) -> None:
+    """Readiness off, new requests refused, wait for in-flight ones (up to timeout_s)."""
+    local = f"http://127.0.0.1:{port}"
+    if _get(f"{local}/tuneship/inflight") is None:
+        _log("drain_skipped", reason="server not serving yet")
         return
-    os.execve(sys.executable, argv, os.environ | env)
+    os.kill(child.pid, signal.SIGUSR1)
+    started = time.monotonic()
+    inflight = None
+    while child.poll() is None and time.monotonic() - started < timeout_s:
+        state = _get(f"{local}/tuneship/inflight")
+        inflight = state["inflight"] if state else 0
+        if not inflight:
+            break
+        time.sleep(0.2)
+    _log(
+        "drained" if not inflight else "drain_timeout",
+        seconds=round(time.monotonic() - started, 2),
+        inflight_left=inflight or 0,
+    )
+
+
+def supervise(argv: list[str], env: dict[str, str], port: int, drain_timeout_s: float) -> int:
+    child = subprocess.Popen(argv, env=env)
+    terminating = []
+    signal.signal(signal.SIGTERM, lambda *_: terminating.append(True))
+    signal.signal(signal.SIGINT, lambda *_: child.send_signal(signal.SIGINT))
+    while not terminating:
+        try:
+            return child.wait(timeout=0.2)  # vLLM ended by itself: pass its code on
+        except subprocess.TimeoutExpired:
+            continue
+    _log("sigterm", drain_timeout_s=drain_timeout_s)
+    drain(child, port, drain_timeout_s)
+    child.send_signal(signal.SIGTERM)
+    try:
+        code = child.wait(timeout=60)
+    except subprocess.TimeoutExpired:
+        child.kill()
+        code = child.wait()
+    _log("stopped", vllm_exit_code=code)
+    return 0 if code in (0, -signal.SIGTERM, 128 + signal.SIGTERM) else code

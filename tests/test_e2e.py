@@ -4,54 +4,16 @@
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
+from tests.conftest import REPO, SERVE_BIN, tuneship
 from tuneship.launch import Server, free_port
 
 pytestmark = pytest.mark.e2e
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN_BIN = Path(sys.executable).parent / "tuneship"
-SERVE_BIN = Path(
-    os.environ.get("TUNESHIP_SERVE_BIN", REPO / ".venv" / "serve" / "bin" / "tuneship")
-)
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-
-def tuneship(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = os.environ | {"TUNESHIP_SERVE_BIN": str(SERVE_BIN)}
-    proc = subprocess.run([str(TRAIN_BIN), *args], cwd=cwd, capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, f"tuneship {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-    return proc
-
-
-@pytest.fixture(scope="module")
-def bundle(tmp_path_factory) -> Path:
-    work = tmp_path_factory.mktemp("e2e")
-    tuneship("base", "fetch", cwd=work)
-    tuneship(
-        "train", "--config", str(REPO / "train" / "configs" / "demo.yaml"),
-        "--set", f"data=[{REPO / 'data' / 'demo' / 'train.jsonl'}]",
-        "--set", f"eval_data={REPO / 'data' / 'demo' / 'heldout.jsonl'}", "--set", "eval_steps=2",
-        "--set", "limit=48", "--set", "max_steps=4", "--set", "warmup_steps=0",
-        "--set", "name=e2e", cwd=work,
-    )  # fmt: skip
-    # A 4-step run is close to the base model, which rambles on handbook questions: the stop-rate
-    # and quality thresholds are loosened here (and only here) so the smoke run can pass; the
-    # demo export runs with the defaults.
-    tuneship(
-        "export", "runs/e2e", "--out", "bundles/e2e", "--set", "calibration_samples=8",
-        "--set", f"eval_data={REPO / 'data' / 'demo' / 'heldout.jsonl'}",
-        "--set", "check_samples=12",
-        "--set", "min_stop_rate=0.5", "--set", "max_perplexity_ratio=2.0",
-        "--set", "max_recall_drop=100", cwd=work,
-    )  # fmt: skip
-    return work / "bundles" / "e2e"
 
 
 def test_real_model_run_records_eval_loss_and_curves(bundle):
@@ -144,6 +106,10 @@ def test_models_lists_the_bundle_name(client):
 def test_completions_endpoint(client):
     reply = client.completions.create(model="e2e", prompt="The capital of France is", max_tokens=5)
     assert reply.choices[0].text
+
+
+def test_serving_without_keys_warns_at_start(server):
+    assert "warning: no API keys configured" in server.log_path.read_text()
 
 
 def test_metrics_expose_vllm_series(server, client):

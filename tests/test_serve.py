@@ -77,5 +77,21 @@ def test_vllm_command_uses_the_bundle_name_and_cpu_settings(tmp_path):
     assert argv[argv.index("--max-model-len") + 1] == "2048"
     assert "--enforce-eager" in argv and argv[-2:] == ["--seed", "1"]
     assert env["VLLM_CPU_KVCACHE_SPACE"]
+    assert argv[argv.index("--middleware") + 1] == "tuneship.serve.middleware.TuneshipMiddleware"
     argv, env = build_command(bundle / "model", name, "0.0.0.0", 8000, "cuda", length)
-    assert "--enforce-eager" not in argv and "--dtype" not in argv and env == {}
+    assert "--enforce-eager" not in argv and "--dtype" not in argv
+    assert env == {"TUNESHIP_MODEL_DIR": str((bundle / "model").resolve())}
+
+
+def test_serve_settings_become_vllm_limits_and_middleware_environment(tmp_path):
+    from tuneship.serve.run import ServeSettings
+
+    settings = ServeSettings(
+        api_keys_file="keys.txt", max_running=4, max_waiting=8, metrics_auth=True
+    )
+    assert settings.vllm_args() == ["--max-num-seqs", "4", "--max-num-queued-reqs", "12"]
+    assert ServeSettings(max_waiting=0).vllm_args() == ["--max-num-queued-reqs", "256"]
+    assert ServeSettings().vllm_args() == []
+    env = settings.environment()
+    assert env["TUNESHIP_API_KEYS_FILE"] == str(Path("keys.txt").resolve())
+    assert env["TUNESHIP_METRICS_AUTH"] == "1" and env["TUNESHIP_LOG_PROMPTS"] == "0"

@@ -195,6 +195,46 @@ def export(
     default=None,
     help="CUDA graphs / torch.compile off or on (default: eager on CPU).",
 )
+@click.option(
+    "--api-keys-file",
+    envvar="TUNESHIP_API_KEYS_FILE",
+    help="File of API keys, one per line (e.g. a mounted Secret); re-read when it changes. "
+    "Keys can also come from TUNESHIP_API_KEYS (comma-separated).",
+)
+@click.option(
+    "--metrics-auth/--no-metrics-auth",
+    envvar="TUNESHIP_METRICS_AUTH",
+    default=False,
+    show_default=True,
+    help="Require an API key for /metrics too.",
+)
+@click.option(
+    "--max-running",
+    envvar="TUNESHIP_MAX_RUNNING",
+    type=click.IntRange(1),
+    help="Requests generated at once (vLLM --max-num-seqs; default vLLM's 256).",
+)
+@click.option(
+    "--max-waiting",
+    envvar="TUNESHIP_MAX_WAITING",
+    type=click.IntRange(0),
+    help="Waiting requests beyond the running ones; more get 503 + Retry-After (default: "
+    "unbounded).",
+)
+@click.option(
+    "--drain-timeout",
+    envvar="TUNESHIP_DRAIN_TIMEOUT",
+    type=click.FloatRange(0),
+    default=30.0,
+    show_default=True,
+    help="On SIGTERM: seconds in-flight requests get to finish before vLLM stops.",
+)
+@click.option(
+    "--log-prompts",
+    envvar="TUNESHIP_LOG_PROMPTS",
+    is_flag=True,
+    help="Put request and response bodies in the request log (off: ids, counts, latency).",
+)
 @click.option("--dry-run", is_flag=True, help="Verify the bundle, print the vLLM command, exit.")
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 def serve(
@@ -203,13 +243,30 @@ def serve(
     port: int,
     max_model_len: int | None,
     eager: bool | None,
+    api_keys_file: str | None,
+    metrics_auth: bool,
+    max_running: int | None,
+    max_waiting: int | None,
+    drain_timeout: float,
+    log_prompts: bool,
     dry_run: bool,
     vllm_args: tuple[str, ...],
 ) -> None:
-    """Serve a bundle with vLLM's OpenAI-compatible server (extra args after -- go to vLLM)."""
-    from tuneship.serve.run import run
+    """Serve a bundle with vLLM's OpenAI-compatible server (extra args after -- go to vLLM).
 
-    run(bundle_dir, host, port, max_model_len, eager, vllm_args, dry_run)
+    Adds API keys, readiness (/ready), per-key metrics, a bounded queue and SIGTERM draining.
+    """
+    from tuneship.serve.run import ServeSettings, run
+
+    settings = ServeSettings(
+        api_keys_file=api_keys_file,
+        metrics_auth=metrics_auth,
+        log_prompts=log_prompts,
+        max_running=max_running,
+        max_waiting=max_waiting,
+        drain_timeout_s=drain_timeout,
+    )
+    sys.exit(run(bundle_dir, host, port, max_model_len, eager, vllm_args, dry_run, settings))
 
 
 @main.group()

@@ -1,0 +1,369 @@
+"""What tuneship adds inside vLLM's API server (loaded with vLLM's `--middleware` hook).
+
+A pure ASGI middleware, so streamed responses pass through chunk by chunk:
+- API keys: several at once, from TUNESHIP_API_KEYS (comma-separated) and/or the file named by
+  TUNESHIP_API_KEYS_FILE (one per line, re-read when it changes); compared in constant time;
+  never logged: each key is known by a short id (sha256 prefix). Every route except the probes
+  needs a key when keys are configured; /metrics too when TUNESHIP_METRICS_AUTH=1. Failures get
+  401 in OpenAI's error shape.
+- Probes: /health is vLLM's liveness; /ready is readiness: 200 once the engine serves (this code
+  only runs then) and 503 while draining.
+- Draining: SIGUSR1 (sent by `tuneship serve` on SIGTERM) makes new API requests get 503 with
+  Retry-After while in-flight ones finish; /tuneship/inflight (loopback only) reports how many.
+- Overload: vLLM's own bounded queue (--max-num-queued-reqs) answers 503; Retry-After is added
+  and the rejection counted.
+- Metrics in vLLM's Prometheus registry: bundle info, requests and tokens per key id, auth
+  failures, rejections, in-flight requests.
+- One JSON log line per request: request id, key id, status, tokens, latency; prompts and
+  replies only with TUNESHIP_LOG_PROMPTS=1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import hmac
+import json
+import os
+import signal
+import sys
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+PROBES = ("/health", "/ready", "/ping")
+INFLIGHT_PATH = "/tuneship/inflight"
+LOOPBACK = ("127.0.0.1", "::1", "localhost")
+MAX_CAPTURED_BODY = 1 << 20
+
+
+def key_id(key: str) -> str:
+    return "k-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:8]
+
+
+class KeyRing:
+    """The accepted keys: the environment's plus the file's, the file re-read when it changes."""
+
+    def __init__(self, env_keys: str, path: str | None, recheck_s: float = 1.0):
+        self.env_keys = [k.strip() for k in env_keys.split(",") if k.strip()]
+        self.path = Path(path) if path else None
+        self.recheck_s = recheck_s
+        self._stamp: tuple[float, int] | None = None
+        self._checked = 0.0
+        self._file_keys: list[str] = []
+        self._load()
+
+    def _load(self) -> None:
+        if self.path is None:
+            return
+        try:
+            stat = self.path.stat()
+        except OSError:
+            # a missing file (Secret not mounted yet, or removed) accepts no file keys
+            self._stamp, self._file_keys = None, []
+            return
+        stamp = (stat.st_mtime, stat.st_size)
+        if stamp != self._stamp:
+            lines = self.path.read_text(encoding="utf-8").splitlines()
+            self._file_keys = [x.strip() for x in lines if x.strip() and not x.startswith("#")]
+            self._stamp = stamp
+
+    @property
+    def keys(self) -> list[str]:
+        now = time.monotonic()
+        if now - self._checked >= self.recheck_s:
+            self._checked = now
+            self._load()
+        return self.env_keys + self._file_keys
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.env_keys) or self.path is not None
+
+    def match(self, presented: str) -> str | None:
+        """The id of the key presented, or None; every key is compared (constant time)."""
+        found = None
+        digest = hashlib.sha256(presented.encode("utf-8")).digest()
+        for key in self.keys:
+            if hmac.compare_digest(digest, hashlib.sha256(key.encode("utf-8")).digest()):
+                found = key
+        return key_id(found) if found is not None else None
+
+
+def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
+    payload = {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    return json.dumps(payload).encode("utf-8")
+
+
+_METRICS: dict[str, Any] = {}
+
+
+def metrics() -> dict[str, Any]:
+    """Created once per process, in the default registry vLLM's /metrics serves (also in its
+    multiprocess mode: these classes then write to PROMETHEUS_MULTIPROC_DIR)."""
+    if _METRICS:
+        return _METRICS
+    from prometheus_client import Counter, Gauge
+
+    _METRICS.update(
+        bundle=Gauge(
+            "tuneship_bundle_info",
+            "The bundle being served (value 1).",
+            ["bundle", "base_model", "adapter_sha256", "quantization", "tuneship_version"],
+            multiprocess_mode="max",
+        ),
+        requests=Counter(
+            "tuneship_requests", "API requests by key id and status.", ["key_id", "status"]
+        ),
+        tokens=Counter(
+            "tuneship_tokens", "Tokens by key id and kind (prompt, completion).", ["key_id", "kind"]
+        ),
+        auth_failures=Counter(
+            "tuneship_auth_failures", "Requests refused for a missing or wrong key.", ["reason"]
+        ),
+        rejected=Counter(
+            "tuneship_rejected", "Requests refused with 503 (overload, draining).", ["reason"]
+        ),
+        inflight=Gauge(
+            "tuneship_inflight_requests", "API requests in progress.", multiprocess_mode="livesum"
+        ),
+    )
+    return _METRICS
+
+
+def bundle_labels(model_dir: str | None) -> dict[str, str]:
+    """Labels of tuneship_bundle_info from the bundle.json beside the served model/ folder."""
+    from tuneship import __version__
+
+    labels = {
+        "bundle": "unknown",
+        "base_model": "unknown",
+        "adapter_sha256": "",
+        "quantization": "",
+        "tuneship_version": __version__,
+    }
+    manifest_path = Path(model_dir).parent / "bundle.json" if model_dir else None
+    if manifest_path and manifest_path.is_file():
+        data = json.loads(manifest_path.read_text(encoding="utf-8"))
+        base = data.get("base") or {}
+        adapter = (data.get("run") or {}).get("adapter") or {}
+        quant = data.get("quantization") or {}
+        labels |= {
+            "bundle": str(data.get("served_model_name", "unknown")),
+            "base_model": Path(str(base.get("path") or base.get("ref") or "unknown")).name,
+            "adapter_sha256": str(adapter.get("adapter_model.safetensors", ""))[:16],
+            "quantization": str(quant.get("scheme", "")),
+        }
+    return labels
+
+
+class Exchange:
+    """What one request did, collected while it runs, for the log line and the metrics."""
+
+    def __init__(self, scope: dict):
+        headers = dict(scope.get("headers") or [])
+        self.request_id = headers.get(b"x-request-id", b"").decode() or uuid.uuid4().hex
+        self.path = scope.get("path", "")
+        self.method = scope.get("method", "")
+        self.key_id = "-"
+        self.status = 0
+        self.stream = False
+        self.body = bytearray()
+        self.request_body = bytearray()
+        self.prompt_tokens: int | None = None
+        self.completion_tokens: int | None = None
+        self.chunks = 0
+        self.started = time.monotonic()
+
+    def saw_response_chunk(self, chunk: bytes) -> None:
+        if self.stream:
+            for line in chunk.split(b"\n"):
+                if line.startswith(b"data: {"):
+                    self._stream_event(line[6:])
+        elif len(self.body) + len(chunk) <= MAX_CAPTURED_BODY:
+            self.body += chunk
+
+    def _stream_event(self, raw: bytes) -> None:
+        try:
+            event = json.loads(raw)
+        except ValueError:
+            return
+        self._usage(event.get("usage"))
+        for choice in event.get("choices") or []:
+            delta = choice.get("delta") or {}
+            if delta.get("content") or choice.get("text"):
+                self.chunks += 1  # vLLM streams about one token per content chunk
+
+    def _usage(self, usage: Any) -> None:
+        if isinstance(usage, dict):
+            self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
+            self.completion_tokens = usage.get("completion_tokens", self.completion_tokens)
+
+    def finish(self) -> None:
+        if not self.stream and self.body:
+            with contextlib.suppress(ValueError, AttributeError):
+                self._usage(json.loads(self.body).get("usage"))
+        if self.stream and self.completion_tokens is None:
+            self.completion_tokens = self.chunks  # no usage chunk was asked for
+
+    def log_line(self, log_prompts: bool) -> str:
+        record = {
+            "time": round(time.time(), 3),
+            "event": "request",
+            "request_id": self.request_id,
+            "key_id": self.key_id,
+            "method": self.method,
+            "path": self.path,
+            "status": self.status,
+            "stream": self.stream,
+            "prompt_tokens": self.prompt_tokens,
+            "completion_tokens": self.completion_tokens,
+            "latency_ms": round((time.monotonic() - self.started) * 1000, 1),
+        }
+        if log_prompts:
+            record["request"] = self.request_body[:4000].decode("utf-8", "replace")
+            record["response"] = self.body[:4000].decode("utf-8", "replace")
+        return json.dumps(record, ensure_ascii=False)
+
+
+class TuneshipMiddleware:
+    def __init__(self, app: Any) -> None:
+        self.app = app
+        self.keys = KeyRing(
+            os.environ.get("TUNESHIP_API_KEYS", ""), os.environ.get("TUNESHIP_API_KEYS_FILE")
+        )
+        self.metrics_auth = os.environ.get("TUNESHIP_METRICS_AUTH", "0") == "1"
+        self.log_prompts = os.environ.get("TUNESHIP_LOG_PROMPTS", "0") == "1"
+        self.retry_after = os.environ.get("TUNESHIP_RETRY_AFTER_S", "2")
+        self.draining = False
+        self.inflight = 0
+        self.m = metrics()
+        self.m["bundle"].labels(**bundle_labels(os.environ.get("TUNESHIP_MODEL_DIR"))).set(1)
+        if not self.keys.configured:
+            print(
+                "warning: no API keys configured (TUNESHIP_API_KEYS, TUNESHIP_API_KEYS_FILE): "
+                "anyone who reaches this port can use the model",
+                file=sys.stderr,
+                flush=True,
+            )
+        # outside the main thread (a test harness) there is no drain signal
+        with contextlib.suppress(ValueError):
+            signal.signal(signal.SIGUSR1, self._start_draining)
+
+    def _start_draining(self, signum: int, frame: Any) -> None:
+        self.draining = True
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] != "http" or scope.get("method") == "OPTIONS":
+            await self.app(scope, receive, send)
+            return
+        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
+        if path == "/ready":
+            status = 503 if self.draining else 200
+            body = json.dumps({"status": "draining" if self.draining else "ready"}).encode()
+            await _respond(send, status, body)
+            return
+        if path == INFLIGHT_PATH:
+            client = (scope.get("client") or ("",))[0]
+            if client not in LOOPBACK:
+                await _respond(send, 404, error_body("Not Found", "not_found_error", None))
+                return
+            body = json.dumps({"inflight": self.inflight, "draining": self.draining}).encode()
+            await _respond(send, 200, body)
+            return
+        if path in PROBES or (path == "/metrics" and not self.metrics_auth):
+            await self.app(scope, receive, send)
+            return
+
+        exchange = Exchange(scope)
+        if self.keys.configured:
+            refusal = self._authenticate(scope, exchange)
+            if refusal is not None:
+                self.m["auth_failures"].labels(reason=refusal).inc()
+                message = (
+                    "Missing API key: send it as 'Authorization: Bearer KEY'."
+                    if refusal == "missing"
+                    else "Incorrect API key provided."
+                )
+                exchange.status = 401
+                await _respond(
+                    send,
+                    401,
+                    error_body(message, "invalid_request_error", "invalid_api_key"),
+                    {"www-authenticate": "Bearer"},
+                )
+                self._record(exchange)
+                return
+        if self.draining:
+            self.m["rejected"].labels(reason="draining").inc()
+            exchange.status = 503
+            await _respond(
+                send,
+                503,
+                error_body("The server is shutting down; retry on another instance.",
+                           "server_error", "draining"),
+                {"retry-after": self.retry_after, "connection": "close"},
+            )  # fmt: skip
+            self._record(exchange)
+            return
+
+        async def capture_receive() -> dict:
+            message = await receive()
+            if self.log_prompts and message.get("type") == "http.request":
+                exchange.request_body += message.get("body", b"")[:MAX_CAPTURED_BODY]
+            return message
+
+        async def observe_send(message: dict) -> None:
+            if message["type"] == "http.response.start":
+                exchange.status = message["status"]
+                headers = list(message.get("headers") or [])
+                content_type = dict(headers).get(b"content-type", b"")
+                exchange.stream = content_type.startswith(b"text/event-stream")
+                headers.append((b"x-request-id", exchange.request_id.encode()))
+                if exchange.status == 503 and not any(k == b"retry-after" for k, _ in headers):
+                    headers.append((b"retry-after", self.retry_after.encode()))
+                    self.m["rejected"].labels(reason="overload").inc()
+                message = message | {"headers": headers}
+            elif message["type"] == "http.response.body":
+                exchange.saw_response_chunk(message.get("body", b""))
+            await send(message)
+
+        self.inflight += 1
+        self.m["inflight"].inc()
+        try:
+            await self.app(scope, capture_receive, observe_send)
+        finally:
+            self.inflight -= 1
+            self.m["inflight"].dec()
+            exchange.finish()
+            self._record(exchange)
+
+    def _authenticate(self, scope: dict, exchange: Exchange) -> str | None:
+        """None when a valid key was presented, else the reason: missing or invalid."""
+        header = dict(scope.get("headers") or []).get(b"authorization", b"").decode("latin-1")
+        scheme, _, presented = header.partition(" ")
+        if scheme.lower() != "bearer" or not presented.strip():
+            return "missing"
+        found = self.keys.match(presented.strip())
+        if found is None:
+            return "invalid"
+        exchange.key_id = found
+        return None
+
+    def _record(self, exchange: Exchange) -> None:
+        self.m["requests"].labels(key_id=exchange.key_id, status=str(exchange.status)).inc()
+        for kind, count in (
+            ("prompt", exchange.prompt_tokens),
+            ("completion", exchange.completion_tokens),
+        ):
+            if count:
+                self.m["tokens"].labels(key_id=exchange.key_id, kind=kind).inc(count)
+        print(exchange.log_line(self.log_prompts), flush=True)
+
+
+async def _respond(send: Any, status: int, body: bytes, headers: dict | None = None) -> None:
+    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
+    await send({"type": "http.response.start", "status": status, "headers": raw})
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,160 @@
+"""tuneship's serving middleware on a stand-in ASGI app (vLLM itself: test_serve_production)."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import signal
+
+import httpx
+import pytest
+from prometheus_client import REGISTRY
+
+from tuneship.serve.middleware import KeyRing, TuneshipMiddleware, key_id
+
+USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
+
+
+async def fake_vllm(scope, receive, send):
+    """Answers like vLLM: JSON with usage, an SSE stream, or 503 when 'busy' is asked."""
+    path = scope["path"]
+    if path == "/busy":
+        status, ctype, chunks = 503, b"application/json", [b'{"error": {"message": "busy"}}']
+    elif path == "/stream":
+        status, ctype = 200, b"text/event-stream"
+        chunks = [f'data: {{"choices": [{{"delta": {{"content": "t{i}"}}}}]}}\n\n'.encode()
+                  for i in range(5)] + [b"data: [DONE]\n\n"]  # fmt: skip
+    else:
+        status, ctype = 200, b"application/json"
+        chunks = [json.dumps({"ok": path, "usage": USAGE}).encode()]
+    await send({"type": "http.response.start", "status": status,
+                "headers": [(b"content-type", ctype)]})  # fmt: skip
+    for chunk in chunks:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+def call(app, method: str, path: str, key: str | None = None) -> httpx.Response:
+    async def go():
+        transport = httpx.ASGITransport(app=app, client=("10.0.0.9", 1234))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            headers = {"Authorization": f"Bearer {key}"} if key else {}
+            return await http.request(method, path, headers=headers)
+
+    return asyncio.run(go())
+
+
+def sample(name: str, **labels) -> float:
+    return REGISTRY.get_sample_value(name, labels) or 0.0
+
+
+@pytest.fixture
+def keyed(tmp_path, monkeypatch):
+    keys = tmp_path / "keys"
+    keys.write_text("# comment\nsk-file-1\n\n")
+    monkeypatch.setenv("TUNESHIP_API_KEYS", "sk-env-1, sk-env-2")
+    monkeypatch.setenv("TUNESHIP_API_KEYS_FILE", str(keys))
+    monkeypatch.delenv("TUNESHIP_METRICS_AUTH", raising=False)
+    app = TuneshipMiddleware(fake_vllm)
+    app.keys.recheck_s = 0
+    return app, keys
+
+
+def test_keys_from_env_and_file_and_openai_shaped_401(keyed, capsys):
+    app, _ = keyed
+    for key in ("sk-env-1", "sk-env-2", "sk-file-1"):
+        assert call(app, "GET", "/v1/models", key).status_code == 200
+    before = sample("tuneship_auth_failures_total", reason="invalid")
+    for key, message in ((None, "Missing API key"), ("sk-nope", "Incorrect API key provided.")):
+        reply = call(app, "GET", "/v1/models", key)
+        assert reply.status_code == 401 and reply.headers["www-authenticate"] == "Bearer"
+        assert reply.json() == {
+            "error": {
+                "message": reply.json()["error"]["message"],
+                "type": "invalid_request_error",
+                "param": None,
+                "code": "invalid_api_key",
+            }
+        }
+        assert message in reply.json()["error"]["message"]
+    assert sample("tuneship_auth_failures_total", reason="invalid") == before + 1
+    out = capsys.readouterr().out
+    assert "sk-env-1" not in out and "sk-nope" not in out and key_id("sk-env-1") in out
+
+
+def test_probes_are_open_and_metrics_follow_the_setting(keyed, monkeypatch):
+    app, _ = keyed
+    assert call(app, "GET", "/health").status_code == 200
+    assert call(app, "GET", "/ready").json() == {"status": "ready"}
+    assert call(app, "GET", "/metrics").status_code == 200
+    monkeypatch.setenv("TUNESHIP_METRICS_AUTH", "1")
+    guarded = TuneshipMiddleware(fake_vllm)
+    assert call(guarded, "GET", "/metrics").status_code == 401
+    assert call(guarded, "GET", "/metrics", "sk-env-1").status_code == 200
+
+
+def test_rotated_key_file_is_picked_up_and_a_removed_file_accepts_no_file_keys(keyed):
+    app, keys = keyed
+    keys.write_text("sk-file-2\n")
+    os.utime(keys, (1, 1))  # a different mtime even within the same second
+    assert call(app, "GET", "/v1/models", "sk-file-2").status_code == 200
+    assert call(app, "GET", "/v1/models", "sk-file-1").status_code == 401
+    keys.unlink()
+    assert call(app, "GET", "/v1/models", "sk-file-2").status_code == 401
+    assert call(app, "GET", "/v1/models", "sk-env-1").status_code == 200
+
+
+def test_key_ring_compares_every_key():
+    ring = KeyRing("a-key, b-key", None)
+    assert ring.match("b-key") == key_id("b-key") and ring.match("c-key") is None
+    assert key_id("b-key").startswith("k-") and len(key_id("b-key")) == 10
+
+
+def test_tokens_and_requests_are_counted_per_key_and_logged_as_json(keyed, capsys):
+    app, _ = keyed
+    kid = key_id("sk-env-2")
+    before = sample("tuneship_tokens_total", key_id=kid, kind="completion")
+    reply = call(app, "POST", "/v1/chat/completions", "sk-env-2")
+    assert reply.json()["usage"] == USAGE and reply.headers["x-request-id"]
+    streamed = call(app, "POST", "/stream", "sk-env-2")
+    assert streamed.text.count("data:") == 6
+    assert sample("tuneship_tokens_total", key_id=kid, kind="completion") == before + 7 + 5
+    assert sample("tuneship_requests_total", key_id=kid, status="200") >= 2
+    lines = [json.loads(x) for x in capsys.readouterr().out.splitlines() if x.startswith("{")]
+    last = lines[-2]
+    assert last["key_id"] == kid and last["status"] == 200 and last["completion_tokens"] == 7
+    assert last["prompt_tokens"] == 11 and last["latency_ms"] >= 0 and "request" not in last
+    assert lines[-1]["stream"] is True and lines[-1]["completion_tokens"] == 5
+
+
+def test_overload_503_gets_retry_after_and_is_counted(keyed):
+    app, _ = keyed
+    before = sample("tuneship_rejected_total", reason="overload")
+    reply = call(app, "POST", "/busy", "sk-env-1")
+    assert reply.status_code == 503 and reply.headers["retry-after"] == "2"
+    assert sample("tuneship_rejected_total", reason="overload") == before + 1
+
+
+def test_sigusr1_drains_readiness_and_new_requests_but_not_liveness(keyed):
+    app, _ = keyed
+    os.kill(os.getpid(), signal.SIGUSR1)
+    assert app.draining
+    assert call(app, "GET", "/ready").status_code == 503
+    assert call(app, "GET", "/health").status_code == 200
+    refused = call(app, "POST", "/v1/chat/completions", "sk-env-1")
+    assert refused.status_code == 503 and refused.headers["retry-after"]
+    assert refused.json()["error"]["code"] == "draining"
+
+
+def test_inflight_count_is_only_told_to_loopback(keyed):
+    app, _ = keyed
+    assert call(app, "GET", "/tuneship/inflight").status_code == 404  # from 10.0.0.9
+
+
+def test_no_keys_configured_warns(monkeypatch, capsys):
+    monkeypatch.delenv("TUNESHIP_API_KEYS", raising=False)
+    monkeypatch.delenv("TUNESHIP_API_KEYS_FILE", raising=False)
+    app = TuneshipMiddleware(fake_vllm)
+    assert "warning: no API keys configured" in capsys.readouterr().err
+    assert call(app, "GET", "/v1/models").status_code == 200
