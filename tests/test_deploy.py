@@ -1,0 +1,83 @@
+"""Containers and manifests, checked without a Docker engine or a cluster: hadolint, kustomize
+rendering with strict Kubernetes schema validation, and the promises the README makes."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import REPO
+
+LINT = REPO / ".venv" / "lint" / "bin"
+
+
+def hadolint(*files: Path) -> subprocess.CompletedProcess:
+    argv = [str(LINT / "hadolint"), "--format", "json", *map(str, files)]
+    return subprocess.run(argv, capture_output=True, text=True, cwd=REPO)
+
+
+def check_k8s(k8s: Path) -> list[dict]:
+    argv = [str(LINT / "python"), str(REPO / "scripts/check_k8s.py"), "--json", "--k8s", str(k8s)]
+    return json.loads(subprocess.run(argv, capture_output=True, text=True).stdout)
+
+
+def test_dockerfiles_pass_hadolint_and_hadolint_does_look(tmp_path):
+    done = hadolint(REPO / "Dockerfile.train", REPO / "Dockerfile.serve")
+    assert done.returncode == 0 and json.loads(done.stdout) == []
+    sloppy = tmp_path / "Dockerfile"
+    sloppy.write_text("FROM ubuntu\nRUN apt-get update && apt-get install -y curl\n")
+    found = {finding["code"] for finding in json.loads(hadolint(sloppy).stdout)}
+    assert {"DL3006", "DL3008"} <= found  # untagged base, unpinned apt packages
+
+
+def test_every_overlay_renders_and_validates(tmp_path):
+    reports = {r["overlay"]: r for r in check_k8s(REPO / "k8s")}
+    assert set(reports) == {"gpu", "cpu"}
+    for report in reports.values():
+        assert report["problems"] == []
+        assert {"Deployment/tuneship-serve", "Service/tuneship-serve", "Job/tuneship-train",
+                "HorizontalPodAutoscaler/tuneship-serve", "PodDisruptionBudget/tuneship-serve",
+                "NetworkPolicy/tuneship-serve", "ConfigMap/tuneship-grafana-dashboard",
+                } <= set(report["objects"])  # fmt: skip
+    assert "Job/tuneship-train-8gpu" in reports["gpu"]["objects"]
+
+
+@pytest.mark.parametrize(
+    ("file", "old", "new", "problem"),
+    [
+        ("base/serve-deployment.yaml", "path: /ready", "path: /health", "probes should be"),
+        ("base/serve-deployment.yaml", "readOnlyRootFilesystem: true",
+         "readOnlyRootFilesystem: false", "root filesystem is writable"),
+        ("base/serve-deployment.yaml", "terminationGracePeriodSeconds: 90",
+         "terminationGracePeriodSeconds: 40", "terminationGracePeriodSeconds 40 <= drain"),
+        ("base/serve-service.yaml", "targetPort: http", "targetPort: http\n      nodePortt: 1",
+         "Additional properties are not allowed ('nodePortt'"),
+        ("base/train-job.yaml", "  backoffLimit: 6\n", "", "needs backoffLimit"),
+    ],
+)  # fmt: skip
+def test_a_broken_manifest_is_named(tmp_path, file, old, new, problem):
+    k8s = tmp_path / "k8s"
+    shutil.copytree(REPO / "k8s", k8s)
+    text = (k8s / file).read_text()
+    assert old in text
+    (k8s / file).write_text(text.replace(old, new))
+    problems = [p for r in check_k8s(k8s) for p in r["problems"]]
+    assert problems and all(problem in p for p in problems), problems
+
+
+def test_dashboard_config_map_carries_the_dashboard_file():
+    done = subprocess.run(
+        ["kubectl", "kustomize", str(REPO / "k8s/overlays/gpu")], capture_output=True, text=True
+    )
+    import yaml
+
+    docs = [d for d in yaml.safe_load_all(done.stdout) if d]
+    config_map = next(d for d in docs if d["metadata"]["name"] == "tuneship-grafana-dashboard")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(config_map["data"]["grafana-dashboard.json"]) == json.loads(
+        (REPO / "k8s/base/grafana-dashboard.json").read_text()
+    )
