@@ -155,7 +155,7 @@ def test_adapters_only_bundle_serves_each_adapter_through_vllm_multi_lora(bundle
     tuneship(
         "train", "--config", str(REPO / "train" / "configs" / "demo.yaml"),
         "--set", f"data=[{REPO / 'data' / 'demo' / 'train.jsonl'}]", "--set", "limit=16",
-        "--set", "eval_data=null",
+        "--set", "eval_data=null", "--set", "keep_best=false",
         "--set", "max_steps=2", "--set", "name=e2e-attn",
         "--set", "lora.target_modules=[q_proj, v_proj]", "--set", "lora.r=8", cwd=work,
     )  # fmt: skip

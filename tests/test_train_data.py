@@ -164,7 +164,7 @@ def test_early_stopping_keeps_the_adapter_with_the_best_eval_loss(tmp_path, tiny
 
 
 def test_config_rejects_contradictory_eval_settings():
-    with pytest.raises(ConfigError, match="early_stopping_patience needs eval_data"):
+    with pytest.raises(ConfigError, match="early_stopping_patience and keep_best need eval_data"):
         from tuneship.config import load_config
 
         load_config(TrainConfig, None, {"name": "x", "data": ["a"], "early_stopping_patience": 2})

@@ -313,7 +313,8 @@ def train(
             f"stopped by SIGTERM at step {step} (checkpoint in {work}); "
             "run the same command to resume"
         )
-    restored = best.restore_best() if best is not None else False
+    keep_best = best is not None and (cfg.keep_best or cfg.early_stopping_patience)
+    restored = best.restore_best() if keep_best else False
     rows = read_rows(work / METRICS_JSONL)
     losses = [[r["step"], r["loss"]] for r in rows if "loss" in r]
     session_s = result.metrics.get("train_runtime") or 0

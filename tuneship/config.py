@@ -78,6 +78,11 @@ class TrainConfig(StrictModel):
         0.0, ge=0, lt=0.5, description="Hold out this seeded share of the training data for eval."
     )
     eval_steps: int = Field(50, ge=1, description="Compute the eval loss every N steps.")
+    keep_best: bool = Field(
+        False,
+        description="Write the adapter with the lowest eval loss instead of the last one "
+        "(always so with early_stopping_patience).",
+    )
     early_stopping_patience: int | None = Field(
         None,
         ge=1,
@@ -161,8 +166,10 @@ class TrainConfig(StrictModel):
             raise ValueError("data: give every source a weight, or none of them")
         if self.eval_data and self.eval_fraction:
             raise ValueError("set eval_data or eval_fraction, not both")
-        if self.early_stopping_patience and not (self.eval_data or self.eval_fraction):
-            raise ValueError("early_stopping_patience needs eval_data or eval_fraction")
+        if (self.early_stopping_patience or self.keep_best) and not self.has_eval:
+            raise ValueError(
+                "early_stopping_patience and keep_best need eval_data or eval_fraction"
+            )
         return self
 
     @property
