@@ -61,6 +61,10 @@ def _merged_final(stages: list[list[str]], text: str) -> list[str]:
 
 
 def mapped(value: str, root: Path) -> str:
+    """A container path (or KEY=path, as in --set output_dir=/output/runs) under root."""
+    key, sep, rest = value.partition("=")
+    if sep and rest.startswith("/"):
+        return f"{key}={root / rest.lstrip('/')}"
     return str(root / value.lstrip("/")) if value.startswith("/") else value
 
 
