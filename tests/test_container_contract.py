@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import REPO, SERVE_BIN, TRAIN_BIN
+from tests.conftest import REPO, SERVE_BIN, TRAIN_BIN, render_overlay
 from tuneship.launch import Server, free_port
 from tuneship.paths import home as tuneship_home
 
@@ -69,12 +69,8 @@ def mapped(value: str, root: Path) -> str:
 
 
 def rendered(overlay: str, kind: str, name: str) -> dict:
-    done = subprocess.run(
-        ["kubectl", "kustomize", str(REPO / "k8s" / "overlays" / overlay)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    docs = yaml.safe_load_all(done.stdout)
-    return next(d for d in docs if d and d["kind"] == kind and d["metadata"]["name"] == name)
+    docs = render_overlay(overlay)
+    return next(d for d in docs if d["kind"] == kind and d["metadata"]["name"] == name)
 
 
 def test_train_image_entry_runs_the_cpu_job_as_a_dry_run(tmp_path, bundle):

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, render_overlay
 
 LINT = REPO / ".venv" / "lint" / "bin"
 
@@ -70,12 +70,7 @@ def test_a_broken_manifest_is_named(tmp_path, file, old, new, problem):
 
 
 def test_dashboard_config_map_carries_the_dashboard_file():
-    done = subprocess.run(
-        ["kubectl", "kustomize", str(REPO / "k8s/overlays/gpu")], capture_output=True, text=True
-    )
-    import yaml
-
-    docs = [d for d in yaml.safe_load_all(done.stdout) if d]
+    docs = render_overlay("gpu")
     config_map = next(d for d in docs if d["metadata"]["name"] == "tuneship-grafana-dashboard")
     assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
     assert json.loads(config_map["data"]["grafana-dashboard.json"]) == json.loads(
