@@ -411,6 +411,7 @@ def run(
     final_adapter = work / "adapter"
     trainer.save_model(str(final_adapter))  # every rank takes part (FSDP gathers the shards)
     if rank != 0:
+        _leave_process_group(world)
         return None
     with staged_dir(out_dir) as stage:
         adapter_dir = stage / "adapter"
@@ -449,6 +450,7 @@ def run(
         }
         write_manifest(stage / RUN_FILE, manifest)
     shutil.rmtree(work, ignore_errors=True)
+    _leave_process_group(world)
     reporter.event(
         "done",
         f"run written to {out_dir} (step {metrics['steps']}, final loss {metrics['final_loss']})",
@@ -474,3 +476,16 @@ def _main_first(step, rank: int, world: int, backend: str):
     result = step() if rank == 0 else None
     dist.barrier()
     return result if rank == 0 else step()
+
+
+def _leave_process_group(world: int) -> None:
+    """Wait until rank 0 has written the run, then close the group: a rank that exits while
+    the group is alive can abort in gloo's threads ('terminate called without an active
+    exception')."""
+    if world == 1:
+        return
+    import torch.distributed as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
