@@ -42,6 +42,7 @@ lint: $(TRAIN)/.ready $(LINT)/.ready
 	$(TRAIN)/bin/ruff format --check .
 	$(LINT)/bin/hadolint Dockerfile.train Dockerfile.serve
 	$(LINT)/bin/python scripts/check_k8s.py
+	$(LINT)/bin/python scripts/check_k8s.py --checkov
 
 format: $(TRAIN)/.ready
 	$(TRAIN)/bin/ruff check --fix .

@@ -77,3 +77,23 @@ def test_dashboard_config_map_carries_the_dashboard_file():
     assert json.loads(config_map["data"]["grafana-dashboard.json"]) == json.loads(
         (REPO / "k8s/base/grafana-dashboard.json").read_text()
     )
+
+
+def test_checkov_passes_with_only_the_written_skips_and_catches_a_regression(tmp_path):
+    def checkov(k8s: Path) -> subprocess.CompletedProcess:
+        argv = [str(LINT / "python"), str(REPO / "scripts/check_k8s.py"), "--checkov"]
+        return subprocess.run([*argv, "--k8s", str(k8s)], capture_output=True, text=True)
+
+    clean = checkov(REPO / "k8s")
+    assert clean.returncode == 0 and "checkov: 0 failed checks" in clean.stdout
+    k8s = tmp_path / "k8s"
+    shutil.copytree(REPO / "k8s", k8s)
+    deployment = k8s / "base/serve-deployment.yaml"
+    deployment.write_text(
+        deployment.read_text().replace(
+            "      automountServiceAccountToken: false\n",
+            "      automountServiceAccountToken: false\n      hostNetwork: true\n",
+        )
+    )
+    broken = checkov(k8s)
+    assert broken.returncode == 1 and "CKV_K8S_19" in broken.stdout
