@@ -113,7 +113,8 @@ def check_training(where: str, job: dict) -> list[str]:
 
 
 def check_overlay(overlay: Path) -> dict:
-    report = {"overlay": overlay.name, "objects": [], "problems": [], "not_schema_checked": []}
+    report = {"overlay": overlay.name, "path": f"k8s/overlays/{overlay.name}", "objects": [],
+              "problems": [], "not_schema_checked": []}  # fmt: skip
     custom: list[dict] = []
     try:
         docs = render(overlay)
@@ -195,6 +196,83 @@ def run_checkov(k8s: Path) -> list[str]:
     return failed
 
 
+SCALARS = {"str": str, "int": int, "bool": bool, "float": (int, float), "object": object}
+
+
+def check_openapi(value, type_name: str, where: str) -> list[str]:
+    """Check a value against a type of the Kubeflow training API, as the kubeflow-training SDK
+    (generated from that API's OpenAPI spec) declares it: unknown fields, wrong types; pod
+    templates strictly against the core schema."""
+    import kubeflow.training.models as kubeflow_models
+
+    if type_name in SCALARS:
+        ok = isinstance(value, SCALARS[type_name]) and not (
+            type_name in ("int", "float") and isinstance(value, bool)
+        )
+        return [] if ok else [f"{where}: {value!r} is not {type_name}"]
+    if type_name.startswith("dict(str, "):
+        inner = type_name[len("dict(str, ") : -1]
+        if not isinstance(value, dict):
+            return [f"{where}: expected a mapping"]
+        return [p for k, v in value.items() for p in check_openapi(v, inner, f"{where}/{k}")]
+    if type_name.startswith("list["):
+        if not isinstance(value, list):
+            return [f"{where}: expected a list"]
+        return [
+            p
+            for i, v in enumerate(value)
+            for p in check_openapi(v, type_name[5:-1], f"{where}/{i}")
+        ]
+    if type_name == "V1PodTemplateSpec":
+        template = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"},
+                    "template": value}  # fmt: skip
+        try:
+            kubernetes_validate.validate(template, KUBERNETES_VERSION, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            path = "/".join(str(p) for p in list(exc.path)[1:])
+            return [f"{where}/{path}: {exc.message}"]
+        return check_pod(where, value.get("spec", {}))
+    if type_name.startswith("V1"):  # other core types (ObjectMeta): not used in the spec here
+        return []
+    model = getattr(kubeflow_models, type_name)
+    if not isinstance(value, dict):
+        return [f"{where}: expected a {type_name} mapping"]
+    fields = {
+        json_name: model.openapi_types[attr] for attr, json_name in model.attribute_map.items()
+    }
+    problems = [f"{where}: unknown field {k} (of {type_name})" for k in value.keys() - fields]
+    for key in value.keys() & fields.keys():
+        problems += check_openapi(value[key], fields[key], f"{where}/{key}")
+    return problems
+
+
+def check_pytorchjob(where: str, job: dict) -> list[str]:
+    """No CRD schema for PyTorchJob is on a reachable registry; the kubeflow-training SDK's
+    models (generated from the training operator's OpenAPI spec) are."""
+    problems = check_openapi(job, "KubeflowOrgV1PyTorchJob", where)
+    replicas = job.get("spec", {}).get("pytorchReplicaSpecs", {})
+    problems += [f"{where}: replica type {name} is not Master or Worker"
+                 for name in replicas if name not in ("Master", "Worker")]  # fmt: skip
+    for name, replica in replicas.items():
+        if replica.get("restartPolicy") not in ("Always", "OnFailure", "Never", "ExitCode"):
+            problems.append(f"{where}/{name}: restartPolicy {replica.get('restartPolicy')!r}")
+    return problems
+
+
+def check_examples(k8s: Path) -> dict:
+    report = {"overlay": "examples", "path": "k8s/examples", "objects": [], "problems": [],
+              "not_schema_checked": []}  # fmt: skip
+    for path in sorted((k8s / "examples").glob("*.yaml")):
+        for doc in yaml.safe_load_all(path.read_text()):
+            kind, name = doc["kind"], doc["metadata"]["name"]
+            report["objects"].append(f"{kind}/{name}")
+            if kind == "PyTorchJob":
+                report["problems"] += check_pytorchjob(f"examples/{kind}/{name}", doc)
+            else:
+                report["not_schema_checked"].append(f"{kind}/{name}")
+    return report
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--json", action="store_true", help="print the report as JSON")
@@ -210,12 +288,13 @@ def main() -> None:
         sys.exit(1 if failed else 0)
     overlays = opts.k8s / "overlays"
     reports = [check_overlay(p) for p in sorted(overlays.iterdir()) if p.is_dir()]
+    reports.append(check_examples(opts.k8s))
     if opts.json:
         print(json.dumps(reports, indent=2))
     else:
         for report in reports:
             print(
-                f"k8s/overlays/{report['overlay']}: {len(report['objects'])} objects, "
+                f"{report['path']}: {len(report['objects'])} objects, "
                 f"{len(report['problems'])} problems; custom resources not schema-checked: "
                 f"{', '.join(report['not_schema_checked']) or 'none'}"
             )

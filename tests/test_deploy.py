@@ -36,14 +36,16 @@ def test_dockerfiles_pass_hadolint_and_hadolint_does_look(tmp_path):
 
 def test_every_overlay_renders_and_validates(tmp_path):
     reports = {r["overlay"]: r for r in check_k8s(REPO / "k8s")}
-    assert set(reports) == {"gpu", "cpu"}
-    for report in reports.values():
-        assert report["problems"] == [] and report["not_schema_checked"] == []
+    assert set(reports) == {"gpu", "cpu", "examples"}
+    assert reports["examples"]["objects"] == ["PyTorchJob/tuneship-train-70b"]
+    for report in (reports["gpu"], reports["cpu"]):
         assert {"Deployment/tuneship-serve", "Service/tuneship-serve", "Job/tuneship-train",
                 "HorizontalPodAutoscaler/tuneship-serve", "PodDisruptionBudget/tuneship-serve",
                 "NetworkPolicy/tuneship-serve", "ConfigMap/tuneship-grafana-dashboard",
                 } <= set(report["objects"])  # fmt: skip
     assert "Job/tuneship-train-8gpu" in reports["gpu"]["objects"]
+    for report in reports.values():
+        assert report["problems"] == [] and report["not_schema_checked"] == []
 
 
 @pytest.mark.parametrize(
@@ -58,6 +60,14 @@ def test_every_overlay_renders_and_validates(tmp_path):
          "Additional properties are not allowed ('nodePortt'"),
         ("base/train-job.yaml", "  backoffLimit: 6\n", "", "needs backoffLimit"),
         ("base/prometheusrule.yaml", "for: 10m", "for: 10", "/for must be string"),
+        ("examples/pytorchjob-multinode.yaml", "restartPolicy: OnFailure",
+         "restartPolicy: OnFail", "restartPolicy 'OnFail'"),
+        ("examples/pytorchjob-multinode.yaml", "mountPath: /tmp}", "mountPath: /tmp, ro: 1}",
+         "Additional properties are not allowed ('ro'"),
+        ("examples/pytorchjob-multinode.yaml", 'nprocPerNode: "8"', 'nprocsPerNode: "8"',
+         "unknown field nprocsPerNode (of KubeflowOrgV1PyTorchJobSpec)"),
+        ("examples/pytorchjob-multinode.yaml", "backoffLimit: 6", "backoffLimit: six",
+         "runPolicy/backoffLimit: 'six' is not int"),
     ],
 )  # fmt: skip
 def test_a_broken_manifest_is_named(tmp_path, file, old, new, problem):
