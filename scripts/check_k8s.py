@@ -32,13 +32,17 @@ KUBERNETES_VERSION = "1.32.0"
 CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule"}
 
 
-def render(overlay: Path) -> list[dict]:
+def kustomize_build(overlay: Path) -> str:
     if not KUSTOMIZE.exists():
         sys.exit(f"{KUSTOMIZE} not found: `make envs` installs the pinned kustomize")
     done = subprocess.run([str(KUSTOMIZE), "build", str(overlay)], capture_output=True, text=True)
     if done.returncode:
         raise RuntimeError(f"kustomize failed: {done.stderr.strip()}")
-    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+    return done.stdout
+
+
+def render(overlay: Path) -> list[dict]:
+    return [doc for doc in yaml.safe_load_all(kustomize_build(overlay)) if doc]
 
 
 def env_of(container: dict) -> dict[str, str]:
@@ -171,10 +175,7 @@ def run_checkov(k8s: Path) -> list[str]:
     checkov = Path(sys.executable).parent / "checkov"
     with tempfile.TemporaryDirectory() as tmp:
         for overlay in sorted((k8s / "overlays").iterdir()):
-            rendered = subprocess.run(
-                [str(KUSTOMIZE), "build", str(overlay)], capture_output=True, text=True, check=True
-            ).stdout
-            (Path(tmp) / f"overlay-{overlay.name}.yaml").write_text(rendered)
+            (Path(tmp) / f"overlay-{overlay.name}.yaml").write_text(kustomize_build(overlay))
         for example in (k8s / "examples").glob("*.yaml"):
             (Path(tmp) / f"example-{example.name}").write_text(example.read_text())
         config = ["--config-file", str(REPO / ".checkov.yaml"), "--quiet", "-o", "json"]

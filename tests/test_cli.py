@@ -6,7 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-TUNESHIP = str(Path(sys.executable).parent / "tuneship")
+from tests.conftest import TRAIN_BIN
+
+TUNESHIP = str(TRAIN_BIN)
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:

@@ -6,20 +6,20 @@ import json
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import yaml
 
+from tests.conftest import TRAIN_BIN
 from tests.test_train import config
 from tuneship.errors import TuneshipError
 from tuneship.manifest import read_run
 from tuneship.train import checkpoints as ckpt
 from tuneship.train.run import run
 
-TUNESHIP = str(Path(sys.executable).parent / "tuneship")
+TUNESHIP = str(TRAIN_BIN)
 
 
 def write_config(tmp_path, tiny_base, data, **overrides) -> Path:
