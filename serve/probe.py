@@ -3,9 +3,11 @@
 The export's preflight: starts vLLM's API server on a checkpoint with the production arguments of
 `tuneship serve`, measures load time and peak memory, then records what vLLM does with the
 export's probes: the token ids it feeds the model for chat messages (POST /tokenize) and greedy
-chat replies with their finish_reason. The export (train environment) judges the results.
+chat replies with their finish_reason, length and latency. The export and `tuneship eval`
+(train environment) judge the results.
 
 IN.json: {"max_model_len": int, "max_tokens": int, "extra_args": [vLLM flags],
+          "concurrency": requests in flight (default 16),
           "tokenize": [[messages...], ...],
           "chats": [{"id": str, "model": served name (optional), "messages": [...]}, ...]}
 """
@@ -65,15 +67,19 @@ def run(model_dir: Path, input_path: Path, output_path: Path) -> dict:
                 "max_tokens": spec["max_tokens"],
                 "temperature": 0,
             }
-            reply = _post(f"{base}/v1/chat/completions", body)["choices"][0]
+            sent = time.monotonic()
+            response = _post(f"{base}/v1/chat/completions", body)
+            reply = response["choices"][0]
             return {
                 "id": item["id"],
                 "model": body["model"],
                 "text": reply["message"]["content"],
                 "finish_reason": reply["finish_reason"],
+                "completion_tokens": response.get("usage", {}).get("completion_tokens"),
+                "latency_s": round(time.monotonic() - sent, 3),
             }
 
-        with ThreadPoolExecutor(16) as pool:
+        with ThreadPoolExecutor(spec.get("concurrency", 16)) as pool:
             tokens = list(pool.map(tokenize, spec["tokenize"]))
             chat_started = time.monotonic()
             chats = list(pool.map(chat, spec["chats"]))

@@ -101,4 +101,4 @@ def test_missing_serve_environment_is_named(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TUNESHIP_SERVE_BIN", raising=False)
     with pytest.raises(TuneshipError, match="set checks=false to export without them"):
-        checks.find_serve_bin(ExportConfig())
+        checks.find_serve_bin(ExportConfig().serve_bin)

@@ -173,3 +173,57 @@ def test_adapters_only_bundle_serves_each_adapter_through_vllm_multi_lora(bundle
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     assert "--lora-modules" in dry.stdout and "e2e-attn=" in dry.stdout
+
+
+LMEVAL_BIN = REPO / ".venv" / "lmeval" / "bin" / "lm_eval"
+
+
+def test_lm_eval_scores_the_served_endpoint(server, bundle, client, tmp_path):
+    """lm-evaluation-harness's local-chat-completions model against `tuneship serve`, with the
+    task that ships in eval/lm_eval_tasks (README, "Scoring with lm-eval")."""
+    from tuneship.facts import contains_fact
+
+    assert LMEVAL_BIN.exists(), f"lm-eval environment missing at {LMEVAL_BIN}: run `make envs`"
+    name = json.loads((bundle / "bundle.json").read_text())["served_model_name"]
+    model_args = (
+        f"model={name},base_url={server.base_url}/v1/chat/completions,"
+        # one request at a time, like the direct calls below: the same batch shapes, so the
+        # same greedy tokens
+        "num_concurrent=1,max_retries=1"
+    )
+    env = {"HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "OPENAI_API_KEY": "unused"}
+    env |= {"HF_HOME": str(tmp_path / "hf"), "PATH": "/usr/bin:/bin"}
+    proc = subprocess.run(
+        [
+            *(str(LMEVAL_BIN), "--model", "local-chat-completions", "--model_args", model_args),
+            *("--tasks", "tuneship_handbook", "--include_path", "eval/lm_eval_tasks"),
+            *("--apply_chat_template", "--limit", "6", "--log_samples"),
+            *("--output_path", str(tmp_path / "out")),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (results_file,) = (tmp_path / "out").rglob("results_*.json")
+    (samples_file,) = (tmp_path / "out").rglob("samples_tuneship_handbook_*.jsonl")
+    score = json.loads(results_file.read_text())["results"]["tuneship_handbook"]["fact_recall,none"]
+    samples = [json.loads(line) for line in samples_file.read_text().splitlines()]
+    assert sorted(s["doc_id"] for s in samples) == list(range(6))
+    heldout = [json.loads(x) for x in (REPO / "data/demo/heldout.jsonl").read_text().splitlines()]
+    for sample in samples:
+        row = heldout[sample["doc_id"]]
+        reply = sample["resps"][0][0]
+        assert sample["doc"]["question"] == row["question"]
+        assert sample["fact_recall"] == float(contains_fact(reply, row["fact"]))
+        # what lm-eval scored is what the endpoint answers (greedy, same budget)
+        direct = client.chat.completions.create(
+            model=name,
+            messages=[{"role": "user", "content": row["question"]}],
+            max_tokens=64,
+            temperature=0,
+        )
+        assert reply.strip() == direct.choices[0].message.content.strip()
+    assert score == pytest.approx(sum(s["fact_recall"] for s in samples) / len(samples))

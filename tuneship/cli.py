@@ -185,6 +185,37 @@ def export(
     run(run_dirs[0], out, cfg, force=force)
 
 
+@main.command("eval")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Report folder.")
+@click.option(
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="Eval config YAML (optional; `tuneship config eval` lists the keys).",
+)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
+@click.option("--force", is_flag=True, help="Replace an existing report folder.")
+@click.option("--strict", is_flag=True, help="Exit 1 when a target is missed.")
+def evaluate(
+    bundle_dir: Path,
+    out: Path,
+    config_path: Path | None,
+    overrides: tuple[str, ...],
+    force: bool,
+    strict: bool,
+) -> None:
+    """Compare base, merged 16-bit and quantized models served by vLLM; write report.md/.html."""
+    from tuneship.config import EvalConfig, load_config, parse_overrides
+
+    cfg = load_config(EvalConfig, config_path, parse_overrides(overrides))
+    from tuneship.eval.run import run
+
+    report = run(bundle_dir, out, cfg, force=force)
+    if strict and not all(t["met"] for t in report["targets"]):
+        raise SystemExit(1)
+
+
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 @click.option("--host", default="0.0.0.0", show_default=True)
@@ -305,11 +336,11 @@ def bundle_probe(model_dir: Path, input_path: Path, output_path: Path) -> None:
 
 
 @main.command("config")
-@click.argument("stage", type=click.Choice(["train", "export"]))
+@click.argument("stage", type=click.Choice(["train", "export", "eval"]))
 def config_keys(stage: str) -> None:
     """List a stage's config keys with their defaults and meaning."""
-    from tuneship.config import ExportConfig, TrainConfig, describe_fields
+    from tuneship.config import EvalConfig, ExportConfig, TrainConfig, describe_fields
 
-    model = TrainConfig if stage == "train" else ExportConfig
+    model = {"train": TrainConfig, "export": ExportConfig, "eval": EvalConfig}[stage]
     for key, default, doc in describe_fields(model):
         click.echo(f"{key} (default {default}): {doc}")

@@ -331,6 +331,55 @@ def describe_errors(model: type[BaseModel], exc: ValidationError, source: str) -
     return problems
 
 
+class EvalTargets(StrictModel):
+    min_recall: float = Field(
+        0.8, ge=0, le=1, description="Fine-tuned (merged 16-bit) held-out fact recall, at least."
+    )
+    max_base_recall: float = Field(
+        0.1,
+        ge=0,
+        le=1,
+        description="The base model's held-out fact recall, under this (else the questions "
+        "test what the base model already knew).",
+    )
+    max_quantized_drop: float = Field(
+        5.0, ge=0, description="Quantized recall at most this many points under the merged one."
+    )
+    min_retention: float = Field(
+        0.9,
+        ge=0,
+        le=1,
+        description="Of the general questions the base model answers, the share the quantized "
+        "bundle still answers, at least.",
+    )
+    recall_style: str | None = Field(
+        None,
+        description="Judge recall on the held-out questions of this style only (null: all).",
+    )
+
+
+class EvalConfig(StrictModel):
+    heldout: str | None = Field(
+        None,
+        description="Held-out questions (JSONL: question, fact and/or answers, answer, id, "
+        "style); default: the run's eval_data.",
+    )
+    general: str | None = Field(
+        None,
+        description="General-knowledge questions (JSONL: question, answers) for the forgetting "
+        "check; null: no retention figures.",
+    )
+    max_tokens: int = Field(64, ge=1, description="Reply budget per question (greedy).")
+    concurrency: int = Field(16, ge=1, description="Questions in flight per served model.")
+    serve_bin: str | None = Field(
+        None, description="The serve environment's tuneship (default: .venv/serve/bin/tuneship)."
+    )
+    shown: int = Field(
+        12, ge=0, description="Questions shown side by side in report.md (report.html: all)."
+    )
+    targets: EvalTargets = Field(default_factory=EvalTargets)
+
+
 def load_config(
     model: type[M], path: str | Path | None, overrides: dict[str, Any] | None = None
 ) -> M:

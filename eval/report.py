@@ -1,0 +1,286 @@
+"""The evaluation report: plots (PNG), report.md, self-contained report.html, console summary."""
+
+from __future__ import annotations
+
+import base64
+import html
+from pathlib import Path
+from typing import Any
+
+from tuneship.train.observe import read_rows, write_plots
+
+MODELS = ("base", "merged", "quantized")
+TUNED = MODELS[1:]
+COLOURS = {"base": "#9e9e9e", "merged": "#1f77b4", "quantized": "#ff7f0e"}
+
+
+def pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0%}"
+
+
+def num(value: float | None, unit: str = "") -> str:
+    return "n/a" if value is None else f"{value:g}{unit}"
+
+
+def metric_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """(metric, one cell per model) in the order the tables show them."""
+    models = report["models"]
+    styles = sorted({s for m in models.values() for s in m["recall_by_style"]})
+    rows = [("held-out fact recall", [pct(models[m]["recall"]) for m in MODELS])]
+    rows += [
+        (f"  {style} questions", [pct(models[m]["recall_by_style"].get(style)) for m in MODELS])
+        for style in styles
+    ]
+    rows += [
+        ("general questions answered", [pct(models[m]["general_accuracy"]) for m in MODELS]),
+        ("general knowledge retained", ["-", *(pct(models[m].get("retention")) for m in TUNED)]),
+        ("held-out perplexity (reference answers)", [num(models[m]["perplexity"]) for m in MODELS]),
+        ('finish_reason "stop"', [pct(models[m]["stop_rate"]) for m in MODELS]),
+        ("mean answer length (tokens)", [num(models[m]["mean_answer_tokens"]) for m in MODELS]),
+        ("latency mean / p95 (s)", [
+            f"{models[m]['latency_mean_s']:.2f} / {models[m]['latency_p95_s']:.2f}" for m in MODELS
+        ]),
+        ("output tokens/s", [num(models[m]["output_tokens_per_s"]) for m in MODELS]),
+        ("vLLM start-up (s)", [num(models[m]["load_s"]) for m in MODELS]),
+    ]  # fmt: skip
+    return rows
+
+
+def plot_quality(report: dict[str, Any], path: Path) -> None:
+    """Bars per model: recall (all and per style), general accuracy, retention, stop rate."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = report["models"]
+    styles = sorted({s for m in models.values() for s in m["recall_by_style"]})
+    groups = [("held-out recall", lambda m: m["recall"])]
+    groups += [(f"recall: {s}", lambda m, s=s: m["recall_by_style"].get(s)) for s in styles]
+    groups += [
+        ("general answered", lambda m: m["general_accuracy"]),
+        ("general retained", lambda m: m.get("retention")),
+        ('finish "stop"', lambda m: m["stop_rate"]),
+    ]
+    fig, ax = plt.subplots(figsize=(9, 4), dpi=100)
+    width = 0.8 / len(MODELS)
+    for k, model in enumerate(MODELS):
+        values = [get(models[model]) for _, get in groups]
+        xs = [g + (k - 1) * width for g in range(len(groups))]
+        bars = ax.bar(
+            xs, [v or 0 for v in values], width, label=models[model]["label"], color=COLOURS[model]
+        )
+        for bar, value in zip(bars, values, strict=True):
+            if value is not None:
+                ax.annotate(
+                    f"{value:.0%}",
+                    (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                    ha="center",
+                    va="bottom",
+                    fontsize=7,
+                )
+    target = report["config"]["targets"]["min_recall"]
+    ax.axhline(
+        target, color="green", linestyle="--", linewidth=1, label=f"recall target {target:.0%}"
+    )
+    ax.set_xticks(range(len(groups)), [name for name, _ in groups], fontsize=8)
+    ax.set_ylim(0, 1.12)
+    ax.set_ylabel("share of questions")
+    ax.set_title("answers through the OpenAI-compatible endpoint (vLLM, greedy)")
+    ax.legend(fontsize=7, loc="upper right")
+    ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def plot_serving(report: dict[str, Any], path: Path) -> None:
+    """Perplexity, latency and answer length per model, side by side."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    models = report["models"]
+    panels = [
+        ("held-out perplexity", "perplexity"),
+        ("mean latency (s)", "latency_mean_s"),
+        ("mean answer length (tokens)", "mean_answer_tokens"),
+    ]
+    fig, axes = plt.subplots(1, len(panels), figsize=(10, 3.2), dpi=100)
+    for ax, (title, key) in zip(axes, panels, strict=True):
+        values = [models[m][key] or 0 for m in MODELS]
+        ax.bar([m for m in MODELS], values, color=[COLOURS[m] for m in MODELS])
+        for x, value in enumerate(values):
+            ax.annotate(f"{value:.3g}", (x, value), ha="center", va="bottom", fontsize=8)
+        ax.set_title(title, fontsize=9)
+        ax.grid(axis="y", alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def write_plots_for(report: dict[str, Any], run_dir: Path, folder: Path) -> list[str]:
+    written = []
+    rows = read_rows(run_dir / "metrics.jsonl")
+    if rows and "loss.png" in write_plots(rows, folder, f"run {run_dir.name}"):
+        written.append("loss.png")
+    (folder / "learning_rate.png").unlink(missing_ok=True)
+    plot_quality(report, folder / "quality.png")
+    plot_serving(report, folder / "serving.png")
+    return [*written, "quality.png", "serving.png"]
+
+
+def measured(target: dict[str, Any]) -> str:
+    value = target["value"]
+    return "n/a" if value is None else (f"{value:g}" if value > 1 else f"{value:.0%}")
+
+
+def md_cell(text: str) -> str:
+    return " ".join(str(text).split()).replace("|", "\\|")
+
+
+def markdown(report: dict[str, Any], plots: list[str]) -> str:
+    models, data = report["models"], report["data"]
+    lines = [
+        f"# Evaluation of `{report['bundle']}`",
+        "",
+        f"Base `{report['base']}`, run `{report['run']}`. {data['heldout_questions']} held-out "
+        f"questions from `{data['heldout']}`"
+        + (
+            f", {data['general_questions']} general questions from `{data['general']}`."
+            if data["general"]
+            else "."
+        )
+        + f" Each model served by vLLM and asked through the OpenAI-compatible chat endpoint "
+        f"(greedy, at most {report['config']['max_tokens']} tokens, "
+        f"{report['config']['concurrency']} requests in flight); perplexity computed locally on "
+        "the reference answers' tokens.",
+        "",
+        "## Targets",
+        "",
+        "| target | goal | measured | |",
+        "| --- | --- | --- | --- |",
+    ]
+    for t in report["targets"]:
+        verdict = "met" if t["met"] else "MISSED"
+        lines.append(f"| {t['target']} | {t['goal']} | {measured(t)} | {verdict} |")
+    lines += ["", "## Metrics", "", "| | " + " | ".join(models[m]["label"] for m in MODELS) + " |"]
+    lines.append("| --- |" + " --- |" * len(MODELS))
+    for name, cells in metric_rows(report):
+        lines.append(
+            f"| {name.strip() if not name.startswith('  ') else '&nbsp;&nbsp;' + name.strip()} | "
+            + " | ".join(cells)
+            + " |"
+        )
+    lines += [""] + [f"![{p}]({p})" for p in plots]
+    shown = report["config"]["shown"]
+    lines += [
+        "",
+        f"## Answers side by side (first {shown} of each kind; all in report.html and report.json)",
+        "",
+        "| question | must contain | " + " | ".join(models[m]["label"] for m in MODELS) + " |",
+        "| --- | --- |" + " --- |" * len(MODELS),
+    ]
+    for kind in dict.fromkeys(a["kind"] for a in report["answers"]):
+        for answer in [a for a in report["answers"] if a["kind"] == kind][:shown]:
+            cells = [
+                f"{'✓' if answer[m]['ok'] else '✗'} {md_cell(answer[m]['text'])}" for m in MODELS
+            ]
+            expected = md_cell(" / ".join(answer["expected"]))
+            question = md_cell(answer["question"])
+            lines.append(f"| ({kind}) {question} | {expected} | " + " | ".join(cells) + " |")
+    seconds = ", ".join(f"{k} {v} s" for k, v in report["seconds"].items())
+    lines += ["", f"Time: {seconds}.", ""]
+    return "\n".join(lines)
+
+
+STYLE = """
+body{font-family:system-ui,sans-serif;max-width:1200px;margin:2em auto;padding:0 1em;color:#222}
+table{border-collapse:collapse;margin:1em 0;font-size:14px}
+td,th{border:1px solid #ccc;padding:4px 8px;vertical-align:top;text-align:left}
+th{background:#f3f3f3}.ok{background:#e8f5e9}.bad{background:#ffebee}
+.met{color:#1b5e20;font-weight:bold}.missed{color:#b71c1c;font-weight:bold}
+img{max-width:100%;display:block;margin:1em 0}td.answer{max-width:320px}
+"""
+
+
+def html_report(report: dict[str, Any], folder: Path, plots: list[str]) -> str:
+    e = html.escape
+    models = report["models"]
+    parts = [
+        "<!doctype html><html><head><meta charset='utf-8'>",
+        f"<title>tuneship eval: {e(report['bundle'])}</title><style>{STYLE}</style></head><body>",
+        f"<h1>Evaluation of <code>{e(report['bundle'])}</code></h1>",
+        f"<p>Base <code>{e(report['base'])}</code>, run <code>{e(report['run'])}</code>; "
+        f"{report['data']['heldout_questions']} held-out and "
+        f"{report['data']['general_questions']} general questions, each model served by vLLM "
+        "and asked through the OpenAI-compatible endpoint (greedy).</p>",
+        "<h2>Targets</h2><table><tr><th>target</th><th>goal</th><th>measured</th><th></th></tr>",
+    ]
+    for t in report["targets"]:
+        verdict = (
+            "<span class='met'>met</span>" if t["met"] else "<span class='missed'>MISSED</span>"
+        )
+        parts.append(
+            f"<tr><td>{e(t['target'])}</td><td>{e(t['goal'])}</td>"
+            f"<td>{measured(t)}</td><td>{verdict}</td></tr>"
+        )
+    parts.append("</table><h2>Metrics</h2><table><tr><th></th>")
+    parts += [f"<th>{e(models[m]['label'])}</th>" for m in MODELS]
+    parts.append("</tr>")
+    for name, cells in metric_rows(report):
+        indent = "&nbsp;&nbsp;&nbsp;" if name.startswith("  ") else ""
+        parts.append(
+            f"<tr><td>{indent}{e(name.strip())}</td>"
+            + "".join(f"<td>{e(c)}</td>" for c in cells)
+            + "</tr>"
+        )
+    parts.append("</table>")
+    for plot in plots:
+        data = base64.b64encode((folder / plot).read_bytes()).decode()
+        parts.append(f"<img alt='{e(plot)}' src='data:image/png;base64,{data}'>")
+    parts.append("<h2>Answers side by side</h2><table><tr>")
+    parts += [f"<th>{column}</th>" for column in ("kind", "question", "must contain")]
+    parts += [f"<th>{e(models[m]['label'])}</th>" for m in MODELS]
+    parts.append("</tr>")
+    for answer in report["answers"]:
+        parts.append(
+            f"<tr><td>{e(answer['kind'])}</td><td>{e(answer['question'])}</td>"
+            f"<td>{e(' / '.join(answer['expected']))}</td>"
+        )
+        for m in MODELS:
+            cls = "ok" if answer[m]["ok"] else "bad"
+            parts.append(f"<td class='answer {cls}'>{e(answer[m]['text'] or '')}</td>")
+        parts.append("</tr>")
+    parts.append("</table></body></html>")
+    return "\n".join(parts)
+
+
+def write(report: dict[str, Any], run_dir: Path, folder: Path) -> None:
+    plots = write_plots_for(report, run_dir, folder)
+    (folder / "report.md").write_text(markdown(report, plots), encoding="utf-8")
+    (folder / "report.html").write_text(html_report(report, folder, plots), encoding="utf-8")
+
+
+def summary(report: dict[str, Any], out_dir: Path) -> str:
+    """A few lines for the console: the targets and the headline figures per model."""
+    from io import StringIO
+
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title="tuneship eval", show_lines=False)
+    table.add_column("")
+    for m in MODELS:
+        table.add_column(report["models"][m]["label"])
+    for name, cells in metric_rows(report):
+        table.add_row(name, *cells)
+    buffer = StringIO()
+    console = Console(file=buffer, width=120, force_terminal=False)
+    console.print(table)
+    for t in report["targets"]:
+        verdict = "met   " if t["met"] else "MISSED"
+        console.print(f"{verdict} {t['target']}: {measured(t)} (goal {t['goal']})")
+    console.print(f"report: {out_dir / 'report.html'} (and report.md, report.json)")
+    return buffer.getvalue()

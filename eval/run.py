@@ -1,0 +1,242 @@
+"""`tuneship eval BUNDLE --out DIR`: base model, fine-tuned (merged 16-bit) and the quantized
+bundle, measured the way users meet them.
+
+Each model is served by vLLM with the production arguments (`tuneship bundle probe` in the serve
+environment) and asked every held-out and general question through the OpenAI-compatible chat
+endpoint, greedy; perplexity on the held-out reference answers (assistant tokens only) is
+computed locally with transformers. The merged 16-bit model is rebuilt from the bundle's run
+(base + adapter, both checked against their hashes) and removed afterwards.
+
+Writes DIR/report.json, report.md, report.html (self-contained: plots inlined) and the plots as
+PNG files, atomically: an evaluation that fails leaves no report behind.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+from tuneship.bundles import verify
+from tuneship.chat_tokens import ChatTokenizer
+from tuneship.config import EvalConfig
+from tuneship.errors import TuneshipError
+from tuneship.export import checks
+from tuneship.export.run import check_run, merge, serving_max_len
+from tuneship.fsutil import check_output_free, staged_dir, write_json_atomic
+from tuneship.manifest import read_run
+
+from . import report as render
+from .report import MODELS, TUNED
+
+LABELS = {
+    "base": "base model",
+    "merged": "fine-tuned (merged 16-bit)",
+    "quantized": "fine-tuned (W4A16 bundle)",
+}
+
+
+def share(flags: list[bool]) -> float | None:
+    return round(sum(flags) / len(flags), 4) if flags else None
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def served_answers(
+    serve_bin: Path,
+    model_dir: Path,
+    items: list[checks.EvalItem],
+    cfg: EvalConfig,
+    work: Path,
+    name: str,
+) -> dict[str, Any]:
+    spec = {
+        "max_model_len": serving_max_len(model_dir),
+        "max_tokens": cfg.max_tokens,
+        "concurrency": cfg.concurrency,
+        "tokenize": [],
+        "chats": [{"id": i.id, "messages": list(i.messages)} for i in items],
+    }
+    return checks.probe(serve_bin, model_dir, work, name, spec)
+
+
+def model_figures(
+    heldout: list[checks.EvalItem],
+    general: list[checks.EvalItem],
+    probe: dict[str, Any],
+    perplexity: float | None,
+) -> dict[str, Any]:
+    chats = probe["chats"]
+    held_chats, general_chats = chats[: len(heldout)], chats[len(heldout) :]
+    held_ok = [checks.answered(i, c["text"]) for i, c in zip(heldout, held_chats, strict=True)]
+    styles = sorted({i.style for i in heldout if i.style})
+    tokens = [c["completion_tokens"] for c in chats if c.get("completion_tokens") is not None]
+    latencies = [c["latency_s"] for c in chats]
+    return {
+        "perplexity": None if perplexity is None else round(perplexity, 4),
+        "recall": share(held_ok),
+        "recall_by_style": {
+            style: share([ok for i, ok in zip(heldout, held_ok, strict=True) if i.style == style])
+            for style in styles
+        },
+        "general_accuracy": share(
+            [checks.answered(i, c["text"]) for i, c in zip(general, general_chats, strict=True)]
+        ),
+        "stop_rate": share([c["finish_reason"] == "stop" for c in chats]),
+        "mean_answer_tokens": round(statistics.mean(tokens), 1) if tokens else None,
+        "latency_mean_s": round(statistics.mean(latencies), 3),
+        "latency_p95_s": percentile(latencies, 0.95),
+        "output_tokens_per_s": round(sum(tokens) / probe["chat_s"], 1) if tokens else None,
+        "load_s": probe["load_s"],
+        "peak_rss_bytes": probe["peak_rss_bytes"],
+    }
+
+
+def retention(general: list[checks.EvalItem], base: list[dict], tuned: list[dict]) -> float | None:
+    """Of the general questions the base model answers correctly, the share still answered."""
+    kept = [
+        checks.answered(item, mine["text"])
+        for item, theirs, mine in zip(general, base, tuned, strict=True)
+        if checks.answered(item, theirs["text"])
+    ]
+    return share(kept)
+
+
+def judge(figures: dict[str, dict[str, Any]], cfg: EvalConfig) -> list[dict[str, Any]]:
+    """The targets, each with the measured value and whether it is met."""
+    t = cfg.targets
+
+    def recall(model: str) -> float | None:
+        if t.recall_style is None:
+            return figures[model]["recall"]
+        return figures[model]["recall_by_style"].get(t.recall_style)
+
+    on = f"held-out questions ({t.recall_style})" if t.recall_style else "held-out questions"
+    merged, quantized, base = recall("merged"), recall("quantized"), recall("base")
+    drop = None if merged is None or quantized is None else round(100 * (merged - quantized), 1)
+    kept = figures["quantized"].get("retention")
+    rows = [
+        ("base model fact recall", f"< {t.max_base_recall:.0%}", base,
+         lambda v: v < t.max_base_recall),
+        ("fine-tuned fact recall", f">= {t.min_recall:.0%}", merged, lambda v: v >= t.min_recall),
+        ("quantized recall drop (points)", f"<= {t.max_quantized_drop:g}", drop,
+         lambda v: v <= t.max_quantized_drop),
+        ("general knowledge retained (quantized)", f">= {t.min_retention:.0%}", kept,
+         lambda v: v >= t.min_retention),
+    ]  # fmt: skip
+    return [
+        {
+            "target": name + ("" if "retained" in name else f", {on}"),
+            "goal": goal,
+            "value": value,
+            "met": value is not None and bool(test(value)),
+        }
+        for name, goal, value, test in rows
+    ]
+
+
+def run(bundle_dir: Path, out_dir: Path, cfg: EvalConfig, force: bool = False) -> dict[str, Any]:
+    bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
+    started = time.monotonic()
+    check_output_free(out_dir, force)
+    bundle = verify(bundle_dir)
+    if bundle.layout != "merged":
+        raise TuneshipError(f"{bundle_dir}: eval compares merged bundles (this one is adapters)")
+    run_dir = Path(bundle.run["path"])
+    manifest = read_run(run_dir)
+    check_run(run_dir, manifest)
+    heldout_path = cfg.heldout or manifest.config.get("eval_data")
+    if not heldout_path:
+        raise TuneshipError(
+            "no held-out questions: set heldout (the run had no eval_data to fall back on)"
+        )
+    heldout = checks.load_eval_items(Path(heldout_path))
+    general = checks.load_eval_items(Path(cfg.general)) if cfg.general else []
+    if not any(i.facts for i in heldout):
+        raise TuneshipError(f"{heldout_path}: no question has a `fact` to check recall against")
+    serve_bin = checks.find_serve_bin(cfg.serve_bin, hint="set serve_bin")
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        timings[name] = round(time.monotonic() - since, 1)
+        return time.monotonic()
+
+    with staged_dir(out_dir) as stage:
+        work = stage / ".work"
+        model_dirs = {
+            "base": Path(manifest.base["path"]),
+            "merged": work / "merged",
+            "quantized": bundle_dir / "model",
+        }
+        t0 = time.monotonic()
+        print(f"merging {run_dir / 'adapter'} into the base (bfloat16) ...", flush=True)
+        tokenizer = merge(manifest.base["path"], run_dir / "adapter", model_dirs["merged"])
+        chat_tokenizer = ChatTokenizer(tokenizer)
+        t0 = lap("merge", t0)
+        perplexities, probes = {}, {}
+        for model in MODELS:
+            print(f"{LABELS[model]}: held-out perplexity (transformers) ...", flush=True)
+            perplexities[model] = checks.perplexity(model_dirs[model], chat_tokenizer, heldout)
+            t0 = lap(f"perplexity {model}", t0)
+            print(
+                f"{LABELS[model]}: serving with vLLM, asking {len(heldout) + len(general)} "
+                "questions through the OpenAI-compatible endpoint ...",
+                flush=True,
+            )
+            probes[model] = served_answers(
+                serve_bin, model_dirs[model], heldout + general, cfg, work, model
+            )
+            t0 = lap(f"serve {model}", t0)
+
+        figures = {m: model_figures(heldout, general, probes[m], perplexities[m]) for m in MODELS}
+        base_general = probes["base"]["chats"][len(heldout) :]
+        for model in TUNED:
+            figures[model]["retention"] = retention(
+                general, base_general, probes[model]["chats"][len(heldout) :]
+            )
+        answers = [
+            {
+                "id": item.id,
+                "kind": "general" if n >= len(heldout) else item.style or "held-out",
+                "question": item.messages[-1]["content"],
+                "expected": list(item.facts),
+            }
+            | {
+                model: {
+                    "text": probes[model]["chats"][n]["text"],
+                    "ok": checks.answered(item, probes[model]["chats"][n]["text"]),
+                    "finish_reason": probes[model]["chats"][n]["finish_reason"],
+                }
+                for model in MODELS
+            }
+            for n, item in enumerate(heldout + general)
+        ]
+        report = {
+            "bundle": str(bundle_dir),
+            "run": str(run_dir),
+            "base": manifest.base.get("ref") or manifest.base["path"],
+            "data": {
+                "heldout": str(heldout_path),
+                "heldout_questions": len(heldout),
+                "general": cfg.general,
+                "general_questions": len(general),
+            },
+            "config": cfg.model_dump(),
+            "models": {m: {"label": LABELS[m]} | figures[m] for m in MODELS},
+            "targets": judge(figures, cfg),
+            "answers": answers,
+            "seconds": timings,
+        }
+        report["seconds"]["total"] = round(time.monotonic() - started, 1)
+        render.write(report, run_dir, stage)
+        write_json_atomic(stage / "report.json", report)
+        shutil.rmtree(work)
+    print(render.summary(report, out_dir))
+    return report
