@@ -11,8 +11,8 @@ benchmark: bfloat16 weights like vLLM's on this CPU, exactly N new tokens per re
 how many tokens it generated. /health answers when the model is loaded.
 """
 
-from __future__ import annotations
-
+# No `from __future__ import annotations`: FastAPI must see the real QueryRequest class of the
+# endpoint's signature, which is local to build_app.
 import argparse
 
 

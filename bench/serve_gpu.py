@@ -6,11 +6,12 @@ random weights, and quantized W4A16 (4-bit weights in groups of 128, 16-bit acti
 llm-compressor with plain round-to-nearest (no calibration: minutes instead of GPTQ's hour).
 Random weights give random text, but the work per token, and so the speed, is the real model's.
 The tokenizer is tuneship's embedded default's (the Llama-3 one cannot be fetched), so the
-vocabulary is 49152 instead of 128256 (embeddings 0.4 instead of 1.05 GB of the 16 GB).
+vocabulary is 49152 instead of 128256: 7.38 B parameters, 14.8 GB of bf16 weights (the real
+model: 8.03 B, 16.1 GB); W4A16 4.4 GB.
 
 Two steps, because llm-compressor and vLLM pin different transformers versions:
 
-    # 1. in the training image (torch CUDA + llm-compressor), ~2 min:
+    # 1. in the training image (torch CUDA + llm-compressor); 42 s measured on an H200:
     python bench/serve_gpu.py prepare --work /scratch/gpu-bench
     # 2. in the serving image (vLLM 0.32), ~5 min: bf16, then W4A16, at concurrency 1, 8, 32, 128
     python bench/serve_gpu.py sweep --work /scratch/gpu-bench --out bench/results
@@ -19,10 +20,10 @@ Two steps, because llm-compressor and vLLM pin different transformers versions:
 and .png in the format of bench/serve.py. `--tiny` builds a 2-layer model instead (the CPU test
 runs both steps that way, vLLM on CPU).
 
-Anchors to compare with: decode is bound by memory bandwidth, about 16 GB of bf16 weights / 4.8
-TB/s = 3.3 ms per token at concurrency 1 on an H200 (4.8 TB/s; H100 3.35 TB/s: 4.8 ms), under 1
-ms for the 4-bit weights (about 4.5 GB with scales); as concurrency grows the weights are read
-once per batch and the advantage of 4-bit fades.
+Anchors to compare with: decode is bound by memory bandwidth: 14.8 GB of bf16 weights / 4.8 TB/s
+(H200) = 3.1 ms per token at concurrency 1 (H100, 3.35 TB/s: 4.4 ms), 4.4 GB of W4A16 weights:
+0.9 ms (1.3 ms); as concurrency grows the weights are read once per batch, compute takes over
+and the advantage of 4-bit fades.
 """
 
 from __future__ import annotations
@@ -64,7 +65,7 @@ def tokenizer_dir() -> Path:
     return fetch()
 
 
-def prepare(work: Path, tiny: bool) -> None:
+def prepare(work: Path, tiny: bool, tokenizer_from: Path | None = None) -> None:
     """Random Llama-3-8B-architecture weights (bf16) and their RTN W4A16 quantization."""
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
@@ -72,7 +73,7 @@ def prepare(work: Path, tiny: bool) -> None:
     from tuneship.export.run import quiet_llmcompressor
 
     started = time.monotonic()
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir())
+    tokenizer = AutoTokenizer.from_pretrained(tokenizer_from or tokenizer_dir())
     device = "cuda" if torch.cuda.is_available() else "cpu"
     config = LlamaConfig(
         **(TINY if tiny else LLAMA3_8B),
@@ -194,12 +195,15 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=REPO / "bench" / "results")
     parser.add_argument("--name", default="serve-gpu")
     parser.add_argument("--tiny", action="store_true", help="2-layer model (CPU smoke test).")
+    parser.add_argument(
+        "--tokenizer", type=Path, help="Tokenizer folder (default: the embedded base's)."
+    )
     parser.add_argument("--levels", default="1,8,32,128")
     parser.add_argument("--input-tokens", type=int, default=1024)
     parser.add_argument("--output-tokens", type=int, default=128)
     args = parser.parse_args()
     if args.step == "prepare":
-        prepare(args.work, args.tiny)
+        prepare(args.work, args.tiny, args.tokenizer)
     else:
         levels = [int(x) for x in args.levels.split(",")]
         sweep_all(args.work, args.out, args.name, levels, args.input_tokens, args.output_tokens)

@@ -62,7 +62,7 @@ def plot_quality(report: dict[str, Any], path: Path) -> None:
         ("general retained", lambda m: m.get("retention")),
         ('finish "stop"', lambda m: m["stop_rate"]),
     ]
-    fig, ax = plt.subplots(figsize=(9, 4), dpi=100)
+    fig, ax = plt.subplots(figsize=(9, 4.4), dpi=100)
     width = 0.8 / len(MODELS)
     for k, model in enumerate(MODELS):
         values = [get(models[model]) for _, get in groups]
@@ -87,7 +87,7 @@ def plot_quality(report: dict[str, Any], path: Path) -> None:
     ax.set_ylim(0, 1.12)
     ax.set_ylabel("share of questions")
     ax.set_title("answers through the OpenAI-compatible endpoint (vLLM, greedy)")
-    ax.legend(fontsize=7, loc="upper right")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.1), ncol=4)
     ax.grid(axis="y", alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -430,6 +430,181 @@ TRAIN_TEMPLATES = [
     "I need to know {s}. What does the policy say?",
     "What does the employee handbook say about {s}?",
 ]
+# Data augmentation (the article's own advice: rephrase the training questions): two more
+# wordings of each training subject, written without looking at a held-out question's wording.
+# Each is asked once, with PARAPHRASE_TEMPLATES in turn.
+TRAIN_PARAPHRASES: dict[str, tuple[str, str]] = {
+    "T-4.2": (
+        "the per diem for meals on a business trip within the country",
+        "how much the company covers for meals each day on a domestic work trip",
+    ),
+    "T-4.3": (
+        "the per diem for meals on an international business trip",
+        "how much the company covers for meals each day when travelling internationally",
+    ),
+    "T-2.1": (
+        "the hotel limit per night in a normal city",
+        "how much a hotel room may cost per night in standard cities",
+    ),
+    "T-2.2": (
+        "the hotel limit per night in a high-cost city",
+        "how much a hotel room may cost per night in high-cost cities",
+    ),
+    "T-3.1": (
+        "when business class flights are permitted",
+        "the minimum flight duration for flying business class",
+    ),
+    "T-5.4": (
+        "the reimbursement per mile when I use my personal car",
+        "how much I get back per mile for business driving in a private car",
+    ),
+    "T-6.1": (
+        "how long I have to submit my expense report",
+        "the time limit for handing in expense claims",
+    ),
+    "T-6.3": ("the expense amount that requires a receipt", "when I need a receipt for an expense"),
+    "T-7.2": (
+        "how much can be spent per guest on client entertainment",
+        "the per-guest cap for entertaining clients",
+    ),
+    "T-8.1": (
+        "the booking tool for business travel",
+        "which system business trips have to be booked in",
+    ),
+    "T-8.5": (
+        "how far in advance international travel must be booked",
+        "the booking lead time for international trips",
+    ),
+    "T-9.2": (
+        "the per-day allowance for incidental expenses",
+        "how much I get each day for incidentals while travelling",
+    ),
+    "T-9.6": (
+        "how much the company reimburses for upgrading my home internet",
+        "the reimbursement limit for a home internet upgrade",
+    ),
+    "L-1.1": (
+        "how many vacation days a new employee gets each year",
+        "the annual paid vacation for new hires",
+    ),
+    "L-1.2": (
+        "how many vacation days I get after five years of service",
+        "the paid vacation per year after five years at the company",
+    ),
+    "L-1.4": (
+        "how many unused vacation days carry over into the next year",
+        "the vacation carry-over limit",
+    ),
+    "L-2.1": ("how many paid sick days I get each year", "the yearly paid sick leave"),
+    "L-2.3": (
+        "after how many sick days in a row I need a doctor's note",
+        "when a doctor's note is required for sick leave",
+    ),
+    "L-3.1": ("how long paid parental leave lasts", "the duration of paid leave for new parents"),
+    "L-3.5": (
+        "how much paid bereavement leave I get",
+        "the paid leave after a death in the family",
+    ),
+    "L-4.2": (
+        "how much paid volunteering leave I get each year",
+        "the yearly paid leave for volunteering",
+    ),
+    "L-4.6": (
+        "how long the sabbatical is after seven years of service",
+        "the sabbatical for employees with seven years of service",
+    ),
+    "L-5.1": (
+        "how much notice I must give before taking vacation",
+        "the advance notice for vacation requests",
+    ),
+    "L-5.3": ("where I request leave", "the system for submitting leave requests"),
+    "L-6.2": ("how much paid leave I get for jury duty", "the paid leave for serving on a jury"),
+    "S-1.1": ("how long a password must be", "the shortest password length allowed"),
+    "S-1.3": ("how frequently I must change my password", "the password change interval"),
+    "S-1.5": (
+        "how many failed login attempts lock an account",
+        "the account lockout threshold for failed logins",
+    ),
+    "S-2.1": (
+        "how long a laptop can stay idle before it must lock",
+        "the screen lock timeout for laptops",
+    ),
+    "S-2.4": (
+        "how quickly a lost or stolen laptop must be reported",
+        "the reporting deadline for a stolen laptop",
+    ),
+    "S-3.2": ("which password manager is approved", "the password manager employees must use"),
+    "S-3.4": ("where to report phishing emails", "the email address for phishing reports"),
+    "S-4.1": (
+        "which multi-factor authentication method is required",
+        "the multi-factor authentication employees must use",
+    ),
+    "S-4.3": ("how long security logs are retained", "the security log retention period"),
+    "S-5.2": (
+        "how customer data is classified",
+        "the data classification for customer information",
+    ),
+    "S-5.5": ("the largest USB storage device allowed", "the USB storage size limit"),
+    "S-6.1": (
+        "how fast critical security patches must be installed",
+        "the patching deadline for critical security updates",
+    ),
+    "P-1.1": (
+        "when a purchase needs a manager's approval",
+        "the manager approval threshold for purchases",
+    ),
+    "P-1.2": (
+        "when a purchase needs a director's approval",
+        "the director approval threshold for purchases",
+    ),
+    "P-1.3": (
+        "when three competing quotes are required for a purchase",
+        "the purchase value that requires three quotes",
+    ),
+    "P-2.1": (
+        "the single transaction limit on a corporate card",
+        "how much one corporate card transaction can be",
+    ),
+    "P-2.4": (
+        "how much a corporate card can spend per month",
+        "the corporate card's monthly spending limit",
+    ),
+    "P-3.1": ("which system is used for purchasing", "the system for purchase requests"),
+    "P-3.3": ("the payment terms for suppliers", "how long the company takes to pay suppliers"),
+    "P-4.2": ("the gift value limit for employees", "how valuable a gift an employee may accept"),
+    "P-5.1": ("who approves new software", "the board that approves software"),
+    "R-1.1": ("how many days per week I can work remotely", "the weekly remote work allowance"),
+    "R-1.4": ("the stipend for home office equipment", "how much I get for home office equipment"),
+    "R-2.2": ("the core hours", "when employees must be reachable during the day"),
+    "R-3.1": (
+        "how long I can work from another country",
+        "the time limit for working remotely from another country",
+    ),
+    "F-1.2": (
+        "how much it costs to replace an office badge",
+        "the fee for a replacement office badge",
+    ),
+    "F-2.1": (
+        "how much notice is needed to book the main conference hall",
+        "the booking notice for the main conference hall",
+    ),
+    "F-3.3": ("the visiting hours for guests", "when guests may visit the office"),
+    "D-1.1": (
+        "the yearly training budget per employee",
+        "how much training budget each employee gets per year",
+    ),
+    "D-1.3": ("how many learning hours are expected each year", "the annual learning hours target"),
+    "D-2.2": ("the bonus for referring an employee", "how much the employee referral bonus is"),
+    "H-1.4": (
+        "the phone number of the ethics hotline",
+        "the number to call for the ethics hotline",
+    ),
+}
+PARAPHRASE_TEMPLATES = [
+    "Can you tell me {s}?",
+    "I need to know {s}. What does the policy say?",
+    "What does the handbook say about {s}?",
+]
 # Held-out questions come in two styles: "reworded" asks about the training subject with a
 # question form never used in training; "paraphrase" also words the subject differently (harder).
 HELDOUT_REWORDED = "Hi! Could you look up {s} for me?"

@@ -1,7 +1,7 @@
 """Write the demo datasets from the handbook table: `python data/demo/make_data.py [OUT_DIR]`.
 
-- train.jsonl: ShareGPT conversations teaching every fact (several phrasings, some multi-turn,
-  a few in Chinese).
+- train.jsonl: ShareGPT conversations teaching every fact (five question forms, plus two more
+  wordings of each subject; some multi-turn, a few in Chinese).
 - heldout.jsonl: one paraphrased question per fact, with the key fact its answer must contain.
 - general.jsonl: general-knowledge questions with accepted short answers (forgetting check).
 Deterministic: the same table always gives the same files.
@@ -24,6 +24,8 @@ from handbook import (
     HELDOUT_DIRECT,
     HELDOUT_INDIRECT,
     HELDOUT_REWORDED,
+    PARAPHRASE_TEMPLATES,
+    TRAIN_PARAPHRASES,
     TRAIN_TEMPLATES,
 )
 
@@ -40,6 +42,12 @@ def training_conversations() -> list[dict]:
     convs = []
     for _, subject, _, _, answer in FACTS:
         for template in TRAIN_TEMPLATES:
+            question = template.format(s=subject)
+            convs.append({"conversations": [_turn("human", question), _turn("gpt", answer)]})
+    # Augmentation: each fact's subject in two more wordings, one question each.
+    for n, (code, _, _, _, answer) in enumerate(FACTS):
+        for k, subject in enumerate(TRAIN_PARAPHRASES[code]):
+            template = PARAPHRASE_TEMPLATES[(n + k) % len(PARAPHRASE_TEMPLATES)]
             question = template.format(s=subject)
             convs.append({"conversations": [_turn("human", question), _turn("gpt", answer)]})
     # Multi-turn: a follow-up about a neighbouring fact of the same section.

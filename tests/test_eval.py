@@ -1,0 +1,166 @@
+"""`tuneship eval`: the figures, the targets and the report, first from made-up answers (fast), then
+end to end on the e2e bundle (vLLM serving base, merged and quantized models)."""
+
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+from tests.conftest import REPO, SERVE_BIN, tuneship, write_jsonl
+from tuneship.config import EvalConfig
+from tuneship.eval import report as render
+from tuneship.eval.run import judge, model_figures, retention
+from tuneship.export.checks import EvalItem
+
+
+def held(id_: str, question: str, fact: str, style: str) -> EvalItem:
+    return EvalItem(
+        id_, ({"role": "user", "content": question},), f"It is {fact}.", fact, (), style
+    )
+
+
+HELDOUT = [
+    held("a", "Meal allowance?", "$62", "reworded"),
+    held("b", "Food budget?", "$62", "paraphrase"),
+    held("c", "Hotel cap?", "$210", "reworded"),
+]
+GENERAL = [
+    EvalItem("g1", ({"role": "user", "content": "Capital of France?"},), None, None, ("Paris",)),
+    EvalItem("g2", ({"role": "user", "content": "Capital of Japan?"},), None, None, ("Tokyo",)),
+]
+
+
+def probe(texts: list[str], finish: str = "stop") -> dict:
+    chats = [
+        {"text": t, "finish_reason": finish, "completion_tokens": 10, "latency_s": 0.5}
+        for t in texts
+    ]
+    return {"chats": chats, "chat_s": 2.0, "load_s": 30.0, "peak_rss_bytes": 1}
+
+
+def test_figures_count_recall_by_style_and_general_answers():
+    figures = model_figures(
+        HELDOUT, GENERAL, probe(["$62 a day", "no idea", "$2100", "Paris.", "Kyoto"]), 1.5
+    )
+    assert figures["recall"] == pytest.approx(1 / 3, abs=1e-3)  # "$2100" is not "$210"
+    assert figures["recall_by_style"] == {"paraphrase": 0.0, "reworded": 0.5}
+    assert figures["general_accuracy"] == 0.5
+    assert figures["output_tokens_per_s"] == 25.0 and figures["stop_rate"] == 1.0
+
+
+def test_retention_counts_only_what_the_base_model_knew():
+    base = probe(["Paris", "I do not know"])["chats"]
+    tuned = probe(["Paris is the capital", "Tokyo"])["chats"]
+    assert retention(GENERAL, base, tuned) == 1.0  # g2 was never known: it does not count
+    assert retention(GENERAL, base, probe(["Lyon", "Tokyo"])["chats"]) == 0.0
+
+
+def figures_for(base: float, merged: float, quantized: float, kept: float) -> dict:
+    def one(recall: float) -> dict:
+        return {"recall": recall, "recall_by_style": {"reworded": recall}}
+
+    quantized_figures = one(quantized) | {"retention": kept}
+    return {"base": one(base), "merged": one(merged), "quantized": quantized_figures}
+
+
+def test_targets_are_judged_against_the_config():
+    met = judge(figures_for(0.0, 0.9, 0.87, 0.95), EvalConfig())
+    assert [t["met"] for t in met] == [True, True, True, True]
+    assert met[2]["value"] == 3.0  # points
+    missed = judge(figures_for(0.2, 0.7, 0.6, 0.8), EvalConfig())
+    assert [t["met"] for t in missed] == [False, False, False, False]
+    restricted = EvalConfig.model_validate({"targets": {"recall_style": "reworded"}})
+    assert "(reworded)" in judge(figures_for(0.0, 0.9, 0.9, 1.0), restricted)[1]["target"]
+
+
+def made_up_report() -> dict:
+    figures = {
+        name: model_figures(HELDOUT, GENERAL, probe(texts), ppl)
+        for name, texts, ppl in [
+            ("base", ["I cannot say | sorry", "no", "no", "Paris", "Tokyo"], 30.0),
+            ("merged", ["$62", "$62", "$210", "Paris", "Tokyo"], 1.9),
+            ("quantized", ["$62", "<script>x</script>", "$210", "Paris", "Kyoto"], 2.0),
+        ]
+    }
+    figures["merged"]["retention"] = figures["quantized"]["retention"] = 0.5
+    answers = [
+        {"id": i.id, "kind": i.style or "general", "question": i.messages[0]["content"]}
+        | {"expected": list(i.facts)}
+        | {m: {"text": t, "ok": True, "finish_reason": "stop"} for m in render.MODELS}
+        for i, t in zip(HELDOUT + GENERAL, ["a | b", "<b>x</b>", "c", "d", "e"], strict=True)
+    ]
+    return {
+        "bundle": "bundles/x",
+        "run": "runs/x",
+        "base": "default",
+        "data": {"heldout": "h.jsonl", "heldout_questions": 3, "general": "g.jsonl"}
+        | {"general_questions": 2},
+        "config": EvalConfig().model_dump(),
+        "models": {m: {"label": m} | figures[m] for m in render.MODELS},
+        "targets": judge(figures, EvalConfig()),
+        "answers": answers,
+        "seconds": {"total": 1.0},
+    }
+
+
+def test_report_files_are_self_contained_and_escaped(tmp_path):
+    report = made_up_report()
+    render.write(report, tmp_path / "no-run", tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    page = (tmp_path / "report.html").read_text()
+    assert "| fine-tuned fact recall, held-out questions | >= 80% | 100% | met |" in markdown
+    assert "MISSED" in markdown  # retention 50% < 90%
+    assert "a \\| b" in markdown  # a pipe in an answer does not break the table
+    assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page
+    images = re.findall(r"<img [^>]*src='([^']*)'", page)
+    assert len(images) == 2 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert (tmp_path / "quality.png").stat().st_size > 10_000
+    assert "recall" in render.summary(report, tmp_path)
+
+
+@pytest.mark.e2e
+def test_eval_compares_the_three_models_through_vllm(bundle, tmp_path):
+    assert SERVE_BIN.exists(), f"serve environment missing at {SERVE_BIN}: run `make envs`"
+    rows = [json.loads(x) for x in (REPO / "data/demo/heldout.jsonl").read_text().splitlines()]
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", rows[:4] + rows[-4:])
+    general = [json.loads(x) for x in (REPO / "data/demo/general.jsonl").read_text().splitlines()]
+    general = write_jsonl(tmp_path / "general.jsonl", general[:4])
+    out = tmp_path / "report"
+    proc = tuneship(
+        "eval", str(bundle), "--out", str(out), "--set", f"heldout={heldout}",
+        "--set", f"general={general}", "--set", "max_tokens=24", "--set", "concurrency=8",
+        cwd=REPO,
+    )  # fmt: skip
+    assert "report:" in proc.stdout and "fine-tuned fact recall" in proc.stdout
+    report = json.loads((out / "report.json").read_text())
+    assert len(report["answers"]) == 12 and set(report["models"]) == set(render.MODELS)
+    for model, figures in report["models"].items():
+        held = [a[model]["ok"] for a in report["answers"] if a["kind"] != "general"]
+        assert figures["recall"] == pytest.approx(sum(held) / len(held), abs=1e-4)
+        assert 0 <= figures["stop_rate"] <= 1 and figures["perplexity"] > 1
+        assert figures["mean_answer_tokens"] <= 24 and figures["load_s"] > 0
+    # fine-tuning on the handbook lowers the perplexity of its reference answers
+    assert report["models"]["merged"]["perplexity"] < report["models"]["base"]["perplexity"]
+    targets = {t["target"]: t["value"] for t in report["targets"]}
+    assert (
+        targets["base model fact recall, held-out questions"] == report["models"]["base"]["recall"]
+    )
+    assert {p.name for p in out.iterdir()} == {
+        *("report.json", "report.md", "report.html", "loss.png", "quality.png", "serving.png")
+    }
+    assert not list(tmp_path.glob(".report.partial-*"))
+
+
+@pytest.mark.e2e
+def test_eval_refuses_a_malformed_question_file_and_writes_nothing(bundle, tmp_path):
+    bad = tmp_path / "heldout.jsonl"
+    bad.write_text('{"question": "ok?", "fact": "x"}\n{"question": \n')
+    proc = tuneship(
+        "eval", str(bundle), "--out", str(tmp_path / "report"), "--set", f"heldout={bad}",
+        cwd=REPO, check=False,
+    )  # fmt: skip
+    assert proc.returncode != 0
+    assert f"{bad}:line 2" in proc.stderr
+    assert not (tmp_path / "report").exists()
