@@ -133,7 +133,9 @@ def write_plots_for(report: dict[str, Any], run_dir: Path, folder: Path) -> list
 
 def measured(target: dict[str, Any]) -> str:
     value = target["value"]
-    return "n/a" if value is None else (f"{value:g}" if value > 1 else f"{value:.0%}")
+    if value is None:
+        return "n/a"
+    return f"{value:g}" if target["unit"] == "points" else f"{value:.0%}"
 
 
 def md_cell(text: str) -> str:

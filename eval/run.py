@@ -136,6 +136,7 @@ def judge(figures: dict[str, dict[str, Any]], cfg: EvalConfig) -> list[dict[str,
             "target": name + ("" if "retained" in name else f", {on}"),
             "goal": goal,
             "value": value,
+            "unit": "points" if "points" in name else "share",
             "met": value is not None and bool(test(value)),
         }
         for name, goal, value, test in rows

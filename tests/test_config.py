@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from tuneship.config import ExportConfig, TrainConfig, load_config, parse_overrides
+from tuneship.config import EvalConfig, ExportConfig, TrainConfig, load_config, parse_overrides
 from tuneship.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,6 +39,19 @@ def test_every_shipped_export_config_validates(path):
     cfg = load_config(ExportConfig, path)
     if cfg.eval_data:
         assert (REPO / cfg.eval_data).is_file()
+
+
+@pytest.mark.parametrize("path", sorted((REPO / "eval" / "configs").glob("*.yaml")))
+def test_every_shipped_eval_config_validates(path):
+    cfg = load_config(EvalConfig, path)
+    assert (REPO / cfg.heldout).is_file() and (REPO / cfg.general).is_file()
+
+
+def test_eval_target_keys_are_checked():
+    with pytest.raises(ConfigError, match=r"targets\.min_recal"):
+        load_config(EvalConfig, None, parse_overrides(["targets.min_recal=0.5"]))
+    with pytest.raises(ConfigError, match="min_retention"):
+        load_config(EvalConfig, None, parse_overrides(["targets.min_retention=1.5"]))
 
 
 def test_unknown_keys_are_named_with_a_suggestion_and_all_problems_reported(tmp_path):

@@ -107,3 +107,18 @@ def test_checkov_passes_with_only_the_written_skips_and_catches_a_regression(tmp
     )
     broken = checkov(k8s)
     assert broken.returncode == 1 and "CKV_K8S_19" in broken.stdout
+
+
+@pytest.mark.parametrize("dockerfile", ["Dockerfile.train", "Dockerfile.serve"])
+def test_images_copy_every_package_folder_the_wheel_is_built_from(dockerfile):
+    import tomllib
+
+    folders = set(tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"
+    ].values())  # fmt: skip
+    copied = {
+        line.split()[1]
+        for line in (REPO / dockerfile).read_text().splitlines()
+        if line.startswith("COPY ") and not line.startswith("COPY --")
+    }
+    assert folders <= copied, f"{dockerfile} does not copy {sorted(folders - copied)}"

@@ -68,7 +68,9 @@ def figures_for(base: float, merged: float, quantized: float, kept: float) -> di
 def test_targets_are_judged_against_the_config():
     met = judge(figures_for(0.0, 0.9, 0.87, 0.95), EvalConfig())
     assert [t["met"] for t in met] == [True, True, True, True]
-    assert met[2]["value"] == 3.0  # points
+    assert met[2]["value"] == 3.0 and render.measured(met[2]) == "3"  # points, not 300%
+    small_drop = judge(figures_for(0.0, 0.9, 0.895, 0.95), EvalConfig())[2]
+    assert render.measured(small_drop) == "0.5"
     missed = judge(figures_for(0.2, 0.7, 0.6, 0.8), EvalConfig())
     assert [t["met"] for t in missed] == [False, False, False, False]
     restricted = EvalConfig.model_validate({"targets": {"recall_style": "reworded"}})
