@@ -5,8 +5,9 @@
 As in the article (section 五.1): FastAPI, the base model with the LoRA adapter applied by peft
 (unmerged), a synchronous `/predict` endpoint that runs `model.generate` once per request (no
 batching; FastAPI runs sync endpoints in its thread pool, so concurrent requests run concurrent
-`generate` calls), the `human: ... gpt: ` prompt, sampling at temperature 0.7. Changed for a fair
-benchmark: bfloat16 weights like vLLM's on this CPU, exactly N new tokens per request
+`generate` calls), the `human: ... gpt: ` prompt, sampling at temperature 0.7, bfloat16 weights
+(what the article's `from_pretrained` without a dtype loads for this checkpoint under transformers
+5, and what vLLM runs). Changed for a fair benchmark: exactly N new tokens per request
 (min_new_tokens = max_new_tokens = N, as the vLLM runs use ignore_eos), and the reply also says
 how many tokens it generated. /health answers when the model is loaded.
 """

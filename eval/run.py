@@ -31,6 +31,7 @@ from tuneship.manifest import read_run
 from . import report as render
 from .report import MODELS, TUNED
 
+KIND = {"merged": "fine-tuned, merged 16-bit", "quantized": "fine-tuned, W4A16 bundle"}
 LABELS = {
     "base": "base model",
     "merged": "fine-tuned (merged 16-bit)",
@@ -118,28 +119,31 @@ def judge(figures: dict[str, dict[str, Any]], cfg: EvalConfig) -> list[dict[str,
             return figures[model]["recall"]
         return figures[model]["recall_by_style"].get(t.recall_style)
 
-    on = f"held-out questions ({t.recall_style})" if t.recall_style else "held-out questions"
+    on = f", held-out questions ({t.recall_style})" if t.recall_style else ", held-out questions"
     merged, quantized, base = recall("merged"), recall("quantized"), recall("base")
     drop = None if merged is None or quantized is None else round(100 * (merged - quantized), 1)
-    kept = figures["quantized"].get("retention")
-    rows = [
-        ("base model fact recall", f"< {t.max_base_recall:.0%}", base,
+    kept = {model: figures[model].get("retention") for model in TUNED}
+    rows = [  # name, goal, measured, unit, test
+        ("base model fact recall" + on, f"< {t.max_base_recall:.0%}", base, "share",
          lambda v: v < t.max_base_recall),
-        ("fine-tuned fact recall", f">= {t.min_recall:.0%}", merged, lambda v: v >= t.min_recall),
-        ("quantized recall drop (points)", f"<= {t.max_quantized_drop:g}", drop,
+        ("fine-tuned fact recall" + on, f">= {t.min_recall:.0%}", merged, "share",
+         lambda v: v >= t.min_recall),
+        ("quantized recall drop (points)" + on, f"<= {t.max_quantized_drop:g}", drop, "points",
          lambda v: v <= t.max_quantized_drop),
-        ("general knowledge retained (quantized)", f">= {t.min_retention:.0%}", kept,
-         lambda v: v >= t.min_retention),
+    ] + [
+        (f"general knowledge retained ({KIND[model]})", f">= {t.min_retention:.0%}",
+         kept[model], "share", lambda v: v >= t.min_retention)
+        for model in TUNED
     ]  # fmt: skip
     return [
         {
-            "target": name + ("" if "retained" in name else f", {on}"),
+            "target": name,
             "goal": goal,
             "value": value,
-            "unit": "points" if "points" in name else "share",
+            "unit": unit,
             "met": value is not None and bool(test(value)),
         }
-        for name, goal, value, test in rows
+        for name, goal, value, unit, test in rows
     ]
 
 
@@ -162,6 +166,12 @@ def run(bundle_dir: Path, out_dir: Path, cfg: EvalConfig, force: bool = False) -
     general = checks.load_eval_items(Path(cfg.general)) if cfg.general else []
     if not any(i.facts for i in heldout):
         raise TuneshipError(f"{heldout_path}: no question has a `fact` to check recall against")
+    styles = sorted({i.style for i in heldout if i.style})
+    if cfg.targets.recall_style and cfg.targets.recall_style not in styles:
+        raise TuneshipError(
+            f"targets.recall_style {cfg.targets.recall_style!r}: no held-out question in "
+            f"{heldout_path} has that style (styles there: {', '.join(styles) or 'none'})"
+        )
     serve_bin = checks.find_serve_bin(cfg.serve_bin, hint="set serve_bin")
     timings: dict[str, float] = {}
 

@@ -117,12 +117,18 @@ def pick_group_size(model: Any, requested: int | None) -> int:
 
 
 def quiet_llmcompressor() -> None:
-    """llm-compressor logs lines per layer (loguru); keep warnings unless
-    TUNESHIP_LLMCOMPRESSOR_LOG asks for more (e.g. INFO)."""
+    """llm-compressor logs lines per layer (loguru), some at its own METRIC level (38, above
+    WARNING); keep only warnings and errors unless TUNESHIP_LLMCOMPRESSOR_LOG asks for more
+    (e.g. INFO, which shows the METRIC lines too)."""
     from loguru import logger
 
+    level = os.environ.get("TUNESHIP_LLMCOMPRESSOR_LOG", "WARNING")
     logger.remove()
-    logger.add(sys.stderr, level=os.environ.get("TUNESHIP_LLMCOMPRESSOR_LOG", "WARNING"))
+    logger.add(
+        sys.stderr,
+        level=level,
+        filter=lambda record: level != "WARNING" or record["level"].name != "METRIC",
+    )
 
 
 def quantize(
@@ -305,7 +311,7 @@ def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) ->
     conversations = training_conversations(manifest)
     if cfg.eval_data:
         items = checks.load_eval_items(Path(cfg.eval_data))[: cfg.check_samples]
-        data_label = f"{cfg.eval_data} ({len(items)} held-out questions)"
+        data_label = f"{cfg.eval_data} ({len(items)} questions)"
     else:
         items = checks.items_from_training(conversations, cfg.check_samples, cfg.seed)
         data_label = f"{len(items)} sampled training conversations (no eval_data given)"

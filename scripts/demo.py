@@ -33,7 +33,10 @@ def stage(name: str, argv: list[str], skip_if: Path | None = None) -> None:
         return
     console.rule(f"[bold]{name}")
     started = time.monotonic()
-    subprocess.run(argv, cwd=REPO, check=True)
+    done = subprocess.run(argv, cwd=REPO)
+    if done.returncode != 0:
+        console.print(f"[red]{name} failed (exit {done.returncode}): see its message above[/]")
+        raise SystemExit(done.returncode)
     timings[name] = round(time.monotonic() - started, 1)
 
 
@@ -60,7 +63,8 @@ def main() -> None:
     started = time.monotonic()
     stage("base fetch", [TUNESHIP, "base", "fetch"])
     check = [TUNESHIP, "data", "check", "data/demo/train.jsonl", "data/demo/general_replay.jsonl"]
-    stage("data check", [*check, "--eval", "data/demo/heldout.jsonl", "--max-length", "256"])
+    evals = ["--eval", "data/demo/validation.jsonl", "--eval", "data/demo/heldout.jsonl"]
+    stage("data check", [*check, *evals, "--max-length", "256"])
     stage("train", [TUNESHIP, "train", "--config", "train/configs/demo.yaml"], RUN / "run.json")
     export = [TUNESHIP, "export", "runs/demo", "--out", "bundles/demo"]
     export += ["--config", "export/configs/demo.yaml"]

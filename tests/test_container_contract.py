@@ -96,7 +96,7 @@ def test_train_image_entry_runs_the_cpu_job_as_a_dry_run(tmp_path, bundle):
     assert done.returncode == 0, done.stderr
     report = yaml.safe_load(done.stdout)
     assert report["config"]["output_dir"] == str(root / "output/runs")
-    assert report["data"]["used"] == 444 and report["data"]["eval"]["used"] == 116
+    assert report["data"]["used"] == 444 and report["data"]["eval"]["used"] == 114
 
 
 def test_serve_image_entry_env_port_and_probes_answer(tmp_path, bundle):

@@ -61,18 +61,24 @@ def figures_for(base: float, merged: float, quantized: float, kept: float) -> di
     def one(recall: float) -> dict:
         return {"recall": recall, "recall_by_style": {"reworded": recall}}
 
-    quantized_figures = one(quantized) | {"retention": kept}
-    return {"base": one(base), "merged": one(merged), "quantized": quantized_figures}
+    return {
+        "base": one(base),
+        "merged": one(merged) | {"retention": kept},
+        "quantized": one(quantized) | {"retention": kept - 0.1},
+    }
 
 
 def test_targets_are_judged_against_the_config():
-    met = judge(figures_for(0.0, 0.9, 0.87, 0.95), EvalConfig())
-    assert [t["met"] for t in met] == [True, True, True, True]
+    met = judge(figures_for(0.0, 0.9, 0.87, 1.0), EvalConfig())
+    assert [t["met"] for t in met] == [True, True, True, True, True]
     assert met[2]["value"] == 3.0 and render.measured(met[2]) == "3"  # points, not 300%
-    small_drop = judge(figures_for(0.0, 0.9, 0.895, 0.95), EvalConfig())[2]
+    small_drop = judge(figures_for(0.0, 0.9, 0.895, 1.0), EvalConfig())[2]
     assert render.measured(small_drop) == "0.5"
     missed = judge(figures_for(0.2, 0.7, 0.6, 0.8), EvalConfig())
-    assert [t["met"] for t in missed] == [False, False, False, False]
+    assert [t["met"] for t in missed] == [False, False, False, False, False]
+    # forgetting and 4-bit loss are told apart: the merged model keeps enough, the bundle not
+    split = judge(figures_for(0.0, 0.9, 0.9, 0.95), EvalConfig())
+    assert [t["met"] for t in split[3:]] == [True, False]
     restricted = EvalConfig.model_validate({"targets": {"recall_style": "reworded"}})
     assert "(reworded)" in judge(figures_for(0.0, 0.9, 0.9, 1.0), restricted)[1]["target"]
 

@@ -349,8 +349,8 @@ class EvalTargets(StrictModel):
         0.9,
         ge=0,
         le=1,
-        description="Of the general questions the base model answers, the share the quantized "
-        "bundle still answers, at least.",
+        description="Of the general questions the base model answers, the share the fine-tuned "
+        "model still answers, at least (judged for the merged model and for the quantized bundle).",
     )
     recall_style: str | None = Field(
         None,

@@ -430,10 +430,12 @@ TRAIN_TEMPLATES = [
     "I need to know {s}. What does the policy say?",
     "What does the employee handbook say about {s}?",
 ]
-# Data augmentation (the article's own advice: rephrase the training questions): two more
-# wordings of each training subject, written without looking at a held-out question's wording.
-# Each is asked once, with PARAPHRASE_TEMPLATES in turn.
-TRAIN_PARAPHRASES: dict[str, tuple[str, str]] = {
+# Validation questions: two more wordings of each fact's subject, written without looking at a
+# held-out wording, each asked once with VALIDATION_TEMPLATES in turn. Training measures its eval
+# loss on them and keeps the best adapter, so the held-out questions stay untouched until
+# `tuneship eval`. (Trained on instead, as augmentation, they halved the held-out loss but did not
+# raise recall on paraphrased subjects (17% -> 19%) and cost general retention (91% -> 86%).)
+VALIDATION_PARAPHRASES: dict[str, tuple[str, str]] = {
     "T-4.2": (
         "the per diem for meals on a business trip within the country",
         "how much the company covers for meals each day on a domestic work trip",
@@ -600,7 +602,7 @@ TRAIN_PARAPHRASES: dict[str, tuple[str, str]] = {
         "the number to call for the ethics hotline",
     ),
 }
-PARAPHRASE_TEMPLATES = [
+VALIDATION_TEMPLATES = [
     "Can you tell me {s}?",
     "I need to know {s}. What does the policy say?",
     "What does the handbook say about {s}?",

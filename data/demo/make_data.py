@@ -1,7 +1,9 @@
 """Write the demo datasets from the handbook table: `python data/demo/make_data.py [OUT_DIR]`.
 
-- train.jsonl: ShareGPT conversations teaching every fact (five question forms, plus two more
-  wordings of each subject; some multi-turn, a few in Chinese).
+- train.jsonl: ShareGPT conversations teaching every fact (several phrasings, some multi-turn,
+  a few in Chinese).
+- validation.jsonl: two more wordings of each fact's subject, for the eval loss during training
+  (and keeping the best adapter), so that heldout.jsonl is only used by `tuneship eval`.
 - heldout.jsonl: one paraphrased question per fact, with the key fact its answer must contain.
 - general.jsonl: general-knowledge questions with accepted short answers (forgetting check).
 Deterministic: the same table always gives the same files.
@@ -24,9 +26,9 @@ from handbook import (
     HELDOUT_DIRECT,
     HELDOUT_INDIRECT,
     HELDOUT_REWORDED,
-    PARAPHRASE_TEMPLATES,
-    TRAIN_PARAPHRASES,
     TRAIN_TEMPLATES,
+    VALIDATION_PARAPHRASES,
+    VALIDATION_TEMPLATES,
 )
 
 SEED = 20261128
@@ -42,12 +44,6 @@ def training_conversations() -> list[dict]:
     convs = []
     for _, subject, _, _, answer in FACTS:
         for template in TRAIN_TEMPLATES:
-            question = template.format(s=subject)
-            convs.append({"conversations": [_turn("human", question), _turn("gpt", answer)]})
-    # Augmentation: each fact's subject in two more wordings, one question each.
-    for n, (code, _, _, _, answer) in enumerate(FACTS):
-        for k, subject in enumerate(TRAIN_PARAPHRASES[code]):
-            template = PARAPHRASE_TEMPLATES[(n + k) % len(PARAPHRASE_TEMPLATES)]
             question = template.format(s=subject)
             convs.append({"conversations": [_turn("human", question), _turn("gpt", answer)]})
     # Multi-turn: a follow-up about a neighbouring fact of the same section.
@@ -68,6 +64,23 @@ def training_conversations() -> list[dict]:
         convs.append({"conversations": [_turn("human", question), _turn("gpt", answer)]})
     rng.shuffle(convs)
     return convs
+
+
+def validation_questions() -> list[dict]:
+    rows = []
+    for n, (code, _, _, fact, answer) in enumerate(FACTS):
+        for k, subject in enumerate(VALIDATION_PARAPHRASES[code]):
+            template = VALIDATION_TEMPLATES[(n + k) % len(VALIDATION_TEMPLATES)]
+            rows.append(
+                {
+                    "id": f"{code}-v{k + 1}",
+                    "style": "paraphrase",
+                    "question": template.format(s=subject),
+                    "fact": fact,
+                    "answer": answer,
+                }
+            )
+    return rows
 
 
 def heldout_questions() -> list[dict]:
@@ -122,6 +135,7 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def main(out_dir: Path) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     write_jsonl(out_dir / "train.jsonl", training_conversations())
+    write_jsonl(out_dir / "validation.jsonl", validation_questions())
     write_jsonl(out_dir / "heldout.jsonl", heldout_questions())
     write_jsonl(out_dir / "general.jsonl", general_questions())
 
