@@ -72,6 +72,9 @@ def load_eval_items(path: Path) -> list[EvalItem]:
             question = row["question"]
             if not isinstance(question, str) or not question.strip():
                 raise ValueError("'question' must be a non-empty string")
+            for key in ("fact", "answer", "id", "style"):
+                if row.get(key) is not None and not isinstance(row[key], str):
+                    raise ValueError(f"'{key}' must be a string")
             accepted = row.get("answers", [])
             if not isinstance(accepted, list) or not all(
                 isinstance(a, str) and a.strip() for a in accepted

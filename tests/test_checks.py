@@ -85,13 +85,19 @@ def test_eval_data_loading_and_errors(tmp_path):
         json.dumps({"id": "a", "question": "Q?", "fact": "$1", "answer": "A $1."})
         + "\n"
         + json.dumps({"question": ""})
-        + "\n{bad\n",
+        + "\n{bad\n"
+        + json.dumps({"question": "Q?", "fact": 62})
+        + "\n"
+        + json.dumps({"question": "Q?", "answers": ["Paris", ""]})
+        + "\n",
         encoding="utf-8",
     )
     with pytest.raises(TuneshipError) as info:
         checks.load_eval_items(path)
     assert f"{path}:line 2: 'question' must be a non-empty string" in str(info.value)
     assert f"{path}:line 3:" in str(info.value)
+    assert f"{path}:line 4: 'fact' must be a string" in str(info.value)
+    assert f"{path}:line 5: 'answers' must be a list of non-empty strings" in str(info.value)
     path.write_text(json.dumps({"question": "Q?"}) + "\n")
     (item,) = checks.load_eval_items(path)
     assert item.messages == ({"role": "user", "content": "Q?"},) and item.fact is None
