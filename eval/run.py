@@ -172,7 +172,7 @@ def run(bundle_dir: Path, out_dir: Path, cfg: EvalConfig, force: bool = False) -
             f"targets.recall_style {cfg.targets.recall_style!r}: no held-out question in "
             f"{heldout_path} has that style (styles there: {', '.join(styles) or 'none'})"
         )
-    serve_bin = checks.find_serve_bin(cfg.serve_bin, hint="set serve_bin")
+    serve_bin = checks.find_serve_bin(cfg.serve_bin, hint="run eval where both environments are")
     timings: dict[str, float] = {}
 
     def lap(name: str, since: float) -> float:

@@ -27,7 +27,8 @@ def check_result(out, name: str, servers: set[str], levels: list[int], tokens: i
             assert row["short_replies"] == 0 and row["output_tokens"] == row["requests"] * tokens
             assert row["output_tokens_per_s"] > 0 and row["ttft_p50_s"] > 0
     table = (out / f"{name}.md").read_text()
-    assert table.count("\n| ") == 1 + len(servers) * len(levels) and "Command: `" in table
+    # header, separator, one row per server and level
+    assert table.count("\n| ") == 2 + len(servers) * len(levels) and "Command: `" in table
     assert (out / f"{name}.png").stat().st_size > 10_000
     return result
 
