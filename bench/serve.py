@@ -161,7 +161,7 @@ def main() -> None:
     }
     markdown = write_results(
         result, args.name, args.out, "article" if "article" in servers else wanted[0],
-        "Serving: vLLM against the article's FastAPI server (2-core CPU)",
+        f"Serving: vLLM against the article's FastAPI server ({_cpu_count()}-core CPU)",
     )  # fmt: skip
     print(markdown)
     if ratio is not None:
