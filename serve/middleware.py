@@ -265,8 +265,10 @@ class TuneshipMiddleware:
             await _respond(send, status, body)
             return
         if path == INFLIGHT_PATH:
+            # the supervisor asks from the same machine: over loopback, or to the address the
+            # server is bound to
             client = (scope.get("client") or ("",))[0]
-            if client not in LOOPBACK:
+            if client not in (*LOOPBACK, (scope.get("server") or ("",))[0]):
                 await _respond(send, 404, error_body("Not Found", "not_found_error", None))
                 return
             body = json.dumps({"inflight": self.inflight, "draining": self.draining}).encode()

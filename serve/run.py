@@ -17,6 +17,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass
 from importlib import metadata
@@ -150,44 +151,55 @@ def run(
     )
     if dry_run:
         return 0
-    return supervise(argv, os.environ | env, port, settings.drain_timeout_s)
+    return supervise(argv, os.environ | env, host, port, settings.drain_timeout_s)
 
 
 def _log(event: str, **fields) -> None:
     print(json.dumps({"time": round(time.time(), 3), "event": event, **fields}), flush=True)
 
 
-def _get(url: str) -> dict | None:
+def _inflight(host: str, port: int) -> int | None:
+    """Requests in flight; 0 when nothing listens (vLLM not serving yet, or gone); None when
+    the server did not answer in time (busy: keep waiting, never take silence for zero)."""
     try:
-        with urllib.request.urlopen(url, timeout=2) as reply:
-            return json.loads(reply.read())
-    except (OSError, ValueError):
+        local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+        local = f"[{local}]" if ":" in local else local
+        url = f"http://{local}:{port}/tuneship/inflight"
+        with urllib.request.urlopen(url, timeout=5) as reply:
+            return int(json.loads(reply.read())["inflight"])
+    except urllib.error.URLError as exc:
+        return 0 if isinstance(exc.reason, ConnectionRefusedError) else None
+    except ConnectionRefusedError:
+        return 0
+    except (OSError, ValueError, KeyError, TypeError):
         return None
 
 
-def drain(child: subprocess.Popen, port: int, timeout_s: float) -> None:
+def drain(child: subprocess.Popen, host: str, port: int, timeout_s: float) -> None:
     """Readiness off, new requests refused, wait for in-flight ones (up to timeout_s)."""
-    local = f"http://127.0.0.1:{port}"
-    if _get(f"{local}/tuneship/inflight") is None:
-        _log("drain_skipped", reason="server not serving yet")
-        return
+    # Safe at any moment: the child starts with SIGUSR1 ignored (see supervise), and the
+    # middleware installs its handler once it serves.
     os.kill(child.pid, signal.SIGUSR1)
     started = time.monotonic()
     inflight = None
     while child.poll() is None and time.monotonic() - started < timeout_s:
-        state = _get(f"{local}/tuneship/inflight")
-        inflight = state["inflight"] if state else 0
-        if not inflight:
+        inflight = _inflight(host, port)
+        if inflight == 0:
             break
         time.sleep(0.2)
     _log(
-        "drained" if not inflight else "drain_timeout",
+        "drained" if inflight == 0 else "drain_timeout",
         seconds=round(time.monotonic() - started, 2),
-        inflight_left=inflight or 0,
+        inflight_left=inflight,
     )
 
 
-def supervise(argv: list[str], env: dict[str, str], port: int, drain_timeout_s: float) -> int:
+def supervise(
+    argv: list[str], env: dict[str, str], host: str, port: int, drain_timeout_s: float
+) -> int:
+    # The child inherits SIGUSR1 ignored, so a drain signal that comes before the middleware
+    # handles it (vLLM still loading) cannot kill it with the signal's default action.
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     child = subprocess.Popen(argv, env=env)
     terminating = []
     signal.signal(signal.SIGTERM, lambda *_: terminating.append(True))
@@ -198,7 +210,7 @@ def supervise(argv: list[str], env: dict[str, str], port: int, drain_timeout_s: 
         except subprocess.TimeoutExpired:
             continue
     _log("sigterm", drain_timeout_s=drain_timeout_s)
-    drain(child, port, drain_timeout_s)
+    drain(child, host, port, drain_timeout_s)
     child.send_signal(signal.SIGTERM)
     try:
         code = child.wait(timeout=60)

@@ -248,7 +248,10 @@ def test_sigterm_drains_the_stream_refuses_new_requests_and_exits_0(bundle, keys
         refused = None
         deadline = time.monotonic() + 10
         while refused is None and time.monotonic() < deadline:
-            ready = httpx.get(f"{srv.base_url}/ready")
+            try:
+                ready = httpx.get(f"{srv.base_url}/ready")
+            except httpx.ConnectError:
+                pytest.fail(f"the server stopped listening mid-stream:\n{srv.log_tail(60)}")
             if ready.status_code == 503:
                 refused = httpx.get(
                     f"{srv.base_url}/v1/models", headers={"Authorization": f"Bearer {ENV_KEY}"}

@@ -1,0 +1,93 @@
+"""`tuneship serve`'s supervisor (SIGTERM -> drain -> stop) around a stand-in for vLLM's API
+server: a few lines of the standard library that load for a while, then answer the drain
+protocol (SIGUSR1, /tuneship/inflight) slowly, as a busy server does. The timings that decide
+these cases cannot be forced on real vLLM; test_serve_production drains real vLLM."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tuneship.launch import free_port
+
+STAND_IN = r"""
+import http.server, json, os, signal, sys, threading, time
+port, load_s, reply_delay_s, busy_s = int(sys.argv[1]), *map(float, sys.argv[2:5])
+events = open(sys.argv[5], "a", buffering=1)
+signal.signal(signal.SIGTERM, lambda *_: (events.write("sigterm\n"), os._exit(0)))
+time.sleep(load_s)  # loading the model: no drain handler, nothing listening
+drain_at = []
+def on_usr1(*_):
+    drain_at.append(time.monotonic())
+    events.write("sigusr1\n")
+signal.signal(signal.SIGUSR1, on_usr1)
+class Handler(http.server.BaseHTTPRequestHandler):
+    def do_GET(self):
+        time.sleep(reply_delay_s)  # busy: the reply comes late
+        left = 1 if not drain_at or time.monotonic() - drain_at[0] < busy_s else 0
+        body = json.dumps({"inflight": left, "draining": bool(drain_at)}).encode()
+        self.send_response(200); self.end_headers(); self.wfile.write(body)
+    def log_message(self, *args): pass
+http.server.ThreadingHTTPServer(("127.0.0.1", port), Handler).serve_forever()
+"""
+
+SUPERVISE = (
+    "import json, os, sys; from tuneship.serve.run import supervise; "
+    "sys.exit(supervise(json.loads(sys.argv[1]), dict(os.environ), '127.0.0.1', "
+    "int(sys.argv[2]), 30))"
+)
+
+
+def start(tmp_path: Path, load_s: float, reply_delay_s: float, busy_s: float):
+    port = free_port()
+    script = tmp_path / "stand_in.py"
+    script.write_text(STAND_IN)
+    events = tmp_path / "events"
+    child = [sys.executable, str(script), str(port), str(load_s), str(reply_delay_s),
+             str(busy_s), str(events)]  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SUPERVISE, json.dumps(child), str(port)],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    return proc, events
+
+
+def log_events(output: str) -> dict[str, dict]:
+    lines = [json.loads(x) for x in output.splitlines() if x.startswith('{"time"')]
+    return {line["event"]: line for line in lines}
+
+
+def test_sigterm_while_vllm_loads_stops_it_cleanly_and_exits_0(tmp_path):
+    proc, events = start(tmp_path, load_s=3, reply_delay_s=0, busy_s=0)
+    time.sleep(1)  # the stand-in is still "loading": a SIGUSR1 now would kill it if not ignored
+    os.kill(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=30)
+    logged = log_events(output)
+    assert proc.returncode == 0, output
+    assert logged["drained"]["inflight_left"] == 0  # nothing listens yet: nothing in flight
+    assert logged["stopped"]["vllm_exit_code"] == 0, output  # ended by SIGTERM, not by SIGUSR1
+    assert events.read_text().splitlines() == ["sigterm"]
+
+
+def test_a_busy_server_is_waited_for_until_its_requests_finish(tmp_path):
+    # inflight replies take 3 s (longer than the supervisor used to wait for one) and the
+    # request in flight needs 4 s after the drain signal
+    proc, events = start(tmp_path, load_s=0, reply_delay_s=3, busy_s=4)
+    deadline = time.monotonic() + 20
+    while not events.exists() and time.monotonic() < deadline:
+        time.sleep(0.1)  # the stand-in writes its events file once it runs
+    time.sleep(0.5)
+    sent = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    logged = log_events(output)
+    assert proc.returncode == 0, output
+    assert logged["drained"]["inflight_left"] == 0, output
+    assert logged["drained"]["seconds"] >= 4
+    assert time.monotonic() - sent >= 4
+    assert events.read_text().splitlines() == ["sigusr1", "sigterm"]
