@@ -145,6 +145,7 @@ def quantize(
 
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16)
     group_size = pick_group_size(model, cfg.group_size)
+    symmetric = cfg.scheme == "W4A16"
     rows = []
     for conv in sample:
         text = tokenizer.apply_chat_template(list(conv.messages), tokenize=False)
@@ -153,7 +154,7 @@ def quantize(
     scheme = QuantizationScheme(
         targets=["Linear"],
         weights=QuantizationArgs(
-            num_bits=4, type="int", symmetric=True, strategy="group", group_size=group_size
+            num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=group_size
         ),
     )
     ignore = ["lm_head"]
@@ -178,7 +179,7 @@ def quantize(
         "format": "compressed-tensors",
         "scheme": cfg.scheme,
         "num_bits": 4,
-        "symmetric": True,
+        "symmetric": symmetric,
         "group_size": group_size,
         "ignore": ignore,
         "dampening_frac": cfg.dampening_frac,

@@ -61,6 +61,26 @@ def test_export_merges_quantizes_and_writes_a_verified_manifest(tmp_path, tiny_r
     assert sorted(p.name for p in out.parent.iterdir()) == ["bundle"]
 
 
+def test_asymmetric_scheme_stores_a_zero_point_per_group(tmp_path, tiny_run):
+    from safetensors import safe_open
+
+    cfg = ExportConfig(scheme="W4A16_ASYM", group_size=32, calibration_samples=4, checks=False)
+    out = export(tiny_run, tmp_path / "bundle", cfg)
+    weights = json.loads((out / "model" / "config.json").read_text())["quantization_config"]
+    weights = weights["config_groups"]["group_0"]["weights"]
+    assert (weights["symmetric"], weights["group_size"]) == (False, 32)
+    with safe_open(str(out / "model" / "model.safetensors"), "pt") as tensors:
+        names = set(tensors.keys())
+        scale = tensors.get_tensor("model.layers.0.mlp.down_proj.weight_scale")
+        zero = tensors.get_tensor("model.layers.0.mlp.down_proj.weight_zero_point")
+    assert "model.layers.0.self_attn.q_proj.weight_zero_point" in names
+    # one int4 zero point per group and output row, packed eight to an int32 along the rows
+    assert tuple(zero.shape) == (scale.shape[0] // 8, scale.shape[1])
+    assert zero.unique().numel() > 1  # fitted per group, not one constant offset
+    recipe = read_bundle(out).quantization
+    assert (recipe["scheme"], recipe["symmetric"]) == ("W4A16_ASYM", False)
+
+
 def test_export_refuses_a_run_whose_adapter_changed_before_loading(tmp_path, tiny_run):
     adapter = tiny_run / "adapter" / "adapter_model.safetensors"
     original = adapter.read_bytes()

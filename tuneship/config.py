@@ -182,7 +182,12 @@ class TrainConfig(StrictModel):
 
 
 class ExportConfig(StrictModel):
-    scheme: Literal["W4A16"] = Field("W4A16", description="Weight-only 4-bit, 16-bit activations.")
+    scheme: Literal["W4A16", "W4A16_ASYM"] = Field(
+        "W4A16",
+        description="Weight-only 4-bit, 16-bit activations (llm-compressor's preset names): "
+        "W4A16 is symmetric, W4A16_ASYM adds a zero point per group, which fits skewed "
+        "weight groups better (vLLM loads both, on GPU and CPU).",
+    )
     group_size: int | None = Field(
         None,
         ge=8,
