@@ -83,6 +83,23 @@ def test_vllm_command_uses_the_bundle_name_and_cpu_settings(tmp_path):
     assert env == {"TUNESHIP_MODEL_DIR": str((bundle / "model").resolve())}
 
 
+@pytest.mark.parametrize(
+    ("cores", "preset", "reserved"), [(2, None, "0"), (8, None, None), (2, "1", None)]
+)
+def test_vllm_computes_on_every_core_of_a_small_cpu_machine(
+    tmp_path, monkeypatch, cores, preset, reserved
+):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)))
+    if preset is None:
+        monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
+    else:
+        monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", preset)  # the operator's choice stands
+    _, env = build_command(tmp_path, "m", "127.0.0.1", 9000, "cpu", 2048)
+    assert env.get("VLLM_CPU_NUM_OF_RESERVED_CPU") == reserved
+    _, env = build_command(tmp_path, "m", "127.0.0.1", 9000, "cuda", 2048)
+    assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in env
+
+
 def test_serve_settings_become_vllm_limits_and_middleware_environment(tmp_path):
     from tuneship.serve.run import ServeSettings
 
