@@ -13,7 +13,7 @@ from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from replay_prompts import REPLAY_PROMPTS  # noqa: E402
+from replay_prompts import ALL_PROMPTS  # noqa: E402
 
 MAX_NEW_TOKENS = 96
 
@@ -28,8 +28,8 @@ def main(out: Path) -> None:
     tokenizer = AutoTokenizer.from_pretrained(base, padding_side="left")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32).eval()
     rows = []
-    for start in range(0, len(REPLAY_PROMPTS), 16):
-        prompts = REPLAY_PROMPTS[start : start + 16]
+    for start in range(0, len(ALL_PROMPTS), 16):
+        prompts = ALL_PROMPTS[start : start + 16]
         texts = [
             tokenizer.apply_chat_template(
                 [{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True
@@ -56,7 +56,7 @@ def main(out: Path) -> None:
     with open(out, "w", encoding="utf-8") as fh:
         for row in rows:
             fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-    print(f"{len(rows)} of {len(REPLAY_PROMPTS)} prompts answered within {MAX_NEW_TOKENS} tokens")
+    print(f"{len(rows)} of {len(ALL_PROMPTS)} prompts answered within {MAX_NEW_TOKENS} tokens")
 
 
 if __name__ == "__main__":
