@@ -132,10 +132,16 @@ def write_plots_for(report: dict[str, Any], run_dir: Path, folder: Path) -> list
 
 
 def measured(target: dict[str, Any]) -> str:
+    """The value, and for a share what it was measured on and its 95% interval."""
     value = target["value"]
     if value is None:
         return "n/a"
-    return f"{value:g}" if target["unit"] == "points" else f"{value:.0%}"
+    if target["unit"] == "points":
+        return f"{value:g}"
+    if "count" not in target:
+        return f"{value:.0%}"
+    (hits, of), (low, high) = target["count"], target["interval"]
+    return f"{value:.0%} ({hits} of {of}; 95% interval {low:.0%}-{high:.0%})"
 
 
 def md_cell(text: str) -> str:

@@ -13,6 +13,7 @@ PNG files, atomically: an evaluation that fails leaves no report behind.
 
 from __future__ import annotations
 
+import math
 import shutil
 import statistics
 import time
@@ -41,6 +42,21 @@ LABELS = {
 
 def share(flags: list[bool]) -> float | None:
     return round(sum(flags) / len(flags), 4) if flags else None
+
+
+def tally(flags: list[bool]) -> list[int]:
+    """[how many are true, of how many]: what a share was measured on."""
+    return [sum(flags), len(flags)]
+
+
+def wilson_interval(hits: int, of: int, z: float = 1.96) -> list[float]:
+    """The 95% Wilson score interval of a share: on 35 questions one answer moves it 3 points."""
+    if of == 0:
+        return [0.0, 1.0]
+    p, z2 = hits / of, z * z
+    centre = (p + z2 / (2 * of)) / (1 + z2 / of)
+    half = z * math.sqrt(p * (1 - p) / of + z2 / (4 * of * of)) / (1 + z2 / of)
+    return [round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4)]
 
 
 def percentile(values: list[float], q: float) -> float | None:
@@ -80,16 +96,23 @@ def model_figures(
     styles = sorted({i.style for i in heldout if i.style})
     tokens = [c["completion_tokens"] for c in chats if c.get("completion_tokens") is not None]
     latencies = [c["latency_s"] for c in chats]
+    by_style = {
+        style: [ok for i, ok in zip(heldout, held_ok, strict=True) if i.style == style]
+        for style in styles
+    }
+    general_ok = [
+        checks.answered(i, c["text"]) for i, c in zip(general, general_chats, strict=True)
+    ]
     return {
         "perplexity": None if perplexity is None else round(perplexity, 4),
         "recall": share(held_ok),
-        "recall_by_style": {
-            style: share([ok for i, ok in zip(heldout, held_ok, strict=True) if i.style == style])
-            for style in styles
+        "recall_by_style": {style: share(flags) for style, flags in by_style.items()},
+        "general_accuracy": share(general_ok),
+        "counts": {
+            "recall": tally(held_ok),
+            "recall_by_style": {style: tally(flags) for style, flags in by_style.items()},
+            "general": tally(general_ok),
         },
-        "general_accuracy": share(
-            [checks.answered(i, c["text"]) for i, c in zip(general, general_chats, strict=True)]
-        ),
         "stop_rate": share([c["finish_reason"] == "stop" for c in chats]),
         "mean_answer_tokens": round(statistics.mean(tokens), 1) if tokens else None,
         "latency_mean_s": round(statistics.mean(latencies), 3),
@@ -100,14 +123,18 @@ def model_figures(
     }
 
 
-def retention(general: list[checks.EvalItem], base: list[dict], tuned: list[dict]) -> float | None:
-    """Of the general questions the base model answers correctly, the share still answered."""
-    kept = [
+def retained(general: list[checks.EvalItem], base: list[dict], tuned: list[dict]) -> list[bool]:
+    """For each general question the base model answers correctly: still answered?"""
+    return [
         checks.answered(item, mine["text"])
         for item, theirs, mine in zip(general, base, tuned, strict=True)
         if checks.answered(item, theirs["text"])
     ]
-    return share(kept)
+
+
+def retention(general: list[checks.EvalItem], base: list[dict], tuned: list[dict]) -> float | None:
+    """Of the general questions the base model answers correctly, the share still answered."""
+    return share(retained(general, base, tuned))
 
 
 def judge(figures: dict[str, dict[str, Any]], cfg: EvalConfig) -> list[dict[str, Any]]:
@@ -123,16 +150,23 @@ def judge(figures: dict[str, dict[str, Any]], cfg: EvalConfig) -> list[dict[str,
     merged, quantized, base = recall("merged"), recall("quantized"), recall("base")
     drop = None if merged is None or quantized is None else round(100 * (merged - quantized), 1)
     kept = {model: figures[model].get("retention") for model in TUNED}
-    rows = [  # name, goal, measured, unit, test
+
+    def count(model: str, figure: str) -> list[int] | None:
+        counts = figures[model].get("counts", {})
+        if figure == "recall" and t.recall_style is not None:
+            return counts.get("recall_by_style", {}).get(t.recall_style)
+        return counts.get(figure)
+
+    rows = [  # name, goal, measured, unit, [hits, of] it was measured on, test
         ("base model fact recall" + on, f"< {t.max_base_recall:.0%}", base, "share",
-         lambda v: v < t.max_base_recall),
+         count("base", "recall"), lambda v: v < t.max_base_recall),
         ("fine-tuned fact recall" + on, f">= {t.min_recall:.0%}", merged, "share",
-         lambda v: v >= t.min_recall),
+         count("merged", "recall"), lambda v: v >= t.min_recall),
         ("quantized recall drop (points)" + on, f"<= {t.max_quantized_drop:g}", drop, "points",
-         lambda v: v <= t.max_quantized_drop),
+         None, lambda v: v <= t.max_quantized_drop),
     ] + [
         (f"general knowledge retained ({KIND[model]})", f">= {t.min_retention:.0%}",
-         kept[model], "share", lambda v: v >= t.min_retention)
+         kept[model], "share", count(model, "retention"), lambda v: v >= t.min_retention)
         for model in TUNED
     ]  # fmt: skip
     return [
@@ -143,7 +177,8 @@ def judge(figures: dict[str, dict[str, Any]], cfg: EvalConfig) -> list[dict[str,
             "unit": unit,
             "met": value is not None and bool(test(value)),
         }
-        for name, goal, value, unit, test in rows
+        | ({"count": counted, "interval": wilson_interval(*counted)} if counted else {})
+        for name, goal, value, unit, counted, test in rows
     ]
 
 
@@ -209,9 +244,9 @@ def run(bundle_dir: Path, out_dir: Path, cfg: EvalConfig, force: bool = False) -
         figures = {m: model_figures(heldout, general, probes[m], perplexities[m]) for m in MODELS}
         base_general = probes["base"]["chats"][len(heldout) :]
         for model in TUNED:
-            figures[model]["retention"] = retention(
-                general, base_general, probes[model]["chats"][len(heldout) :]
-            )
+            kept = retained(general, base_general, probes[model]["chats"][len(heldout) :])
+            figures[model]["retention"] = share(kept)
+            figures[model]["counts"]["retention"] = tally(kept)
         answers = [
             {
                 "id": item.id,

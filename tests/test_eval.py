@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import REPO, SERVE_BIN, tuneship, write_jsonl
 from tuneship.config import EvalConfig
 from tuneship.eval import report as render
-from tuneship.eval.run import judge, model_figures, retention
+from tuneship.eval.run import judge, model_figures, retention, wilson_interval
 from tuneship.export.checks import EvalItem
 
 
@@ -48,6 +48,8 @@ def test_figures_count_recall_by_style_and_general_answers():
     assert figures["recall_by_style"] == {"paraphrase": 0.0, "reworded": 0.5}
     assert figures["general_accuracy"] == 0.5
     assert figures["output_tokens_per_s"] == 25.0 and figures["stop_rate"] == 1.0
+    assert figures["counts"]["recall_by_style"] == {"paraphrase": [0, 1], "reworded": [1, 2]}
+    assert figures["counts"]["general"] == [1, 2]
 
 
 def test_retention_counts_only_what_the_base_model_knew():
@@ -81,6 +83,17 @@ def test_targets_are_judged_against_the_config():
     assert [t["met"] for t in split[3:]] == [True, False]
     restricted = EvalConfig.model_validate({"targets": {"recall_style": "reworded"}})
     assert "(reworded)" in judge(figures_for(0.0, 0.9, 0.9, 1.0), restricted)[1]["target"]
+
+
+def test_a_share_target_shows_what_it_was_measured_on_and_its_interval():
+    figures = figures_for(0.0, 0.9, 0.9, 30 / 35)
+    figures["merged"]["counts"] = {"retention": [30, 35], "recall_by_style": {}}
+    kept = judge(figures, EvalConfig())[3]
+    assert kept["count"] == [30, 35]
+    assert kept["interval"] == pytest.approx([0.706, 0.937], abs=1e-3)  # Wilson, 95%
+    assert render.measured(kept) == "86% (30 of 35; 95% interval 71%-94%)"
+    assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
+    assert "count" not in judge(figures, EvalConfig())[4]  # no counts given: the share alone
 
 
 def made_up_report() -> dict:
@@ -118,7 +131,8 @@ def test_report_files_are_self_contained_and_escaped(tmp_path):
     render.write(report, tmp_path / "no-run", tmp_path)
     markdown = (tmp_path / "report.md").read_text()
     page = (tmp_path / "report.html").read_text()
-    assert "| fine-tuned fact recall, held-out questions | >= 80% | 100% | met |" in markdown
+    recall = "| fine-tuned fact recall, held-out questions | >= 80% | 100% (3 of 3; 95% interval "
+    assert recall in markdown
     assert "MISSED" in markdown  # retention 50% < 90%
     assert "a \\| b" in markdown  # a pipe in an answer does not break the table
     assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page
