@@ -19,6 +19,8 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from tuneship.eval.report import measured
+
 REPO = Path(__file__).resolve().parents[1]
 TUNESHIP = str(Path(sys.executable).parent / "tuneship")
 RUN, BUNDLE, REPORT = REPO / "runs" / "demo", REPO / "bundles" / "demo", REPO / "reports" / "demo"
@@ -86,7 +88,11 @@ def main() -> None:
     console.print(f"[bold]targets met: {met} of {len(report['targets'])}[/]")
     for target in report["targets"]:
         colour = "green" if target["met"] else "red"
-        console.print(f"  [{colour}]{'met' if target['met'] else 'MISSED'}[/] {target['target']}")
+        verdict = "met" if target["met"] else "MISSED"
+        console.print(
+            f"  [{colour}]{verdict}[/] {target['target']}: {measured(target)} "
+            f"(goal {target['goal']})"
+        )
     console.print(f"report: {REPORT / 'report.html'} (and report.md, report.json)")
 
 
