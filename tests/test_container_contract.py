@@ -96,7 +96,9 @@ def test_train_image_entry_runs_the_cpu_job_as_a_dry_run(tmp_path, bundle):
     assert done.returncode == 0, done.stderr
     report = yaml.safe_load(done.stdout)
     assert report["config"]["output_dir"] == str(root / "output/runs")
-    assert report["data"]["used"] == 444 and report["data"]["eval"]["used"] == 114
+    demo = [REPO / "data/demo" / f for f in ("train.jsonl", "general_replay.jsonl")]
+    conversations = sum(len(f.read_text().splitlines()) for f in demo)  # no duplicates there
+    assert report["data"]["used"] == conversations and report["data"]["eval"]["used"] == 114
 
 
 def test_serve_image_entry_env_port_and_probes_answer(tmp_path, bundle):
