@@ -50,6 +50,20 @@ def test_weighted_sources_are_mixed_to_their_shares_deterministically(tmp_path, 
     assert len(unweighted.train) == 16 and unweighted.report["sources"][1]["in_mix"] == 4
 
 
+def test_conversations_of_distill_sources_are_marked_through_the_mix(two_sources):
+    domain, general = two_sources
+    data = [
+        {"path": str(domain), "weight": 7},
+        {"path": str(general), "weight": 3, "distill": True},
+    ]
+    mixed = prepare(TrainConfig(name="m", data=data, seed=1, eval_fraction=0.25))
+    marked = {c.id for c in mixed.train if c.id in mixed.distill_ids}
+    assert marked and marked == {c.id for c in mixed.train if "general" in c.id}
+    assert not mixed.distill_ids & {c.id for c in mixed.eval}  # held out: not trained at all
+    assert [s["distill"] for s in mixed.report["sources"]] == [False, True]
+    assert prepare(TrainConfig(name="m", data=[str(domain), str(general)])).distill_ids == set()
+
+
 def test_weights_must_be_given_for_all_sources_or_none(two_sources):
     domain, general = two_sources
     with pytest.raises(ValueError, match="give every source a weight, or none"):

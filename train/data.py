@@ -81,6 +81,7 @@ class PreparedData:
     eval: list[Conversation]
     problems: list[RecordProblem]
     report: dict[str, Any] = field(default_factory=dict)
+    distill_ids: set[str] = field(default_factory=set)  # conversations from distill sources
 
 
 def _load(paths: list[str], skip_invalid: bool, what: str):
@@ -134,6 +135,12 @@ def prepare(cfg: TrainConfig) -> PreparedData:
         raise TuneshipError("the eval set is empty: check eval_data / eval_fraction")
 
     pool = [c for convs in per_source for c in convs]
+    distill_ids = {
+        c.id
+        for source, convs in zip(cfg.data, per_source, strict=True)
+        if source.distill
+        for c in convs
+    }
     leaked = leaks(pool, held_out)
     report["eval"] = {
         "source": cfg.eval_data or (f"{cfg.eval_fraction:.0%} of training" if held_out else None),
@@ -149,10 +156,13 @@ def prepare(cfg: TrainConfig) -> PreparedData:
         {
             "path": source.path,
             "weight": source.weight,
+            "distill": source.distill,
             "conversations": len(convs),
             "in_mix": count,
             "share": round(count / max(1, len(train)), 4),
         }
         for source, convs, count in zip(cfg.data, per_source, counts, strict=True)
     ]
-    return PreparedData(train=train, eval=held_out, problems=problems, report=report)
+    return PreparedData(
+        train=train, eval=held_out, problems=problems, report=report, distill_ids=distill_ids
+    )

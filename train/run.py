@@ -29,6 +29,7 @@ from . import checkpoints as ckpt
 from .base import resolve_base
 from .best import best_adapter_callback
 from .data import PreparedData, prepare
+from .distill import distilling_trainer
 from .observe import (
     METRICS_JSONL,
     Reporter,
@@ -91,7 +92,8 @@ def describe_datasets(cfg: TrainConfig, data: PreparedData) -> list[dict[str, An
 
 
 def pad_collate(pad_id: int):
-    """Dynamic padding to the longest example of the batch; padded labels are ignored."""
+    """Dynamic padding to the longest example of the batch; padded labels are ignored. Rows
+    that carry `distill` (a bool) pass it on as one tensor (see distill.py)."""
     import torch
 
     def collate(batch: list[dict]) -> dict:
@@ -102,11 +104,14 @@ def pad_collate(pad_id: int):
             ids.append(row["input_ids"] + [pad_id] * gap)
             labels.append(row["labels"] + [IGNORE] * gap)
             mask.append([1] * len(row["input_ids"]) + [0] * gap)
-        return {
+        collated = {
             "input_ids": torch.tensor(ids),
             "labels": torch.tensor(labels),
             "attention_mask": torch.tensor(mask),
         }
+        if "distill" in batch[0]:
+            collated["distill"] = torch.tensor([row["distill"] for row in batch])
+        return collated
 
     return collate
 
@@ -261,6 +266,7 @@ def train(
     model: Any,
     examples: list[Example],
     eval_examples: list[Example],
+    distill_ids: set[str],
     precision: str,
     pad_id: int,
     work: Path,
@@ -280,10 +286,15 @@ def train(
     collate = packed_collate(flash) if cfg.batching == "packed" else pad_collate(pad_id)
     best = best_adapter_callback(model, cfg.early_stopping_patience) if cfg.has_eval else None
     sigterm = ckpt.sigterm_callback()
-    trainer = ckpt.checkpointing_trainer(Trainer)(
+    rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in examples]
+    if distill_ids:
+        rows = [
+            row | {"distill": e.id in distill_ids} for row, e in zip(rows, examples, strict=True)
+        ]
+    trainer = distilling_trainer(ckpt.checkpointing_trainer(Trainer))(
         model=model,
         args=args,
-        train_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in examples],
+        train_dataset=rows,
         eval_dataset=[{"input_ids": e.input_ids, "labels": e.labels} for e in eval_examples]
         or None,
         data_collator=collate,
@@ -401,6 +412,7 @@ def run(
         model,
         examples,
         eval_examples,
+        data.distill_ids,
         precision,
         tokenizer.pad_token_id,
         work,

@@ -41,6 +41,12 @@ class DataSource(StrictModel):
         description="Share of the training mix (relative to the other sources' weights); "
         "sources are resampled, seeded, to these shares. Unset everywhere: concatenate as is.",
     )
+    distill: bool = Field(
+        False,
+        description="Train this source's assistant tokens toward the base model's whole "
+        "next-token distribution (KL to the base, the adapter switched off) instead of its "
+        "text alone: for replay data that should keep what the base knows.",
+    )
 
 
 class Distributed(StrictModel):
@@ -164,6 +170,10 @@ class TrainConfig(StrictModel):
         weighted = [s.weight is not None for s in self.data]
         if any(weighted) and not all(weighted):
             raise ValueError("data: give every source a weight, or none of them")
+        if any(s.distill for s in self.data) and self.batching == "packed":
+            raise ValueError(
+                "data: distill sources need batching: group_by_length (packed rows mix sources)"
+            )
         if self.eval_data and self.eval_fraction:
             raise ValueError("set eval_data or eval_fraction, not both")
         if (self.early_stopping_patience or self.keep_best) and not self.has_eval:
