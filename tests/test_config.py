@@ -94,6 +94,25 @@ def test_set_overrides_are_typed_and_nested(tmp_path):
         load_config(ExportConfig, None, parse_overrides(["group=64"]))
 
 
+def test_problems_name_the_file_or_the_set_option_they_came_from(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("name: x\ndata: [a.jsonl]\nlora: {r: 0}\n")
+    overrides = parse_overrides(["epochs=-1", "lora.alpha=0", "keep_16bit=x"])
+    with pytest.raises(ConfigError) as err:
+        load_config(TrainConfig, path, overrides)
+    problems = "\n".join(err.value.problems)
+    assert f"{path}: 'lora.r'" in problems
+    assert "--set: 'epochs'" in problems and "--set: 'lora.alpha'" in problems
+    assert "--set: unknown key 'keep_16bit'" in problems
+    # a YAML value --set cannot parse stays a string, and the error says it came from --set
+    export = tmp_path / "export.yaml"
+    export.write_text("seed: 1\n")
+    bad = parse_overrides(['keep_16bit=["re:a\\.b"]'])
+    with pytest.raises(ConfigError) as err:
+        load_config(ExportConfig, export, bad)
+    assert err.value.problems[0].startswith("--set: 'keep_16bit': Input should be a valid list")
+
+
 def test_run_name_must_be_a_safe_folder_name(tmp_path):
     with pytest.raises(ConfigError, match="'name'"):
         load_config(TrainConfig, None, {"name": "../escape", "data": ["a.jsonl"]})

@@ -211,6 +211,12 @@ class ExportConfig(StrictModel):
         512, ge=16, description="Tokens kept per calibration conversation."
     )
     dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening.")
+    keep_16bit: list[str] = Field(
+        default_factory=list,
+        description="Linear layers left unquantized, besides lm_head: module names or "
+        "llm-compressor 're:' patterns, e.g. 're:.*layers\\.(0|29)\\..*' for the first and "
+        "last block; each must match a layer.",
+    )
     seed: int = Field(0, description="Seed of the calibration sample.")
     served_name: str | None = Field(
         None, description="Model name clients use; default: the bundle folder's name."
@@ -328,21 +334,40 @@ def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
     return list(model.model_fields)
 
 
-def describe_errors(model: type[BaseModel], exc: ValidationError, source: str) -> list[str]:
+def _overridden(overrides: dict[str, Any] | None, loc: tuple) -> bool:
+    """Whether the value at `loc` (or a section above it) came from --set."""
+    node: Any = overrides or {}
+    for part in loc:
+        if not isinstance(node, dict) or part not in node:
+            return False
+        node = node[part]
+        if not isinstance(node, dict):
+            return True
+    return bool(loc)
+
+
+def describe_errors(
+    model: type[BaseModel],
+    exc: ValidationError,
+    source: str,
+    overrides: dict[str, Any] | None = None,
+) -> list[str]:
+    """One line per problem, each naming where the value came from: the file, or --set."""
     problems = []
     for err in exc.errors():
         key = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        source_of = "--set" if _overridden(overrides, err["loc"]) else source
         if err["type"] == "extra_forbidden":
             known = _known_keys(model, err["loc"])
             close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
-            problems.append(f"{source}: unknown key '{key}'{hint} (known: {', '.join(known)})")
+            problems.append(f"{source_of}: unknown key '{key}'{hint} (known: {', '.join(known)})")
         elif err["type"] == "value_error" and not err["loc"]:
-            problems.append(f"{source}: {err['msg'].removeprefix('Value error, ')}")
+            problems.append(f"{source_of}: {err['msg'].removeprefix('Value error, ')}")
         elif err["type"] == "missing":
-            problems.append(f"{source}: missing required key '{key}'")
+            problems.append(f"{source_of}: missing required key '{key}'")
         else:
-            problems.append(f"{source}: '{key}': {err['msg']} (got {err.get('input')!r})")
+            problems.append(f"{source_of}: '{key}': {err['msg']} (got {err.get('input')!r})")
     return problems
 
 
@@ -422,5 +447,5 @@ def load_config(
         return model.model_validate(data)
     except ValidationError as exc:
         raise ConfigError(
-            f"invalid {model.__name__}", describe_errors(model, exc, source)
+            f"invalid {model.__name__}", describe_errors(model, exc, source, overrides)
         ) from None
