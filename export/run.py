@@ -116,6 +116,31 @@ def pick_group_size(model: Any, requested: int | None) -> int:
     raise TuneshipError(f"no group size in {GROUP_SIZES} divides the layer widths {sorted(widths)}")
 
 
+def linear_names(model: Any) -> list[str]:
+    import torch
+
+    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def check_keep_16bit(names: list[str], patterns: list[str]) -> None:
+    """Every keep_16bit entry names a linear layer (exactly, or as a 're:' pattern matched
+    from the start of the name, as llm-compressor matches it): a typo would otherwise be
+    quantized silently."""
+    import re
+
+    for pattern in patterns:
+        regex = pattern[3:] if pattern.startswith("re:") else None
+        try:
+            hit = any(re.match(regex, n) for n in names) if regex else pattern in names
+        except re.error as err:
+            raise TuneshipError(f"keep_16bit: {pattern!r} is not a valid pattern: {err}") from err
+        if not hit:
+            raise TuneshipError(
+                f"keep_16bit: {pattern!r} matches no linear layer of the model "
+                f"(e.g. {names[0]!r}; patterns start with 're:')"
+            )
+
+
 def quiet_llmcompressor() -> None:
     """llm-compressor logs lines per layer (loguru), some at its own METRIC level (38, above
     WARNING); keep only warnings and errors unless TUNESHIP_LLMCOMPRESSOR_LOG asks for more
@@ -144,6 +169,7 @@ def quantize(
     quiet_llmcompressor()
 
     model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16)
+    check_keep_16bit(linear_names(model), cfg.keep_16bit)
     group_size = pick_group_size(model, cfg.group_size)
     symmetric = cfg.scheme == "W4A16"
     rows = []
@@ -157,7 +183,7 @@ def quantize(
             num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=group_size
         ),
     )
-    ignore = ["lm_head"]
+    ignore = ["lm_head", *cfg.keep_16bit]
     recipe = GPTQModifier(
         config_groups={"group_0": scheme}, ignore=ignore, dampening_frac=cfg.dampening_frac
     )

@@ -81,6 +81,32 @@ def test_asymmetric_scheme_stores_a_zero_point_per_group(tmp_path, tiny_run):
     assert (recipe["scheme"], recipe["symmetric"]) == ("W4A16_ASYM", False)
 
 
+def test_keep_16bit_layers_stay_unquantized_in_the_bundle(tmp_path, tiny_run):
+    from safetensors import safe_open
+
+    cfg = ExportConfig(keep_16bit=[r"re:.*layers\.1\."], calibration_samples=4, checks=False)
+    out = export(tiny_run, tmp_path / "bundle", cfg)
+    with safe_open(str(out / "model" / "model.safetensors"), "pt") as tensors:
+        names = set(tensors.keys())
+    assert "model.layers.1.mlp.down_proj.weight" in names  # a plain 16-bit weight
+    assert not any(n.startswith("model.layers.1.") and "weight_packed" in n for n in names)
+    assert "model.layers.0.mlp.down_proj.weight_packed" in names
+    qcfg = json.loads((out / "model" / "config.json").read_text())["quantization_config"]
+    assert "model.layers.1.mlp.down_proj" in qcfg["ignore"]  # expanded to layer names
+    assert not any(name.startswith("model.layers.0.") for name in qcfg["ignore"])
+    assert read_bundle(out).quantization["ignore"] == ["lm_head", r"re:.*layers\.1\."]
+
+
+@pytest.mark.parametrize(
+    ("pattern", "problem"),
+    [("model.layers.0.mlp.down_prj", "matches no linear layer"), ("re:layers[", "not a valid")],
+)
+def test_keep_16bit_entries_must_name_a_layer(tmp_path, tiny_run, pattern, problem):
+    with pytest.raises(TuneshipError, match=f"keep_16bit: .* {problem}"):
+        export(tiny_run, tmp_path / "b", ExportConfig(keep_16bit=[pattern], checks=False))
+    assert not (tmp_path / "b").exists()
+
+
 def test_export_refuses_a_run_whose_adapter_changed_before_loading(tmp_path, tiny_run):
     adapter = tiny_run / "adapter" / "adapter_model.safetensors"
     original = adapter.read_bytes()
