@@ -42,16 +42,18 @@ def test_a_distilled_row_learns_the_teacher_not_its_text():
     plain, _ = token_losses(logits, None, labels, torch.tensor([False, False]))
     row1_alone, _ = token_losses(logits[1:], None, labels[1:], torch.tensor([False]))
     # the teacher agrees with the student on row 0: only row 1's cross-entropy is left
-    same, _ = token_losses(logits, logits.clone(), labels, distill)
+    same, _ = token_losses(logits, logits[distill].clone(), labels, distill)
     assert torch.allclose(same, row1_alone, atol=1e-5)
     assert same < plain
     # row 0's target tokens do not matter, the teacher does
     relabelled = labels.clone()
     relabelled[0, 2:] = (relabelled[0, 2:] + 1) % VOCAB
-    assert torch.allclose(token_losses(logits, logits, relabelled, distill)[0], same, atol=1e-5)
+    assert torch.allclose(
+        token_losses(logits, logits[distill], relabelled, distill)[0], same, atol=1e-5
+    )
     other_teacher = batch(seed=1)[0]
     student = logits.clone().requires_grad_(True)
-    moved, _ = token_losses(student, other_teacher, labels, distill)
+    moved, _ = token_losses(student, other_teacher[distill], labels, distill)
     assert moved > same + 0.1
     moved.backward()
     # the gradient on a distilled position is student minus teacher probabilities
@@ -106,6 +108,7 @@ def test_the_trainer_distills_toward_the_base_with_the_adapter_off(tmp_path, tin
             teacher = model(input_ids=ids).logits
         loss = trainer.compute_loss(model, inputs | {"distill": torch.tensor([True, True])})
         plain = trainer.compute_loss(model, inputs | {"distill": torch.tensor([False, False])})
+        mixed = trainer.compute_loss(model, inputs | {"distill": torch.tensor([True, False])})
     # row-mean KL(base || adapted) over the trained positions, computed here from scratch
     position = labels[:, 1:] != IGNORE
     p_base = teacher[:, :-1][position].softmax(-1)
@@ -113,6 +116,11 @@ def test_the_trainer_distills_toward_the_base_with_the_adapter_off(tmp_path, tin
     assert loss > 0.01
     assert torch.allclose(loss, expected.mean(), atol=1e-5)
     assert torch.allclose(plain, model(**inputs).loss, atol=1e-5)
+    # row 0 by KL (the teacher run on that row alone), row 1 by cross-entropy, one token mean
+    kl_row0 = expected[: int(position[0].sum())].sum()
+    targets = labels[1, 1:][position[1]]
+    ce_row1 = F.cross_entropy(student[1, :-1][position[1]], targets, reduction="sum")
+    assert torch.allclose(mixed, (kl_row0 + ce_row1) / position.sum(), atol=1e-5)
 
 
 def test_distill_data_alone_keeps_the_model_at_the_base(tmp_path, tiny_base, small_dataset):

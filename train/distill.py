@@ -21,8 +21,9 @@ def token_losses(
 ) -> tuple[Any, Any]:
     """Summed loss over the trained tokens of a batch, and how many tokens it covers.
 
-    logits, teacher_logits: [batch, seq, vocab], unshifted (teacher_logits only needed when a
-    row is distilled); labels: [batch, seq]; distill: [batch] bool, rows trained by KL.
+    logits: [batch, seq, vocab], unshifted; teacher_logits: the same for the distilled rows
+    only (None when there are none); labels: [batch, seq]; distill: [batch] bool, rows trained
+    by KL.
     """
     import torch
     import torch.nn.functional as F
@@ -35,7 +36,7 @@ def token_losses(
     total = F.cross_entropy(predicted[hard].float(), targets[hard], reduction="sum")
     if soft.any():
         student = F.log_softmax(predicted[soft].float(), dim=-1)
-        teacher = F.log_softmax(teacher_logits[:, :-1][soft].float(), dim=-1)
+        teacher = F.log_softmax(teacher_logits[:, :-1][soft[distill]].float(), dim=-1)
         total = total + F.kl_div(student, teacher, log_target=True, reduction="sum")
     return total, trained.sum().to(torch.float32)
 
@@ -53,8 +54,10 @@ def distilling_trainer(trainer_cls: type) -> type:
                 return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
             labels = inputs.pop("labels")
             outputs = model(**inputs)
+            # the teacher only sees the distilled rows: its forward pass is the added cost
+            rows = {key: value[distill] for key, value in inputs.items()}
             with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
-                teacher = model(**inputs).logits
+                teacher = model(**rows).logits
             total, tokens = token_losses(outputs.logits, teacher, labels, distill)
             if num_items_in_batch is None:
                 loss = total / tokens.clamp(min=1)
