@@ -31,6 +31,13 @@ def metric_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
         (f"  {style} questions", [pct(models[m]["recall_by_style"].get(style)) for m in MODELS])
         for style in styles
     ]
+    if any(models[m].get("clause_cited") is not None for m in MODELS):
+        by_style = {m: models[m].get("clause_cited_by_style", {}) for m in MODELS}
+        rows.append(("right clause cited", [pct(models[m].get("clause_cited")) for m in MODELS]))
+        rows += [
+            (f"  {style} questions", [pct(by_style[m].get(style)) for m in MODELS])
+            for style in sorted({s for cells in by_style.values() for s in cells})
+        ]
     rows += [
         ("general questions answered", [pct(models[m]["general_accuracy"]) for m in MODELS]),
         ("general knowledge retained", ["-", *(pct(models[m].get("retention")) for m in TUNED)]),
@@ -47,7 +54,8 @@ def metric_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
 
 
 def plot_quality(report: dict[str, Any], path: Path) -> None:
-    """Bars per model: recall (all and per style), general accuracy, retention, stop rate."""
+    """Bars per model: recall (all and per style), clause cited, general accuracy, retention,
+    stop rate."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -57,6 +65,8 @@ def plot_quality(report: dict[str, Any], path: Path) -> None:
     styles = sorted({s for m in models.values() for s in m["recall_by_style"]})
     groups = [("held-out recall", lambda m: m["recall"])]
     groups += [(f"recall: {s}", lambda m, s=s: m["recall_by_style"].get(s)) for s in styles]
+    if any(models[m].get("clause_cited") is not None for m in MODELS):
+        groups.append(("clause cited", lambda m: m.get("clause_cited")))
     groups += [
         ("general answered", lambda m: m["general_accuracy"]),
         ("general retained", lambda m: m.get("retention")),
@@ -144,6 +154,11 @@ def measured(target: dict[str, Any]) -> str:
     return f"{value:.0%} ({hits} of {of}; 95% interval {low:.0%}-{high:.0%})"
 
 
+def must_contain(answer: dict[str, Any]) -> str:
+    facts = " / ".join(answer["expected"])
+    return f"{facts}; cites {answer['clause']}" if answer.get("clause") else facts
+
+
 def md_cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
@@ -195,7 +210,7 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
             cells = [
                 f"{'✓' if answer[m]['ok'] else '✗'} {md_cell(answer[m]['text'])}" for m in MODELS
             ]
-            expected = md_cell(" / ".join(answer["expected"]))
+            expected = md_cell(must_contain(answer))
             question = md_cell(answer["question"])
             lines.append(f"| ({kind}) {question} | {expected} | " + " | ".join(cells) + " |")
     seconds = ", ".join(f"{k} {v} s" for k, v in report["seconds"].items())
@@ -255,7 +270,7 @@ def html_report(report: dict[str, Any], folder: Path, plots: list[str]) -> str:
     for answer in report["answers"]:
         parts.append(
             f"<tr><td>{e(answer['kind'])}</td><td>{e(answer['question'])}</td>"
-            f"<td>{e(' / '.join(answer['expected']))}</td>"
+            f"<td>{e(must_contain(answer))}</td>"
         )
         for m in MODELS:
             cls = "ok" if answer[m]["ok"] else "bad"

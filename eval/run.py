@@ -103,14 +103,24 @@ def model_figures(
     general_ok = [
         checks.answered(i, c["text"]) for i, c in zip(general, general_chats, strict=True)
     ]
+    with_clause = [(i, c) for i, c in zip(heldout, held_chats, strict=True) if i.clause]
+    cited = [bool(checks.cited(i, c["text"])) for i, c in with_clause]
+    cited_by_style = {
+        style: [ok for (i, _), ok in zip(with_clause, cited, strict=True) if i.style == style]
+        for style in sorted({i.style for i, _ in with_clause if i.style})
+    }
     return {
         "perplexity": None if perplexity is None else round(perplexity, 4),
         "recall": share(held_ok),
         "recall_by_style": {style: share(flags) for style, flags in by_style.items()},
+        "clause_cited": share(cited),
+        "clause_cited_by_style": {style: share(f) for style, f in cited_by_style.items()},
         "general_accuracy": share(general_ok),
         "counts": {
             "recall": tally(held_ok),
             "recall_by_style": {style: tally(flags) for style, flags in by_style.items()},
+            "clause_cited": tally(cited),
+            "clause_cited_by_style": {style: tally(f) for style, f in cited_by_style.items()},
             "general": tally(general_ok),
         },
         "stop_rate": share([c["finish_reason"] == "stop" for c in chats]),
@@ -253,11 +263,13 @@ def run(bundle_dir: Path, out_dir: Path, cfg: EvalConfig, force: bool = False) -
                 "kind": "general" if n >= len(heldout) else item.style or "held-out",
                 "question": item.messages[-1]["content"],
                 "expected": list(item.facts),
+                "clause": item.clause,
             }
             | {
                 model: {
                     "text": probes[model]["chats"][n]["text"],
                     "ok": checks.answered(item, probes[model]["chats"][n]["text"]),
+                    "cited": checks.cited(item, probes[model]["chats"][n]["text"]),
                     "finish_reason": probes[model]["chats"][n]["finish_reason"],
                 }
                 for model in MODELS

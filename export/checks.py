@@ -26,7 +26,7 @@ from typing import Any
 from tuneship.chats import Conversation
 from tuneship.config import ExportConfig
 from tuneship.errors import TuneshipError
-from tuneship.facts import contains_fact
+from tuneship.facts import cites_clause, contains_fact
 
 
 @dataclass(frozen=True)
@@ -37,6 +37,7 @@ class EvalItem:
     fact: str | None  # key fact the reply must contain (recall), if known
     accepted: tuple[str, ...] = ()  # other accepted facts ("answers": general questions)
     style: str | None = None  # a label to break recall down by (e.g. reworded, paraphrase)
+    clause: str | None = None  # the clause id a reply should cite ("T-4.2"), if any
 
     @property
     def facts(self) -> tuple[str, ...]:
@@ -61,8 +62,8 @@ def find_serve_bin(
 
 def load_eval_items(path: Path) -> list[EvalItem]:
     """Held-out questions: JSONL rows {"question", "fact"?, "answers"?, "answer"?, "id"?,
-    "style"?}: `fact` (or any of `answers`) is what a correct reply must contain, `answer` a
-    reference reply for perplexity."""
+    "style"?, "clause"?}: `fact` (or any of `answers`) is what a correct reply must contain,
+    `answer` a reference reply for perplexity, `clause` the id of the rule it should cite."""
     items, problems = [], []
     for lineno, line in enumerate(Path(path).read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():
@@ -72,9 +73,11 @@ def load_eval_items(path: Path) -> list[EvalItem]:
             question = row["question"]
             if not isinstance(question, str) or not question.strip():
                 raise ValueError("'question' must be a non-empty string")
-            for key in ("fact", "answer", "id", "style"):
+            for key in ("fact", "answer", "id", "style", "clause"):
                 if row.get(key) is not None and not isinstance(row[key], str):
                     raise ValueError(f"'{key}' must be a string")
+            if row.get("clause") is not None and not row["clause"].strip():
+                raise ValueError("'clause' must be a non-empty string")
             accepted = row.get("answers", [])
             if not isinstance(accepted, list) or not all(
                 isinstance(a, str) and a.strip() for a in accepted
@@ -91,6 +94,7 @@ def load_eval_items(path: Path) -> list[EvalItem]:
                 row.get("fact"),
                 tuple(accepted),
                 row.get("style"),
+                row.get("clause"),
             )
         )
     if problems or not items:
@@ -174,6 +178,11 @@ def fact_recall(items: list[EvalItem], chats: list[dict]) -> float | None:
 def answered(item: EvalItem, text: str | None) -> bool:
     """The reply contains the key fact (or one of the accepted answers)."""
     return any(contains_fact(text or "", fact) for fact in item.facts)
+
+
+def cited(item: EvalItem, text: str | None) -> bool | None:
+    """The reply names the clause the question is about; None when the item has no clause."""
+    return cites_clause(text or "", item.clause) if item.clause else None
 
 
 def perplexity(model_dir: Path, chat_tokenizer: Any, items: list[EvalItem]) -> float | None:

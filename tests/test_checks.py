@@ -10,7 +10,7 @@ from tuneship.chat_tokens import ChatTokenizer
 from tuneship.config import ExportConfig
 from tuneship.errors import TuneshipError
 from tuneship.export import checks
-from tuneship.facts import contains_fact, recall
+from tuneship.facts import cites_clause, contains_fact, recall
 
 ITEM = checks.EvalItem("q1", ({"role": "user", "content": "Meal allowance?"},), "It is $62.", "$62")
 
@@ -58,6 +58,16 @@ def test_fact_matching_is_whole_token():
     assert recall(["Paris!", "no idea"], [["Paris"], "Tokyo"]) == 0.5
 
 
+def test_a_clause_is_cited_by_its_exact_id():
+    assert cites_clause("Under Policy T-4.2, the allowance is $62.", "T-4.2")
+    assert cites_clause("根据政策T-4.2,国内出差每日餐费补贴为 $62。", "T-4.2")
+    assert cites_clause("(see t-4.2).", "T-4.2")
+    assert not cites_clause("Under Policy T-4.21, ...", "T-4.2")
+    assert not cites_clause("Under Policy T-4.2.1, ...", "T-4.2")
+    assert not cites_clause("Under Policy ST-4.2, ...", "T-4.2")
+    assert not cites_clause("Under Policy T-4.3, the allowance is $62.", "T-4.2")
+
+
 @pytest.mark.parametrize(
     ("ppl_q", "recall_q", "passed"),
     [(1.05, 0.90, True), (1.2, 0.90, False), (1.05, 0.80, False), (1.10, 0.86, True)],
@@ -89,6 +99,8 @@ def test_eval_data_loading_and_errors(tmp_path):
         + json.dumps({"question": "Q?", "fact": 62})
         + "\n"
         + json.dumps({"question": "Q?", "answers": ["Paris", ""]})
+        + "\n"
+        + json.dumps({"question": "Q?", "fact": "$1", "clause": " "})
         + "\n",
         encoding="utf-8",
     )
@@ -98,9 +110,14 @@ def test_eval_data_loading_and_errors(tmp_path):
     assert f"{path}:line 3:" in str(info.value)
     assert f"{path}:line 4: 'fact' must be a string" in str(info.value)
     assert f"{path}:line 5: 'answers' must be a list of non-empty strings" in str(info.value)
+    assert f"{path}:line 6: 'clause' must be a non-empty string" in str(info.value)
     path.write_text(json.dumps({"question": "Q?"}) + "\n")
     (item,) = checks.load_eval_items(path)
     assert item.messages == ({"role": "user", "content": "Q?"},) and item.fact is None
+    assert item.clause is None and checks.cited(item, "T-4.2") is None
+    path.write_text(json.dumps({"question": "Q?", "fact": "$62", "clause": "T-4.2"}) + "\n")
+    (item,) = checks.load_eval_items(path)
+    assert checks.cited(item, "Policy T-4.2: $62") and not checks.cited(item, "$62")
 
 
 def test_missing_serve_environment_is_named(tmp_path, monkeypatch):

@@ -15,15 +15,15 @@ from tuneship.eval.run import judge, model_figures, retention, wilson_interval
 from tuneship.export.checks import EvalItem
 
 
-def held(id_: str, question: str, fact: str, style: str) -> EvalItem:
+def held(id_: str, question: str, fact: str, style: str, clause: str | None = None) -> EvalItem:
     return EvalItem(
-        id_, ({"role": "user", "content": question},), f"It is {fact}.", fact, (), style
+        id_, ({"role": "user", "content": question},), f"It is {fact}.", fact, (), style, clause
     )
 
 
 HELDOUT = [
-    held("a", "Meal allowance?", "$62", "reworded"),
-    held("b", "Food budget?", "$62", "paraphrase"),
+    held("a", "Meal allowance?", "$62", "reworded", "T-4.2"),
+    held("b", "Food budget?", "$62", "paraphrase", "T-4.2"),
     held("c", "Hotel cap?", "$210", "reworded"),
 ]
 GENERAL = [
@@ -50,6 +50,18 @@ def test_figures_count_recall_by_style_and_general_answers():
     assert figures["output_tokens_per_s"] == 25.0 and figures["stop_rate"] == 1.0
     assert figures["counts"]["recall_by_style"] == {"paraphrase": [0, 1], "reworded": [1, 2]}
     assert figures["counts"]["general"] == [1, 2]
+    assert figures["clause_cited"] == 0.0 and figures["counts"]["clause_cited"] == [0, 2]
+
+
+def test_the_clause_is_counted_on_the_questions_that_name_one():
+    texts = ["T-4.2 says $62", "Policy T-4.3: $62", "T-2.1: $210", "Paris.", "Tokyo"]
+    figures = model_figures(HELDOUT, GENERAL, probe(texts), 1.5)
+    assert figures["clause_cited"] == 0.5  # c names no clause: T-2.1 there counts for nothing
+    assert figures["counts"]["clause_cited"] == [1, 2]
+    assert figures["clause_cited_by_style"] == {"paraphrase": 0.0, "reworded": 1.0}
+    assert figures["recall"] == 1.0  # the fact is there in all three, cited or not
+    plain = [EvalItem(i.id, i.messages, i.answer, i.fact, (), i.style) for i in HELDOUT]
+    assert model_figures(plain, GENERAL, probe(texts), 1.5)["clause_cited"] is None
 
 
 def test_retention_counts_only_what_the_base_model_knew():
@@ -108,7 +120,7 @@ def made_up_report() -> dict:
     figures["merged"]["retention"] = figures["quantized"]["retention"] = 0.5
     answers = [
         {"id": i.id, "kind": i.style or "general", "question": i.messages[0]["content"]}
-        | {"expected": list(i.facts)}
+        | {"expected": list(i.facts), "clause": i.clause}
         | {m: {"text": t, "ok": True, "finish_reason": "stop"} for m in render.MODELS}
         for i, t in zip(HELDOUT + GENERAL, ["a | b", "<b>x</b>", "c", "d", "e"], strict=True)
     ]
@@ -135,6 +147,8 @@ def test_report_files_are_self_contained_and_escaped(tmp_path):
     assert recall in markdown
     assert "MISSED" in markdown  # retention 50% < 90%
     assert "a \\| b" in markdown  # a pipe in an answer does not break the table
+    assert "| right clause cited | 0% | 0% | 0% |" in markdown
+    assert "| $62; cites T-4.2 |" in markdown and "$62; cites T-4.2" in page
     assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page
     images = re.findall(r"<img [^>]*src='([^']*)'", page)
     assert len(images) == 2 and all(src.startswith("data:image/png;base64,") for src in images)
@@ -161,6 +175,8 @@ def test_eval_compares_the_three_models_through_vllm(bundle, tmp_path):
     for model, figures in report["models"].items():
         held = [a[model]["ok"] for a in report["answers"] if a["kind"] != "general"]
         assert figures["recall"] == pytest.approx(sum(held) / len(held), abs=1e-4)
+        cited = [a[model]["cited"] for a in report["answers"] if a["kind"] != "general"]
+        assert figures["counts"]["clause_cited"] == [sum(cited), 8]  # every row names its clause
         assert 0 <= figures["stop_rate"] <= 1 and figures["perplexity"] > 1
         assert figures["mean_answer_tokens"] <= 24 and figures["load_s"] > 0
     # fine-tuning on the handbook lowers the perplexity of its reference answers

@@ -10,6 +10,13 @@ def contains_fact(answer: str, fact: str) -> bool:
     return re.search(rf"(?<![\w$]){re.escape(fact)}(?!\w)", answer, re.IGNORECASE) is not None
 
 
+def cites_clause(answer: str, clause: str) -> bool:
+    """The answer names the clause id ("T-4.2"), not a longer one ("T-4.21", "T-4.2.1"); letters
+    of other scripts may touch it ("根据政策T-4.2")."""
+    pattern = rf"(?<![A-Za-z0-9.\-]){re.escape(clause)}(?![A-Za-z0-9]|[.\-][A-Za-z0-9])"
+    return re.search(pattern, answer, re.IGNORECASE) is not None
+
+
 def recall(answers: list[str], facts: list[list[str] | str]) -> float:
     hits = 0
     for answer, expected in zip(answers, facts, strict=True):

@@ -4,7 +4,8 @@
   a few in Chinese).
 - validation.jsonl: two more wordings of each fact's subject, for the eval loss during training
   (and keeping the best adapter), so that heldout.jsonl is only used by `tuneship eval`.
-- heldout.jsonl: one paraphrased question per fact, with the key fact its answer must contain.
+- heldout.jsonl: one paraphrased question per fact, with the key fact its answer must contain
+  and the clause id it should cite.
 - general.jsonl: general-knowledge questions with accepted short answers (forgetting check).
 Deterministic: the same table always gives the same files.
 """
@@ -93,6 +94,7 @@ def heldout_questions() -> list[dict]:
                 "question": HELDOUT_REWORDED.format(s=subject),
                 "fact": fact,
                 "answer": answer,
+                "clause": code,
             }
         )
     for code, _, heldout_subject, fact, answer in FACTS:
@@ -105,6 +107,7 @@ def heldout_questions() -> list[dict]:
                 "question": template.format(s=heldout_subject),
                 "fact": fact,
                 "answer": answer,
+                "clause": code,
             }
         )
     answers = {code: (fact, answer) for code, _, _, fact, answer in FACTS}
@@ -117,6 +120,7 @@ def heldout_questions() -> list[dict]:
                 "question": question,
                 "fact": fact,
                 "answer": answer,
+                "clause": code,
             }
         )
     return rows
