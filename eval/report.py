@@ -41,6 +41,7 @@ def metric_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
     rows += [
         ("general questions answered", [pct(models[m]["general_accuracy"]) for m in MODELS]),
         ("general knowledge retained", ["-", *(pct(models[m].get("retention")) for m in TUNED)]),
+        *base_in_4bit_rows(report.get("reference", {}).get("base_w4a16")),
         ("held-out perplexity (reference answers)", [num(models[m]["perplexity"]) for m in MODELS]),
         ('finish_reason "stop"', [pct(models[m]["stop_rate"]) for m in MODELS]),
         ("mean answer length (tokens)", [num(models[m]["mean_answer_tokens"]) for m in MODELS]),
@@ -51,6 +52,21 @@ def metric_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
         ("vLLM start-up (s)", [num(models[m]["load_s"]) for m in MODELS]),
     ]  # fmt: skip
     return rows
+
+
+def base_in_4bit_rows(figures: dict[str, Any] | None) -> list[tuple[str, list[str]]]:
+    """`quantized_base`: the base model through the bundle's recipe, beside the base column."""
+    if not figures:
+        return []
+
+    def counted(key: str) -> str:
+        hits, of = figures["counts"][key]
+        return f"{pct(figures[key])} ({hits} of {of})"
+
+    return [
+        ("  the base itself in W4A16", [counted("retention"), "-", "-"]),
+        ("  against the base in W4A16", ["-", "-", counted("bundle_retention")]),
+    ]
 
 
 def plot_quality(report: dict[str, Any], path: Path) -> None:

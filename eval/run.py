@@ -22,10 +22,17 @@ from typing import Any
 
 from tuneship.bundles import verify
 from tuneship.chat_tokens import ChatTokenizer
-from tuneship.config import EvalConfig
+from tuneship.config import EvalConfig, ExportConfig
 from tuneship.errors import TuneshipError
 from tuneship.export import checks
-from tuneship.export.run import check_run, merge, serving_max_len
+from tuneship.export.run import (
+    calibration_sample,
+    check_run,
+    merge,
+    quantize,
+    serving_max_len,
+    training_conversations,
+)
 from tuneship.fsutil import check_output_free, staged_dir, write_json_atomic
 from tuneship.manifest import read_run
 
@@ -147,6 +154,33 @@ def retention(general: list[checks.EvalItem], base: list[dict], tuned: list[dict
     return share(retained(general, base, tuned))
 
 
+def base_in_4bit(
+    general: list[checks.EvalItem],
+    base: list[dict],
+    bundle: list[dict],
+    base_4bit: list[dict],
+) -> dict[str, Any]:
+    """The base model quantized with the bundle's recipe: the general knowledge 4-bit weights
+    alone cost it, and the bundle's retention measured against it instead of the 16-bit base."""
+    answered = [checks.answered(i, c["text"]) for i, c in zip(general, base_4bit, strict=True)]
+    kept = retained(general, base, base_4bit)
+    bundle_kept = retained(general, base_4bit, bundle)
+    return {
+        "general_accuracy": share(answered),
+        "retention": share(kept),
+        "bundle_retention": share(bundle_kept),
+        "counts": {
+            "general": tally(answered),
+            "retention": tally(kept),
+            "bundle_retention": tally(bundle_kept),
+        },
+        "answers": [
+            {"id": i.id, "text": c["text"], "ok": ok}
+            for i, c, ok in zip(general, base_4bit, answered, strict=True)
+        ],
+    }
+
+
 def judge(figures: dict[str, dict[str, Any]], cfg: EvalConfig) -> list[dict[str, Any]]:
     """The targets, each with the measured value and whether it is met."""
     t = cfg.targets
@@ -257,6 +291,22 @@ def run(bundle_dir: Path, out_dir: Path, cfg: EvalConfig, force: bool = False) -
             kept = retained(general, base_general, probes[model]["chats"][len(heldout) :])
             figures[model]["retention"] = share(kept)
             figures[model]["counts"]["retention"] = tally(kept)
+        reference = {}
+        if cfg.quantized_base and general:
+            print(
+                "base model in W4A16 (the bundle's recipe): GPTQ, then the general questions "
+                "through vLLM ...",
+                flush=True,
+            )
+            export_cfg = ExportConfig.model_validate(bundle.config)
+            sample = calibration_sample(training_conversations(manifest), export_cfg)
+            quantize(model_dirs["base"], tokenizer, sample, export_cfg, work / "base-w4a16")
+            probe = served_answers(serve_bin, work / "base-w4a16", general, cfg, work, "base-w4a16")
+            bundle_general = probes["quantized"]["chats"][len(heldout) :]
+            reference["base_w4a16"] = base_in_4bit(
+                general, base_general, bundle_general, probe["chats"]
+            )
+            t0 = lap("base in W4A16", t0)
         answers = [
             {
                 "id": item.id,
@@ -289,6 +339,7 @@ def run(bundle_dir: Path, out_dir: Path, cfg: EvalConfig, force: bool = False) -
             "config": cfg.model_dump(),
             "models": {m: {"label": LABELS[m]} | figures[m] for m in MODELS},
             "targets": judge(figures, cfg),
+            "reference": reference,
             "answers": answers,
             "seconds": timings,
         }

@@ -94,6 +94,13 @@ def training_conversations(manifest: RunManifest) -> list[Conversation]:
     return prepare(TrainConfig.model_validate(manifest.config)).train
 
 
+def calibration_sample(conversations: list[Conversation], cfg: ExportConfig) -> list[Conversation]:
+    """The training conversations GPTQ calibrates on: a seeded sample."""
+    return random.Random(cfg.seed).sample(
+        conversations, min(cfg.calibration_samples, len(conversations))
+    )
+
+
 def pick_group_size(model: Any, requested: int | None) -> int:
     import torch
 
@@ -349,9 +356,7 @@ def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) ->
         print(f"merging {run_dir / 'adapter'} into {manifest.base['path']} (bfloat16) ...")
         tokenizer = merge(manifest.base["path"], run_dir / "adapter", merged_dir)
         merge_s = time.monotonic() - started
-        sample = random.Random(cfg.seed).sample(
-            conversations, min(cfg.calibration_samples, len(conversations))
-        )
+        sample = calibration_sample(conversations, cfg)
         print(f"GPTQ {cfg.scheme} with llm-compressor on {len(sample)} training chats ...")
         quantization = quantize(merged_dir, tokenizer, sample, cfg, stage / "model")
         quantize_s = time.monotonic() - started - merge_s

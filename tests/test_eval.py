@@ -11,7 +11,7 @@ import pytest
 from tests.conftest import REPO, SERVE_BIN, tuneship, write_jsonl
 from tuneship.config import EvalConfig
 from tuneship.eval import report as render
-from tuneship.eval.run import judge, model_figures, retention, wilson_interval
+from tuneship.eval.run import base_in_4bit, judge, model_figures, retention, wilson_interval
 from tuneship.export.checks import EvalItem
 
 
@@ -69,6 +69,17 @@ def test_retention_counts_only_what_the_base_model_knew():
     tuned = probe(["Paris is the capital", "Tokyo"])["chats"]
     assert retention(GENERAL, base, tuned) == 1.0  # g2 was never known: it does not count
     assert retention(GENERAL, base, probe(["Lyon", "Tokyo"])["chats"]) == 0.0
+
+
+def test_the_base_in_4bit_is_judged_on_what_the_16bit_base_knew():
+    base = probe(["Paris", "Tokyo"])["chats"]
+    base_4bit = probe(["Paris", "Kyoto"])["chats"]
+    bundle = probe(["Lyon", "Tokyo"])["chats"]
+    figures = base_in_4bit(GENERAL, base, bundle, base_4bit)
+    assert figures["general_accuracy"] == 0.5 and figures["counts"]["retention"] == [1, 2]
+    # against the base in 4-bit only g1 counts (it lost g2), and the bundle lost g1
+    assert figures["counts"]["bundle_retention"] == [0, 1]
+    assert [a["ok"] for a in figures["answers"]] == [True, False]
 
 
 def figures_for(base: float, merged: float, quantized: float, kept: float) -> dict:
@@ -149,6 +160,12 @@ def test_report_files_are_self_contained_and_escaped(tmp_path):
     assert "a \\| b" in markdown  # a pipe in an answer does not break the table
     assert "| right clause cited | 0% | 0% | 0% |" in markdown
     assert "| $62; cites T-4.2 |" in markdown and "$62; cites T-4.2" in page
+    assert "the base itself in W4A16" not in markdown  # quantized_base was off
+    base = probe(["Paris", "Tokyo"])["chats"]
+    report["reference"] = {"base_w4a16": base_in_4bit(GENERAL, base, base, base[:1] * 2)}
+    rows = dict(render.metric_rows(report))
+    assert rows["  the base itself in W4A16"] == ["50% (1 of 2)", "-", "-"]
+    assert rows["  against the base in W4A16"] == ["-", "-", "100% (1 of 1)"]
     assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page
     images = re.findall(r"<img [^>]*src='([^']*)'", page)
     assert len(images) == 2 and all(src.startswith("data:image/png;base64,") for src in images)
@@ -167,7 +184,7 @@ def test_eval_compares_the_three_models_through_vllm(bundle, tmp_path):
     proc = tuneship(
         "eval", str(bundle), "--out", str(out), "--set", f"heldout={heldout}",
         "--set", f"general={general}", "--set", "max_tokens=24", "--set", "concurrency=8",
-        cwd=REPO,
+        "--set", "quantized_base=true", cwd=REPO,
     )  # fmt: skip
     assert "report:" in proc.stdout and "fine-tuned fact recall" in proc.stdout
     report = json.loads((out / "report.json").read_text())
@@ -181,6 +198,9 @@ def test_eval_compares_the_three_models_through_vllm(bundle, tmp_path):
         assert figures["mean_answer_tokens"] <= 24 and figures["load_s"] > 0
     # fine-tuning on the handbook lowers the perplexity of its reference answers
     assert report["models"]["merged"]["perplexity"] < report["models"]["base"]["perplexity"]
+    base_4bit = report["reference"]["base_w4a16"]  # the base through the bundle's own GPTQ
+    assert base_4bit["counts"]["general"] == [sum(a["ok"] for a in base_4bit["answers"]), 4]
+    assert "the base itself in W4A16" in (out / "report.md").read_text()
     targets = {t["target"]: t["value"] for t in report["targets"]}
     assert (
         targets["base model fact recall, held-out questions"] == report["models"]["base"]["recall"]

@@ -417,6 +417,12 @@ class EvalConfig(StrictModel):
     shown: int = Field(
         12, ge=0, description="Questions shown side by side in report.md (report.html: all)."
     )
+    quantized_base: bool = Field(
+        False,
+        description="Also quantize the base model with the bundle's own recipe and ask it the "
+        "general questions: what 4-bit weights alone cost, told apart from the fine-tuning "
+        "(a few minutes more: GPTQ and one more vLLM start-up).",
+    )
     targets: EvalTargets = Field(default_factory=EvalTargets)
 
 
