@@ -20,10 +20,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from pydantic import ValidationError
+
 from tuneship.bundles import verify
 from tuneship.chat_tokens import ChatTokenizer
-from tuneship.config import EvalConfig, ExportConfig
-from tuneship.errors import TuneshipError
+from tuneship.config import EvalConfig, ExportConfig, describe_errors
+from tuneship.errors import ConfigError, TuneshipError
 from tuneship.export import checks
 from tuneship.export.run import (
     calibration_sample,
@@ -34,7 +36,7 @@ from tuneship.export.run import (
     training_conversations,
 )
 from tuneship.fsutil import check_output_free, staged_dir, write_json_atomic
-from tuneship.manifest import read_run
+from tuneship.manifest import BundleManifest, read_run
 
 from . import report as render
 from .report import MODELS, TUNED
@@ -181,6 +183,18 @@ def base_in_4bit(
     }
 
 
+def export_config(bundle: BundleManifest, bundle_dir: Path) -> ExportConfig:
+    """The recipe the bundle was exported with, to quantize the base model the same way."""
+    try:
+        return ExportConfig.model_validate(bundle.config)
+    except ValidationError as exc:
+        where = f"{bundle_dir / 'bundle.json'} (config)"
+        raise ConfigError(
+            f"quantized_base: cannot reuse the export config of {bundle_dir}",
+            describe_errors(ExportConfig, exc, where),
+        ) from None
+
+
 def judge(figures: dict[str, dict[str, Any]], cfg: EvalConfig) -> list[dict[str, Any]]:
     """The targets, each with the measured value and whether it is met."""
     t = cfg.targets
@@ -251,6 +265,9 @@ def run(bundle_dir: Path, out_dir: Path, cfg: EvalConfig, force: bool = False) -
             f"targets.recall_style {cfg.targets.recall_style!r}: no held-out question in "
             f"{heldout_path} has that style (styles there: {', '.join(styles) or 'none'})"
         )
+    export_cfg = export_config(bundle, bundle_dir) if cfg.quantized_base else None
+    if cfg.quantized_base and not general:
+        raise TuneshipError("quantized_base: set general too (the base in 4-bit is asked those)")
     serve_bin = checks.find_serve_bin(cfg.serve_bin, hint="run eval where both environments are")
     timings: dict[str, float] = {}
 
@@ -292,13 +309,12 @@ def run(bundle_dir: Path, out_dir: Path, cfg: EvalConfig, force: bool = False) -
             figures[model]["retention"] = share(kept)
             figures[model]["counts"]["retention"] = tally(kept)
         reference = {}
-        if cfg.quantized_base and general:
+        if export_cfg is not None:
             print(
                 "base model in W4A16 (the bundle's recipe): GPTQ, then the general questions "
                 "through vLLM ...",
                 flush=True,
             )
-            export_cfg = ExportConfig.model_validate(bundle.config)
             sample = calibration_sample(training_conversations(manifest), export_cfg)
             quantize(model_dirs["base"], tokenizer, sample, export_cfg, work / "base-w4a16")
             probe = served_answers(serve_bin, work / "base-w4a16", general, cfg, work, "base-w4a16")

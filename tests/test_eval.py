@@ -5,13 +5,23 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
 from tests.conftest import REPO, SERVE_BIN, tuneship, write_jsonl
 from tuneship.config import EvalConfig
+from tuneship.errors import ConfigError
 from tuneship.eval import report as render
-from tuneship.eval.run import base_in_4bit, judge, model_figures, retention, wilson_interval
+from tuneship.eval.run import (
+    base_in_4bit,
+    export_config,
+    judge,
+    model_figures,
+    retention,
+    wilson_interval,
+)
 from tuneship.export.checks import EvalItem
 
 
@@ -80,6 +90,15 @@ def test_the_base_in_4bit_is_judged_on_what_the_16bit_base_knew():
     # against the base in 4-bit only g1 counts (it lost g2), and the bundle lost g1
     assert figures["counts"]["bundle_retention"] == [0, 1]
     assert [a["ok"] for a in figures["answers"]] == [True, False]
+
+
+def test_the_base_is_quantized_with_the_bundles_recipe_or_a_clear_error():
+    recipe = export_config(SimpleNamespace(config={"scheme": "W4A16_ASYM", "seed": 3}), Path("b"))
+    assert recipe.scheme == "W4A16_ASYM" and recipe.seed == 3
+    with pytest.raises(ConfigError) as info:
+        export_config(SimpleNamespace(config={"scheme": "W5", "grup_size": 32}), Path("b"))
+    problems = "\n".join(info.value.problems)
+    assert "b/bundle.json (config)" in problems and "scheme" in problems and "grup_size" in problems
 
 
 def figures_for(base: float, merged: float, quantized: float, kept: float) -> dict:

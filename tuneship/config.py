@@ -402,7 +402,7 @@ class EvalConfig(StrictModel):
     heldout: str | None = Field(
         None,
         description="Held-out questions (JSONL: question, fact and/or answers, answer, id, "
-        "style); default: the run's eval_data.",
+        "style, clause); default: the run's eval_data.",
     )
     general: str | None = Field(
         None,
