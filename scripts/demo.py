@@ -19,7 +19,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tuneship.eval.report import measured
+from tuneship.eval.report import measured, must_contain
 
 REPO = Path(__file__).resolve().parents[1]
 TUNESHIP = str(Path(sys.executable).parent / "tuneship")
@@ -54,7 +54,7 @@ def side_by_side(report: dict) -> Table:
         mark = lambda ok: "[green]✓[/]" if ok else "[red]✗[/]"  # noqa: E731
         table.add_row(
             answer["question"],
-            " / ".join(answer["expected"]),
+            must_contain(answer),
             f"{mark(answer['base']['ok'])} {answer['base']['text']}",
             f"{mark(answer['quantized']['ok'])} {answer['quantized']['text']}",
         )
@@ -92,6 +92,16 @@ def main() -> None:
         console.print(
             f"  [{colour}]{verdict}[/] {target['target']}: {measured(target)} "
             f"(goal {target['goal']})"
+        )
+    base_4bit = report.get("reference", {}).get("base_w4a16")
+    if base_4bit:
+        (kept, of), (bundle_kept, bundle_of) = (
+            base_4bit["counts"]["retention"],
+            base_4bit["counts"]["bundle_retention"],
+        )
+        console.print(
+            f"  for reference: the base itself in W4A16 keeps {kept} of {of} general answers; "
+            f"against it, the bundle keeps {bundle_kept} of {bundle_of}"
         )
     console.print(f"report: {REPORT / 'report.html'} (and report.md, report.json)")
 
