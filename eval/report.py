@@ -22,6 +22,11 @@ def num(value: float | None, unit: str = "") -> str:
     return "n/a" if value is None else f"{value:g}{unit}"
 
 
+def has_clauses(models: dict[str, Any]) -> bool:
+    """Whether the held-out questions named clauses (else no "clause cited" figures)."""
+    return any(models[m].get("clause_cited") is not None for m in MODELS)
+
+
 def metric_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
     """(metric, one cell per model) in the order the tables show them."""
     models = report["models"]
@@ -31,7 +36,7 @@ def metric_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
         (f"  {style} questions", [pct(models[m]["recall_by_style"].get(style)) for m in MODELS])
         for style in styles
     ]
-    if any(models[m].get("clause_cited") is not None for m in MODELS):
+    if has_clauses(models):
         by_style = {m: models[m].get("clause_cited_by_style", {}) for m in MODELS}
         rows.append(("right clause cited", [pct(models[m].get("clause_cited")) for m in MODELS]))
         rows += [
@@ -81,7 +86,7 @@ def plot_quality(report: dict[str, Any], path: Path) -> None:
     styles = sorted({s for m in models.values() for s in m["recall_by_style"]})
     groups = [("held-out recall", lambda m: m["recall"])]
     groups += [(f"recall: {s}", lambda m, s=s: m["recall_by_style"].get(s)) for s in styles]
-    if any(models[m].get("clause_cited") is not None for m in MODELS):
+    if has_clauses(models):
         groups.append(("clause cited", lambda m: m.get("clause_cited")))
     groups += [
         ("general answered", lambda m: m["general_accuracy"]),

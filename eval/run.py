@@ -93,6 +93,15 @@ def served_answers(
     return checks.probe(serve_bin, model_dir, work, name, spec)
 
 
+def split_by_style(items: list[checks.EvalItem], flags: list[bool]) -> dict[str, list[bool]]:
+    """The flags of the items that have a style, grouped by it (styles in sorted order)."""
+    groups: dict[str, list[bool]] = {}
+    for item, ok in zip(items, flags, strict=True):
+        if item.style:
+            groups.setdefault(item.style, []).append(ok)
+    return dict(sorted(groups.items()))
+
+
 def model_figures(
     heldout: list[checks.EvalItem],
     general: list[checks.EvalItem],
@@ -102,22 +111,15 @@ def model_figures(
     chats = probe["chats"]
     held_chats, general_chats = chats[: len(heldout)], chats[len(heldout) :]
     held_ok = [checks.answered(i, c["text"]) for i, c in zip(heldout, held_chats, strict=True)]
-    styles = sorted({i.style for i in heldout if i.style})
     tokens = [c["completion_tokens"] for c in chats if c.get("completion_tokens") is not None]
     latencies = [c["latency_s"] for c in chats]
-    by_style = {
-        style: [ok for i, ok in zip(heldout, held_ok, strict=True) if i.style == style]
-        for style in styles
-    }
+    by_style = split_by_style(heldout, held_ok)
     general_ok = [
         checks.answered(i, c["text"]) for i, c in zip(general, general_chats, strict=True)
     ]
     with_clause = [(i, c) for i, c in zip(heldout, held_chats, strict=True) if i.clause]
     cited = [bool(checks.cited(i, c["text"])) for i, c in with_clause]
-    cited_by_style = {
-        style: [ok for (i, _), ok in zip(with_clause, cited, strict=True) if i.style == style]
-        for style in sorted({i.style for i, _ in with_clause if i.style})
-    }
+    cited_by_style = split_by_style([i for i, _ in with_clause], cited)
     return {
         "perplexity": None if perplexity is None else round(perplexity, 4),
         "recall": share(held_ok),
