@@ -57,8 +57,11 @@ format: $(TRAIN)/.ready
 	$(TRAIN)/bin/ruff check --fix .
 	$(TRAIN)/bin/ruff format .
 
-unit: envs
-	$(TRAIN)/bin/pytest -m "not e2e"
+# The inner loop: the in-process unit tests on tiny models; they need only the train
+# environment (no vLLM, no npm) and take under a minute on 2 cores. `make test` runs them all,
+# with the ones that start processes (kills, signals, torchrun), the Kubernetes checks and e2e.
+unit: $(TRAIN)/.ready
+	$(TRAIN)/bin/pytest -m "not e2e and not deploy and not processes"
 
 e2e: envs
 	$(TRAIN)/bin/pytest -m e2e

@@ -57,12 +57,13 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     from tuneship.bundles import verify
-    from tuneship.export.run import merge, serving_max_len
     from tuneship.launch import Server, free_port
+    from tuneship.merging import merge
+    from tuneship.probes import serving_max_len
 
     bundle = verify(args.bundle)
-    run_dir = Path(bundle.run["path"])
-    base = bundle.base["path"]
+    run_dir = Path(bundle.run.path)
+    base = bundle.base.path
     model_dir = args.bundle / "model"
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     texts = prompts(tokenizer, max(*levels, 8), args.input_tokens)
@@ -142,7 +143,7 @@ def main() -> None:
             )
     result = {
         "setup": (
-            f"{bundle.base.get('ref', base)} fine-tuned (run `{run_dir.name}`), CPU "
+            f"{bundle.base.ref or base} fine-tuned (run `{run_dir.name}`), CPU "
             f"({_cpu_count()} cores), {args.input_tokens} input / {args.output_tokens} output "
             f"tokens per request, max(concurrency, 8) requests per level."
         ),

@@ -70,7 +70,7 @@ def prepare(work: Path, tiny: bool, tokenizer_from: Path | None = None) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tuneship.export.run import quiet_llmcompressor
+    from tuneship.gptq import quiet_llmcompressor
 
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_from or tokenizer_dir())

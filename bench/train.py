@@ -46,7 +46,8 @@ def article(steps: int, out: Path) -> dict:
     )
 
     from tuneship.chats import load_files
-    from tuneship.config import TrainConfig, load_config
+    from tuneship.config import TrainConfig
+    from tuneship.loading import load_config
     from tuneship.train.base import resolve_base
 
     cfg = load_config(TrainConfig, DEMO)
@@ -103,7 +104,8 @@ def article(steps: int, out: Path) -> dict:
 
 
 def tuneship(steps: int, out: Path, batching: str) -> dict:
-    from tuneship.config import TrainConfig, load_config
+    from tuneship.config import TrainConfig
+    from tuneship.loading import load_config
     from tuneship.manifest import read_run
     from tuneship.train.run import run
 
@@ -118,9 +120,9 @@ def tuneship(steps: int, out: Path, batching: str) -> dict:
     }
     cfg = load_config(TrainConfig, DEMO, overrides)
     metrics = read_run(run(cfg)).metrics
-    tokens = metrics["tokens_per_s"] * metrics["wall_s"]
+    tokens = metrics.tokens_per_s * metrics.wall_s
     return {
-        "train_runtime_s": metrics["wall_s"],
+        "train_runtime_s": metrics.wall_s,
         "conversation_tokens": round(tokens),
         "padded_tokens": None,
     }
@@ -143,7 +145,8 @@ def trained_tokens_per_conversation() -> float:
 
     from tuneship.chat_tokens import ChatTokenizer
     from tuneship.chats import load_files
-    from tuneship.config import TrainConfig, load_config
+    from tuneship.config import TrainConfig
+    from tuneship.loading import load_config
     from tuneship.template import align_eos
     from tuneship.train.base import resolve_base
 

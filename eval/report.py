@@ -5,12 +5,20 @@ from __future__ import annotations
 import base64
 import html
 from pathlib import Path
-from typing import Any
 
-from tuneship.train.observe import read_rows, write_plots
+from tuneship.manifest import RunManifest, write_manifest
+from tuneship.plots import loss_chart
+from tuneship.reports import (
+    MODELS,
+    REPORT_FILE,
+    TUNED,
+    AnswerRow,
+    BaseIn4Bit,
+    EvalReport,
+    ModelFigures,
+    Target,
+)
 
-MODELS = ("base", "merged", "quantized")
-TUNED = MODELS[1:]
 COLOURS = {"base": "#9e9e9e", "merged": "#1f77b4", "quantized": "#ff7f0e"}
 
 
@@ -22,51 +30,51 @@ def num(value: float | None, unit: str = "") -> str:
     return "n/a" if value is None else f"{value:g}{unit}"
 
 
-def has_clauses(models: dict[str, Any]) -> bool:
+def has_clauses(models: dict[str, ModelFigures]) -> bool:
     """Whether the held-out questions named clauses (else no "clause cited" figures)."""
-    return any(models[m].get("clause_cited") is not None for m in MODELS)
+    return any(models[m].clause_cited is not None for m in MODELS)
 
 
-def metric_rows(report: dict[str, Any]) -> list[tuple[str, list[str]]]:
+def metric_rows(report: EvalReport) -> list[tuple[str, list[str]]]:
     """(metric, one cell per model) in the order the tables show them."""
-    models = report["models"]
-    styles = sorted({s for m in models.values() for s in m["recall_by_style"]})
-    rows = [("held-out fact recall", [pct(models[m]["recall"]) for m in MODELS])]
+    models = report.models
+    styles = sorted({s for m in models.values() for s in m.recall_by_style})
+    rows = [("held-out fact recall", [pct(models[m].recall) for m in MODELS])]
     rows += [
-        (f"  {style} questions", [pct(models[m]["recall_by_style"].get(style)) for m in MODELS])
+        (f"  {style} questions", [pct(models[m].recall_by_style.get(style)) for m in MODELS])
         for style in styles
     ]
     if has_clauses(models):
-        by_style = {m: models[m].get("clause_cited_by_style", {}) for m in MODELS}
-        rows.append(("right clause cited", [pct(models[m].get("clause_cited")) for m in MODELS]))
+        by_style = {m: models[m].clause_cited_by_style for m in MODELS}
+        rows.append(("right clause cited", [pct(models[m].clause_cited) for m in MODELS]))
         rows += [
             (f"  {style} questions", [pct(by_style[m].get(style)) for m in MODELS])
             for style in sorted({s for cells in by_style.values() for s in cells})
         ]
     rows += [
-        ("general questions answered", [pct(models[m]["general_accuracy"]) for m in MODELS]),
-        ("general knowledge retained", ["-", *(pct(models[m].get("retention")) for m in TUNED)]),
-        *base_in_4bit_rows(report.get("reference", {}).get("base_w4a16")),
-        ("held-out perplexity (reference answers)", [num(models[m]["perplexity"]) for m in MODELS]),
-        ('finish_reason "stop"', [pct(models[m]["stop_rate"]) for m in MODELS]),
-        ("mean answer length (tokens)", [num(models[m]["mean_answer_tokens"]) for m in MODELS]),
+        ("general questions answered", [pct(models[m].general_accuracy) for m in MODELS]),
+        ("general knowledge retained", ["-", *(pct(models[m].retention) for m in TUNED)]),
+        *base_in_4bit_rows(report.base_w4a16),
+        ("held-out perplexity (reference answers)", [num(models[m].perplexity) for m in MODELS]),
+        ('finish_reason "stop"', [pct(models[m].stop_rate) for m in MODELS]),
+        ("mean answer length (tokens)", [num(models[m].mean_answer_tokens) for m in MODELS]),
         ("latency mean / p95 (s)", [
-            f"{models[m]['latency_mean_s']:.2f} / {models[m]['latency_p95_s']:.2f}" for m in MODELS
+            f"{models[m].latency_mean_s:.2f} / {models[m].latency_p95_s or 0:.2f}" for m in MODELS
         ]),
-        ("output tokens/s", [num(models[m]["output_tokens_per_s"]) for m in MODELS]),
-        ("vLLM start-up (s)", [num(models[m]["load_s"]) for m in MODELS]),
+        ("output tokens/s", [num(models[m].output_tokens_per_s) for m in MODELS]),
+        ("vLLM start-up (s)", [num(models[m].load_s) for m in MODELS]),
     ]  # fmt: skip
     return rows
 
 
-def base_in_4bit_rows(figures: dict[str, Any] | None) -> list[tuple[str, list[str]]]:
+def base_in_4bit_rows(figures: BaseIn4Bit | None) -> list[tuple[str, list[str]]]:
     """`quantized_base`: the base model through the bundle's recipe, beside the base column."""
     if not figures:
         return []
 
     def counted(key: str) -> str:
-        hits, of = figures["counts"][key]
-        return f"{pct(figures[key])} ({hits} of {of})"
+        hits, of = figures.counts[key]
+        return f"{pct(getattr(figures, key))} ({hits} of {of})"
 
     return [
         ("  the base itself in W4A16", [counted("retention"), "-", "-"]),
@@ -74,7 +82,7 @@ def base_in_4bit_rows(figures: dict[str, Any] | None) -> list[tuple[str, list[st
     ]
 
 
-def plot_quality(report: dict[str, Any], path: Path) -> None:
+def plot_quality(report: EvalReport, path: Path) -> None:
     """Bars per model: recall (all and per style), clause cited, general accuracy, retention,
     stop rate."""
     import matplotlib
@@ -82,16 +90,16 @@ def plot_quality(report: dict[str, Any], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = report["models"]
-    styles = sorted({s for m in models.values() for s in m["recall_by_style"]})
-    groups = [("held-out recall", lambda m: m["recall"])]
-    groups += [(f"recall: {s}", lambda m, s=s: m["recall_by_style"].get(s)) for s in styles]
+    models = report.models
+    styles = sorted({s for m in models.values() for s in m.recall_by_style})
+    groups = [("held-out recall", lambda m: m.recall)]
+    groups += [(f"recall: {s}", lambda m, s=s: m.recall_by_style.get(s)) for s in styles]
     if has_clauses(models):
-        groups.append(("clause cited", lambda m: m.get("clause_cited")))
+        groups.append(("clause cited", lambda m: m.clause_cited))
     groups += [
-        ("general answered", lambda m: m["general_accuracy"]),
-        ("general retained", lambda m: m.get("retention")),
-        ('finish "stop"', lambda m: m["stop_rate"]),
+        ("general answered", lambda m: m.general_accuracy),
+        ("general retained", lambda m: m.retention),
+        ('finish "stop"', lambda m: m.stop_rate),
     ]
     fig, ax = plt.subplots(figsize=(9, 4.4), dpi=100)
     width = 0.8 / len(MODELS)
@@ -99,7 +107,7 @@ def plot_quality(report: dict[str, Any], path: Path) -> None:
         values = [get(models[model]) for _, get in groups]
         xs = [g + (k - 1) * width for g in range(len(groups))]
         bars = ax.bar(
-            xs, [v or 0 for v in values], width, label=models[model]["label"], color=COLOURS[model]
+            xs, [v or 0 for v in values], width, label=models[model].label, color=COLOURS[model]
         )
         for bar, value in zip(bars, values, strict=True):
             if value is not None:
@@ -110,7 +118,7 @@ def plot_quality(report: dict[str, Any], path: Path) -> None:
                     va="bottom",
                     fontsize=7,
                 )
-    target = report["config"]["targets"]["min_recall"]
+    target = report.config["targets"]["min_recall"]
     ax.axhline(
         target, color="green", linestyle="--", linewidth=1, label=f"recall target {target:.0%}"
     )
@@ -125,14 +133,14 @@ def plot_quality(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def plot_serving(report: dict[str, Any], path: Path) -> None:
+def plot_serving(report: EvalReport, path: Path) -> None:
     """Perplexity, latency and answer length per model, side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    models = report["models"]
+    models = report.models
     panels = [
         ("held-out perplexity", "perplexity"),
         ("mean latency (s)", "latency_mean_s"),
@@ -140,7 +148,7 @@ def plot_serving(report: dict[str, Any], path: Path) -> None:
     ]
     fig, axes = plt.subplots(1, len(panels), figsize=(10, 3.2), dpi=100)
     for ax, (title, key) in zip(axes, panels, strict=True):
-        values = [models[m][key] or 0 for m in MODELS]
+        values = [getattr(models[m], key) or 0 for m in MODELS]
         ax.bar([m for m in MODELS], values, color=[COLOURS[m] for m in MODELS])
         for x, value in enumerate(values):
             ax.annotate(f"{value:.3g}", (x, value), ha="center", va="bottom", fontsize=8)
@@ -151,54 +159,53 @@ def plot_serving(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-def write_plots_for(report: dict[str, Any], run_dir: Path, folder: Path) -> list[str]:
-    written = []
-    rows = read_rows(run_dir / "metrics.jsonl")
-    if rows and "loss.png" in write_plots(rows, folder, f"run {run_dir.name}"):
-        written.append("loss.png")
-    (folder / "learning_rate.png").unlink(missing_ok=True)
+def write_plots(report: EvalReport, run: RunManifest, folder: Path) -> list[str]:
+    """The run's loss curves (from run.json), answer quality and serving figures."""
+    curves = loss_chart(
+        run.metrics.loss, run.metrics.eval_loss, folder / "loss.png", f"run {run.name}"
+    )
     plot_quality(report, folder / "quality.png")
     plot_serving(report, folder / "serving.png")
-    return [*written, "quality.png", "serving.png"]
+    return [*(["loss.png"] if curves else []), "quality.png", "serving.png"]
 
 
-def measured(target: dict[str, Any]) -> str:
+def measured(target: Target) -> str:
     """The value, and for a share what it was measured on and its 95% interval."""
-    value = target["value"]
+    value = target.value
     if value is None:
         return "n/a"
-    if target["unit"] == "points":
+    if target.unit == "points":
         return f"{value:g}"
-    if "count" not in target:
+    if target.count is None or target.interval is None:
         return f"{value:.0%}"
-    (hits, of), (low, high) = target["count"], target["interval"]
+    (hits, of), (low, high) = target.count, target.interval
     return f"{value:.0%} ({hits} of {of}; 95% interval {low:.0%}-{high:.0%})"
 
 
-def must_contain(answer: dict[str, Any]) -> str:
-    facts = " / ".join(answer["expected"])
-    return f"{facts}; cites {answer['clause']}" if answer.get("clause") else facts
+def must_contain(answer: AnswerRow) -> str:
+    facts = " / ".join(answer.expected)
+    return f"{facts}; cites {answer.clause}" if answer.clause else facts
 
 
 def md_cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
-def markdown(report: dict[str, Any], plots: list[str]) -> str:
-    models, data = report["models"], report["data"]
+def markdown(report: EvalReport, plots: list[str]) -> str:
+    models, data = report.models, report.data
     lines = [
-        f"# Evaluation of `{report['bundle']}`",
+        f"# Evaluation of `{report.bundle}`",
         "",
-        f"Base `{report['base']}`, run `{report['run']}`. {data['heldout_questions']} held-out "
-        f"questions from `{data['heldout']}`"
+        f"Base `{report.base}`, run `{report.run}`. {data.heldout_questions} held-out "
+        f"questions from `{data.heldout}`"
         + (
-            f", {data['general_questions']} general questions from `{data['general']}`."
-            if data["general"]
+            f", {data.general_questions} general questions from `{data.general}`."
+            if data.general
             else "."
         )
         + f" Each model served by vLLM and asked through the OpenAI-compatible chat endpoint "
-        f"(greedy, at most {report['config']['max_tokens']} tokens, "
-        f"{report['config']['concurrency']} requests in flight); perplexity computed locally on "
+        f"(greedy, at most {report.config['max_tokens']} tokens, "
+        f"{report.config['concurrency']} requests in flight); perplexity computed locally on "
         "the reference answers' tokens.",
         "",
         "## Targets",
@@ -206,10 +213,10 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
         "| target | goal | measured | |",
         "| --- | --- | --- | --- |",
     ]
-    for t in report["targets"]:
-        verdict = "met" if t["met"] else "MISSED"
-        lines.append(f"| {t['target']} | {t['goal']} | {measured(t)} | {verdict} |")
-    lines += ["", "## Metrics", "", "| | " + " | ".join(models[m]["label"] for m in MODELS) + " |"]
+    for t in report.targets:
+        verdict = "met" if t.met else "MISSED"
+        lines.append(f"| {t.target} | {t.goal} | {measured(t)} | {verdict} |")
+    lines += ["", "## Metrics", "", "| | " + " | ".join(models[m].label for m in MODELS) + " |"]
     lines.append("| --- |" + " --- |" * len(MODELS))
     for name, cells in metric_rows(report):
         lines.append(
@@ -218,23 +225,24 @@ def markdown(report: dict[str, Any], plots: list[str]) -> str:
             + " |"
         )
     lines += [""] + [f"![{p}]({p})" for p in plots]
-    shown = report["config"]["shown"]
+    shown = report.config["shown"]
     lines += [
         "",
         f"## Answers side by side (first {shown} of each kind; all in report.html and report.json)",
         "",
-        "| question | must contain | " + " | ".join(models[m]["label"] for m in MODELS) + " |",
+        "| question | must contain | " + " | ".join(models[m].label for m in MODELS) + " |",
         "| --- | --- |" + " --- |" * len(MODELS),
     ]
-    for kind in dict.fromkeys(a["kind"] for a in report["answers"]):
-        for answer in [a for a in report["answers"] if a["kind"] == kind][:shown]:
+    for kind in dict.fromkeys(a.kind for a in report.answers):
+        for answer in [a for a in report.answers if a.kind == kind][:shown]:
             cells = [
-                f"{'✓' if answer[m]['ok'] else '✗'} {md_cell(answer[m]['text'])}" for m in MODELS
+                f"{'✓' if answer.by_model(m).ok else '✗'} {md_cell(answer.by_model(m).text)}"
+                for m in MODELS
             ]
             expected = md_cell(must_contain(answer))
-            question = md_cell(answer["question"])
+            question = md_cell(answer.question)
             lines.append(f"| ({kind}) {question} | {expected} | " + " | ".join(cells) + " |")
-    seconds = ", ".join(f"{k} {v} s" for k, v in report["seconds"].items())
+    seconds = ", ".join(f"{k} {v} s" for k, v in report.seconds.items())
     lines += ["", f"Time: {seconds}.", ""]
     return "\n".join(lines)
 
@@ -249,29 +257,27 @@ img{max-width:100%;display:block;margin:1em 0}td.answer{max-width:320px}
 """
 
 
-def html_report(report: dict[str, Any], folder: Path, plots: list[str]) -> str:
+def html_report(report: EvalReport, folder: Path, plots: list[str]) -> str:
     e = html.escape
-    models = report["models"]
+    models = report.models
     parts = [
         "<!doctype html><html><head><meta charset='utf-8'>",
-        f"<title>tuneship eval: {e(report['bundle'])}</title><style>{STYLE}</style></head><body>",
-        f"<h1>Evaluation of <code>{e(report['bundle'])}</code></h1>",
-        f"<p>Base <code>{e(report['base'])}</code>, run <code>{e(report['run'])}</code>; "
-        f"{report['data']['heldout_questions']} held-out and "
-        f"{report['data']['general_questions']} general questions, each model served by vLLM "
+        f"<title>tuneship eval: {e(report.bundle)}</title><style>{STYLE}</style></head><body>",
+        f"<h1>Evaluation of <code>{e(report.bundle)}</code></h1>",
+        f"<p>Base <code>{e(report.base)}</code>, run <code>{e(report.run)}</code>; "
+        f"{report.data.heldout_questions} held-out and "
+        f"{report.data.general_questions} general questions, each model served by vLLM "
         "and asked through the OpenAI-compatible endpoint (greedy).</p>",
         "<h2>Targets</h2><table><tr><th>target</th><th>goal</th><th>measured</th><th></th></tr>",
     ]
-    for t in report["targets"]:
-        verdict = (
-            "<span class='met'>met</span>" if t["met"] else "<span class='missed'>MISSED</span>"
-        )
+    for t in report.targets:
+        verdict = "<span class='met'>met</span>" if t.met else "<span class='missed'>MISSED</span>"
         parts.append(
-            f"<tr><td>{e(t['target'])}</td><td>{e(t['goal'])}</td>"
+            f"<tr><td>{e(t.target)}</td><td>{e(t.goal)}</td>"
             f"<td>{measured(t)}</td><td>{verdict}</td></tr>"
         )
     parts.append("</table><h2>Metrics</h2><table><tr><th></th>")
-    parts += [f"<th>{e(models[m]['label'])}</th>" for m in MODELS]
+    parts += [f"<th>{e(models[m].label)}</th>" for m in MODELS]
     parts.append("</tr>")
     for name, cells in metric_rows(report):
         indent = "&nbsp;&nbsp;&nbsp;" if name.startswith("  ") else ""
@@ -286,28 +292,30 @@ def html_report(report: dict[str, Any], folder: Path, plots: list[str]) -> str:
         parts.append(f"<img alt='{e(plot)}' src='data:image/png;base64,{data}'>")
     parts.append("<h2>Answers side by side</h2><table><tr>")
     parts += [f"<th>{column}</th>" for column in ("kind", "question", "must contain")]
-    parts += [f"<th>{e(models[m]['label'])}</th>" for m in MODELS]
+    parts += [f"<th>{e(models[m].label)}</th>" for m in MODELS]
     parts.append("</tr>")
-    for answer in report["answers"]:
+    for answer in report.answers:
         parts.append(
-            f"<tr><td>{e(answer['kind'])}</td><td>{e(answer['question'])}</td>"
+            f"<tr><td>{e(answer.kind)}</td><td>{e(answer.question)}</td>"
             f"<td>{e(must_contain(answer))}</td>"
         )
         for m in MODELS:
-            cls = "ok" if answer[m]["ok"] else "bad"
-            parts.append(f"<td class='answer {cls}'>{e(answer[m]['text'] or '')}</td>")
+            cls = "ok" if answer.by_model(m).ok else "bad"
+            parts.append(f"<td class='answer {cls}'>{e(answer.by_model(m).text or '')}</td>")
         parts.append("</tr>")
     parts.append("</table></body></html>")
     return "\n".join(parts)
 
 
-def write(report: dict[str, Any], run_dir: Path, folder: Path) -> None:
-    plots = write_plots_for(report, run_dir, folder)
+def write(report: EvalReport, run: RunManifest, folder: Path) -> None:
+    """report.json, the plots, report.md and report.html into folder."""
+    write_manifest(folder / REPORT_FILE, report)
+    plots = write_plots(report, run, folder)
     (folder / "report.md").write_text(markdown(report, plots), encoding="utf-8")
     (folder / "report.html").write_text(html_report(report, folder, plots), encoding="utf-8")
 
 
-def summary(report: dict[str, Any], out_dir: Path) -> str:
+def summary(report: EvalReport, out_dir: Path) -> str:
     """A few lines for the console: the targets and the headline figures per model."""
     from io import StringIO
 
@@ -317,14 +325,14 @@ def summary(report: dict[str, Any], out_dir: Path) -> str:
     table = Table(title="tuneship eval", show_lines=False)
     table.add_column("")
     for m in MODELS:
-        table.add_column(report["models"][m]["label"])
+        table.add_column(report.models[m].label)
     for name, cells in metric_rows(report):
         table.add_row(name, *cells)
     buffer = StringIO()
     console = Console(file=buffer, width=120, force_terminal=False)
     console.print(table)
-    for t in report["targets"]:
-        verdict = "met   " if t["met"] else "MISSED"
-        console.print(f"{verdict} {t['target']}: {measured(t)} (goal {t['goal']})")
+    for t in report.targets:
+        verdict = "met   " if t.met else "MISSED"
+        console.print(f"{verdict} {t.target}: {measured(t)} (goal {t.goal})")
     console.print(f"report: {out_dir / 'report.html'} (and report.md, report.json)")
     return buffer.getvalue()

@@ -11,16 +11,41 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
 
 from tuneship.bundles import lora_arguments, show
 from tuneship.config import ExportConfig
 from tuneship.errors import TuneshipError
 from tuneship.fsutil import check_output_free, hash_tree, sha256_file, staged_dir, tree_size
-from tuneship.manifest import BUNDLE_FILE, RUN_FILE, header, read_run, versions, write_manifest
+from tuneship.manifest import (
+    BUNDLE_FILE,
+    RUN_FILE,
+    AdapterEntry,
+    BundleManifest,
+    Check,
+    MergeInfo,
+    QuantizationInfo,
+    RunRef,
+    ServingInfo,
+    Sizes,
+    header,
+    read_run,
+    versions,
+    write_manifest,
+)
+from tuneship.probes import (
+    EvalItem,
+    ProbeChat,
+    ProbeRequest,
+    fact_recall,
+    find_serve_bin,
+    load_eval_items,
+    probe,
+    serving_max_len,
+)
+from tuneship.runs import check_run
 
 from . import checks
-from .run import LIBRARIES, check_run, check_stop_tokens, serving_max_len
+from .run import LIBRARIES, SKIPPED, refuse_failed
 
 EMBEDDING_MODULES = {"lm_head", "embed_tokens", "wte", "wpe", "embed_in", "embed_out"}
 BASE_FILES = ("config.json", "generation_config.json")
@@ -69,12 +94,12 @@ def run(run_dirs: list[Path], out_dir: Path, cfg: ExportConfig, force: bool = Fa
     names = [m.name for m in manifests]
     if len(set(names)) != len(names):
         raise TuneshipError(f"adapter names must be unique; runs are named {names}")
-    base = Path(manifests[0].base["path"])
+    base = Path(manifests[0].base.path)
     if not base.is_dir():
         raise TuneshipError(f"adapters-only bundles need a local base folder; got {base}")
     problems = []
     for run_dir, manifest in zip(run_dirs, manifests, strict=True):
-        if manifest.base["weights_sha256"] != manifests[0].base["weights_sha256"]:
+        if manifest.base.weights_sha256 != manifests[0].base.weights_sha256:
             problems.append(
                 f"adapter '{manifest.name}' ({run_dir}): trained on a base whose weights hash "
                 f"differs from the bundle's base {base}"
@@ -86,10 +111,8 @@ def run(run_dirs: list[Path], out_dir: Path, cfg: ExportConfig, force: bool = Fa
         raise TuneshipError("adapter lint failed:\n" + "\n".join(f"  - {p}" for p in problems))
     for run_dir, manifest in zip(run_dirs, manifests, strict=True):
         check_run(run_dir, manifest)
-    serve_bin = checks.find_serve_bin(cfg.serve_bin) if cfg.checks else None
-    items = (
-        checks.load_eval_items(Path(cfg.eval_data))[: cfg.check_samples] if cfg.eval_data else []
-    )
+    serve_bin = find_serve_bin(cfg.serve_bin) if cfg.checks else None
+    items = load_eval_items(Path(cfg.eval_data))[: cfg.check_samples] if cfg.eval_data else []
     served_name = cfg.served_name or out_dir.name
     ranks = {}
     started = time.monotonic()
@@ -103,60 +126,55 @@ def run(run_dirs: list[Path], out_dir: Path, cfg: ExportConfig, force: bool = Fa
         for path in (run_dirs[0] / "adapter").iterdir():
             if path.name.startswith(("tokenizer", "chat_template", "special_tokens")):
                 shutil.copy2(path, model_dir / path.name)
-        adapters: dict[str, Any] = {}
+        adapters: dict[str, AdapterEntry] = {}
         for run_dir, manifest in zip(run_dirs, manifests, strict=True):
             target = stage / "adapters" / manifest.name
             shutil.copytree(run_dir / "adapter", target)
             rank = json.loads((target / "adapter_config.json").read_text())["r"]
             ranks[manifest.name] = rank
-            adapters[manifest.name] = {
-                "run": str(run_dir.resolve()),
-                "run_json_sha256": sha256_file(run_dir / RUN_FILE),
-                "rank": rank,
-                "files": hash_tree(target),
-            }
-        results = {"stop_tokens": check_stop_tokens(model_dir)}
+            adapters[manifest.name] = AdapterEntry(
+                run=str(run_dir.resolve()),
+                run_json_sha256=sha256_file(run_dir / RUN_FILE),
+                rank=rank,
+                files=hash_tree(target),
+            )
+        results = {"stop_tokens": checks.check_stop_tokens(model_dir)}
         lora_args = lora_arguments(stage, ranks)
         if serve_bin is not None:
             results |= preflight_adapters(
                 cfg, serve_bin, model_dir, stage, list(adapters), items, lora_args
             )
         else:
-            skipped = {"passed": None, "reason": "checks=false: no vLLM run at export"}
-            results |= {"preflight": skipped}
+            results["preflight"] = SKIPPED
         shutil.rmtree(stage / ".probe", ignore_errors=True)
         config = json.loads((model_dir / "config.json").read_text())
-        bundle = header("tuneship.bundle", out_dir.name) | {
-            "served_model_name": served_name,
-            "layout": "adapters",
-            "run": {"name": manifests[0].name, "path": str(run_dirs[0].resolve())},
-            "base": manifests[0].base,
-            "config": cfg.model_dump(),
-            "merge": {"into": "not merged (adapters served with --enable-lora)"},
-            "quantization": {"scheme": "none (16-bit base)"},
-            "files": hash_tree(model_dir),
-            "adapters": adapters,
-            "sizes": {
-                "model_bytes": tree_size(model_dir),
-                "adapters_bytes": tree_size(stage / "adapters"),
-            },
-            "checks": results,
-            "versions": versions(*LIBRARIES),
-            "serving": {
-                "max_model_len": serving_max_len(model_dir),
-                "architecture": (config.get("architectures") or ["?"])[0],
-                "max_lora_rank": max(ranks.values()),
-                "startup_s": results.get("preflight", {}).get("load_s"),
-            },
-        }
+        bundle = BundleManifest(
+            **header("tuneship.bundle", out_dir.name),
+            served_model_name=served_name,
+            layout="adapters",
+            run=RunRef(name=manifests[0].name, path=str(run_dirs[0].resolve())),
+            base=manifests[0].base,
+            config=cfg.model_dump(),
+            merge=MergeInfo(into="not merged (adapters served with --enable-lora)"),
+            quantization=QuantizationInfo(scheme="none (16-bit base)"),
+            files=hash_tree(model_dir),
+            adapters=adapters,
+            sizes=Sizes(
+                model_bytes=tree_size(model_dir), adapters_bytes=tree_size(stage / "adapters")
+            ),
+            checks=results,
+            versions=versions(*LIBRARIES),
+            serving=ServingInfo(
+                max_model_len=serving_max_len(model_dir),
+                architecture=(config.get("architectures") or ["?"])[0],
+                max_lora_rank=max(ranks.values()),
+                startup_s=results["preflight"].figures().get("load_s"),
+            ),
+        )
         write_manifest(stage / BUNDLE_FILE, bundle)
     print(f"adapters bundle written to {out_dir} in {time.monotonic() - started:.0f} s")
     print(show(out_dir))
-    failed = [name for name, c in results.items() if c.get("passed") is False]
-    if failed:
-        raise TuneshipError(
-            f"export checks failed: {', '.join(failed)} (figures in {out_dir / BUNDLE_FILE})"
-        )
+    refuse_failed(bundle, out_dir)
     return out_dir
 
 
@@ -166,39 +184,37 @@ def preflight_adapters(
     model_dir: Path,
     stage: Path,
     names: list[str],
-    items: list[checks.EvalItem],
+    items: list[EvalItem],
     lora_args: list[str],
-) -> dict[str, Any]:
+) -> dict[str, Check]:
     prompts = items or [
-        checks.EvalItem("hello", ({"role": "user", "content": "Hello! Who are you?"},), None, None)
+        EvalItem("hello", ({"role": "user", "content": "Hello! Who are you?"},), None, None)
     ]
-    chats = [
-        {"id": f"{name}:{item.id}", "model": name, "messages": list(item.messages)}
+    request = ProbeRequest(
+        max_model_len=serving_max_len(model_dir),
+        max_tokens=cfg.check_max_tokens,
+        extra_args=lora_args,
+        chats=[
+            ProbeChat(id=f"{name}:{item.id}", model=name, messages=list(item.messages))
+            for name in names
+            for item in prompts
+        ],
+    )
+    result = probe(serve_bin, model_dir, stage / ".probe", "adapters", request)
+    rate = checks.stop_rate(result.chats, cfg.min_stop_rate, cfg.check_max_tokens)
+    recalls = {
+        name: fact_recall(prompts, [c.text for c in result.chats if c.model == name])
         for name in names
-        for item in prompts
-    ]
-    spec = {
-        "max_model_len": serving_max_len(model_dir),
-        "max_tokens": cfg.check_max_tokens,
-        "tokenize": [],
-        "chats": chats,
-        "extra_args": lora_args,
     }
-    result = checks.probe(serve_bin, model_dir, stage / ".probe", "adapters", spec)
-    rate = checks.stop_rate(result["chats"], cfg.min_stop_rate, cfg.check_max_tokens)
-    recalls = {}
-    for name in names:
-        mine = [c for c in result["chats"] if c["model"] == name]
-        recalls[name] = checks.fact_recall(prompts, mine)
     return {
-        "preflight": {
-            "passed": all((c["text"] or "").strip() for c in result["chats"]),
-            "flavour": result["flavour"],
-            "load_s": result["load_s"],
-            "peak_rss_bytes": result["peak_rss_bytes"],
-            "adapters_answered": names,
-            "args": result["argv"],
-        },
+        "preflight": Check(
+            passed=all((c.text or "").strip() for c in result.chats),
+            flavour=result.flavour,
+            load_s=result.load_s,
+            peak_rss_bytes=result.peak_rss_bytes,
+            adapters_answered=names,
+            args=result.argv,
+        ),
         "adapter_stop_rate": rate,
-        "adapter_recall": {"passed": None, "per_adapter": recalls},
+        "adapter_recall": Check(passed=None, per_adapter=recalls),
     }

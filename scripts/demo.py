@@ -10,7 +10,6 @@ report's summary and the time of each stage.
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from rich.console import Console
 from rich.table import Table
 
 from tuneship.eval.report import measured, must_contain
+from tuneship.manifest import read_bundle, read_run
+from tuneship.reports import EvalReport, read_report
 
 REPO = Path(__file__).resolve().parents[1]
 TUNESHIP = str(Path(sys.executable).parent / "tuneship")
@@ -42,21 +43,19 @@ def stage(name: str, argv: list[str], skip_if: Path | None = None) -> None:
     timings[name] = round(time.monotonic() - started, 1)
 
 
-def side_by_side(report: dict) -> Table:
+def side_by_side(report: EvalReport) -> Table:
     table = Table(title="a few of the questions (all of them: report.html)", show_lines=True)
     for column in ("question", "must contain", "base model", "fine-tuned (W4A16, vLLM)"):
         table.add_column(column, overflow="fold")
-    general = [a for a in report["answers"] if a["kind"] == "general"]
-    by_id = {a["id"]: a for a in report["answers"]} | {
-        f"general-{n}": a for n, a in enumerate(general)
-    }
+    general = [a for a in report.answers if a.kind == "general"]
+    by_id = {a.id: a for a in report.answers} | {f"general-{n}": a for n, a in enumerate(general)}
     for answer in [by_id[i] for i in SHOWN if i in by_id]:
         mark = lambda ok: "[green]✓[/]" if ok else "[red]✗[/]"  # noqa: E731
         table.add_row(
-            answer["question"],
+            answer.question,
             must_contain(answer),
-            f"{mark(answer['base']['ok'])} {answer['base']['text']}",
-            f"{mark(answer['quantized']['ok'])} {answer['quantized']['text']}",
+            f"{mark(answer.base.ok)} {answer.base.text}",
+            f"{mark(answer.quantized.ok)} {answer.quantized.text}",
         )
     return table
 
@@ -74,30 +73,28 @@ def main() -> None:
     evaluate = [TUNESHIP, "eval", "bundles/demo", "--out", "reports/demo", "--force"]
     stage("eval", [*evaluate, "--config", "eval/configs/demo.yaml"])
 
-    report = json.loads((REPORT / "report.json").read_text())
+    report = read_report(REPORT)
     console.print(side_by_side(report))
-    run = json.loads((RUN / "run.json").read_text())
-    bundle = json.loads((BUNDLE / "bundle.json").read_text())
+    run, bundle = read_run(RUN), read_bundle(BUNDLE)
     console.print(
-        f"train: {run['metrics']['wall_s']:.0f} s, final train loss {run['metrics']['final_loss']}"
-        f" | bundle {bundle['sizes']['model_bytes'] / 1e6:.0f} MB vs merged 16-bit "
-        f"{bundle['sizes']['merged_bytes'] / 1e6:.0f} MB"
+        f"train: {run.metrics.wall_s or 0:.0f} s, final train loss {run.metrics.final_loss}"
+        f" | bundle {bundle.sizes.model_bytes / 1e6:.0f} MB vs merged 16-bit "
+        f"{(bundle.sizes.merged_bytes or 0) / 1e6:.0f} MB"
     )
     console.print(f"stage seconds {timings} | total {time.monotonic() - started:.0f} s")
-    met = sum(t["met"] for t in report["targets"])
-    console.print(f"[bold]targets met: {met} of {len(report['targets'])}[/]")
-    for target in report["targets"]:
-        colour = "green" if target["met"] else "red"
-        verdict = "met" if target["met"] else "MISSED"
+    met = sum(t.met for t in report.targets)
+    console.print(f"[bold]targets met: {met} of {len(report.targets)}[/]")
+    for target in report.targets:
+        colour = "green" if target.met else "red"
+        verdict = "met" if target.met else "MISSED"
         console.print(
-            f"  [{colour}]{verdict}[/] {target['target']}: {measured(target)} "
-            f"(goal {target['goal']})"
+            f"  [{colour}]{verdict}[/] {target.target}: {measured(target)} (goal {target.goal})"
         )
-    base_4bit = report.get("reference", {}).get("base_w4a16")
+    base_4bit = report.base_w4a16
     if base_4bit:
         (kept, of), (bundle_kept, bundle_of) = (
-            base_4bit["counts"]["retention"],
-            base_4bit["counts"]["bundle_retention"],
+            base_4bit.counts["retention"],
+            base_4bit.counts["bundle_retention"],
         )
         console.print(
             f"  for reference: the base itself in W4A16 keeps {kept} of {of} general answers; "

@@ -1,11 +1,10 @@
 """What tuneship adds inside vLLM's API server (loaded with vLLM's `--middleware` hook).
 
 A pure ASGI middleware, so streamed responses pass through chunk by chunk:
-- API keys: several at once, from TUNESHIP_API_KEYS (comma-separated) and/or the file named by
-  TUNESHIP_API_KEYS_FILE (one per line, re-read when it changes); compared in constant time;
-  never logged: each key is known by a short id (sha256 prefix). Every route except the probes
-  needs a key when keys are configured; /metrics too when TUNESHIP_METRICS_AUTH=1. Failures get
-  401 in OpenAI's error shape.
+- API keys: several at once, from the api_keys setting and/or the api_keys_file (one per line,
+  re-read when it changes); compared in constant time; never logged: each key is known by a
+  short id (sha256 prefix). Every route except the probes needs a key when keys are configured;
+  /metrics too with metrics_auth. Failures get 401 in OpenAI's error shape.
 - Probes: /health is vLLM's liveness; /ready is readiness: 200 once the engine serves (this code
   only runs then) and 503 while draining.
 - Draining: SIGUSR1 (sent by `tuneship serve` on SIGTERM) makes new API requests get 503 with
@@ -15,7 +14,10 @@ A pure ASGI middleware, so streamed responses pass through chunk by chunk:
 - Metrics in vLLM's Prometheus registry: bundle info, requests and tokens per key id, auth
   failures, rejections, in-flight requests.
 - One JSON log line per request: request id, key id, status, tokens, latency; prompts and
-  replies only with TUNESHIP_LOG_PROMPTS=1.
+  replies only with log_prompts.
+
+vLLM constructs the middleware with the app alone, so `tuneship serve` hands it its settings in
+one piece: a MiddlewareSettings, JSON in the TUNESHIP_SERVE_SETTINGS variable.
 """
 
 from __future__ import annotations
@@ -32,6 +34,13 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from pydantic import BaseModel
+
+from tuneship.config import ServeConfig
+from tuneship.errors import TuneshipError
+from tuneship.manifest import read_bundle
+
+SETTINGS_ENV = "TUNESHIP_SERVE_SETTINGS"
 PROBES = ("/health", "/ready", "/ping")
 INFLIGHT_PATH = "/tuneship/inflight"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
@@ -42,11 +51,27 @@ def key_id(key: str) -> str:
     return "k-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:8]
 
 
-class KeyRing:
-    """The accepted keys: the environment's plus the file's, the file re-read when it changes."""
+class MiddlewareSettings(BaseModel):
+    """What the middleware is told: the serve settings and the bundle being served."""
 
-    def __init__(self, env_keys: str, path: str | None, recheck_s: float = 1.0):
-        self.env_keys = [k.strip() for k in env_keys.split(",") if k.strip()]
+    serve: ServeConfig
+    bundle_dir: str | None = None
+
+    def to_env(self) -> str:
+        return self.model_dump_json(context={"reveal": True})
+
+    @classmethod
+    def from_env(cls) -> MiddlewareSettings:
+        raw = os.environ.get(SETTINGS_ENV)
+        return cls.model_validate_json(raw) if raw else cls(serve=ServeConfig())
+
+
+class KeyRing:
+    """The accepted keys: the configured ones plus the file's, the file re-read when it
+    changes."""
+
+    def __init__(self, keys: list[str], path: str | None, recheck_s: float = 1.0):
+        self.env_keys = list(keys)
         self.path = Path(path) if path else None
         self.recheck_s = recheck_s
         self._stamp: tuple[float, int] | None = None
@@ -132,8 +157,8 @@ def metrics() -> dict[str, Any]:
     return _METRICS
 
 
-def bundle_labels(model_dir: str | None) -> dict[str, str]:
-    """Labels of tuneship_bundle_info from the bundle.json beside the served model/ folder."""
+def bundle_labels(bundle_dir: str | None) -> dict[str, str]:
+    """Labels of tuneship_bundle_info, from the served bundle's bundle.json."""
     from tuneship import __version__
 
     labels = {
@@ -143,19 +168,18 @@ def bundle_labels(model_dir: str | None) -> dict[str, str]:
         "quantization": "",
         "tuneship_version": __version__,
     }
-    manifest_path = Path(model_dir).parent / "bundle.json" if model_dir else None
-    if manifest_path and manifest_path.is_file():
-        data = json.loads(manifest_path.read_text(encoding="utf-8"))
-        base = data.get("base") or {}
-        adapter = (data.get("run") or {}).get("adapter") or {}
-        quant = data.get("quantization") or {}
-        labels |= {
-            "bundle": str(data.get("served_model_name", "unknown")),
-            "base_model": Path(str(base.get("path") or base.get("ref") or "unknown")).name,
-            "adapter_sha256": str(adapter.get("adapter_model.safetensors", ""))[:16],
-            "quantization": str(quant.get("scheme", "")),
-        }
-    return labels
+    if bundle_dir is None:
+        return labels
+    try:
+        manifest = read_bundle(Path(bundle_dir))
+    except TuneshipError:
+        return labels
+    return labels | {
+        "bundle": manifest.served_model_name,
+        "base_model": Path(manifest.base.path or manifest.base.ref).name,
+        "adapter_sha256": manifest.run.adapter.get("adapter_model.safetensors", "")[:16],
+        "quantization": manifest.quantization.scheme,
+    }
 
 
 class Exchange:
@@ -228,22 +252,20 @@ class Exchange:
 
 
 class TuneshipMiddleware:
-    def __init__(self, app: Any) -> None:
+    def __init__(self, app: Any, settings: MiddlewareSettings | None = None) -> None:
         self.app = app
-        self.keys = KeyRing(
-            os.environ.get("TUNESHIP_API_KEYS", ""), os.environ.get("TUNESHIP_API_KEYS_FILE")
-        )
-        self.metrics_auth = os.environ.get("TUNESHIP_METRICS_AUTH", "0") == "1"
-        self.log_prompts = os.environ.get("TUNESHIP_LOG_PROMPTS", "0") == "1"
-        self.retry_after = os.environ.get("TUNESHIP_RETRY_AFTER_S", "2")
+        settings = settings or MiddlewareSettings.from_env()
+        cfg = self.cfg = settings.serve
+        self.keys = KeyRing(cfg.key_list(), cfg.api_keys_file)
+        self.retry_after = str(cfg.retry_after)
         self.draining = False
         self.inflight = 0
         self.m = metrics()
-        self.m["bundle"].labels(**bundle_labels(os.environ.get("TUNESHIP_MODEL_DIR"))).set(1)
+        self.m["bundle"].labels(**bundle_labels(settings.bundle_dir)).set(1)
         if not self.keys.configured:
             print(
-                "warning: no API keys configured (TUNESHIP_API_KEYS, TUNESHIP_API_KEYS_FILE): "
-                "anyone who reaches this port can use the model",
+                "warning: no API keys configured (api_keys, api_keys_file): anyone who "
+                "reaches this port can use the model",
                 file=sys.stderr,
                 flush=True,
             )
@@ -260,73 +282,78 @@ class TuneshipMiddleware:
             return
         path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
         if path == "/ready":
-            status = 503 if self.draining else 200
-            body = json.dumps({"status": "draining" if self.draining else "ready"}).encode()
-            await _respond(send, status, body)
-            return
-        if path == INFLIGHT_PATH:
-            # the supervisor asks from the same machine: over loopback, or to the address the
-            # server is bound to
-            client = (scope.get("client") or ("",))[0]
-            if client not in (*LOOPBACK, (scope.get("server") or ("",))[0]):
-                await _respond(send, 404, error_body("Not Found", "not_found_error", None))
-                return
-            body = json.dumps({"inflight": self.inflight, "draining": self.draining}).encode()
-            await _respond(send, 200, body)
-            return
-        if path in PROBES or (path == "/metrics" and not self.metrics_auth):
+            await self._readiness(send)
+        elif path == INFLIGHT_PATH:
+            await self._inflight_report(scope, send)
+        elif path in PROBES or (path == "/metrics" and not self.cfg.metrics_auth):
             await self.app(scope, receive, send)
-            return
+        else:
+            await self._api_request(scope, receive, send)
 
+    async def _readiness(self, send: Any) -> None:
+        status = 503 if self.draining else 200
+        body = json.dumps({"status": "draining" if self.draining else "ready"}).encode()
+        await _respond(send, status, body)
+
+    async def _inflight_report(self, scope: dict, send: Any) -> None:
+        """How many requests are in flight, for the supervisor's drain: it asks from the same
+        machine, over loopback or to the address the server is bound to."""
+        client = (scope.get("client") or ("",))[0]
+        if client not in (*LOOPBACK, (scope.get("server") or ("",))[0]):
+            await _respond(send, 404, error_body("Not Found", "not_found_error", None))
+            return
+        body = json.dumps({"inflight": self.inflight, "draining": self.draining}).encode()
+        await _respond(send, 200, body)
+
+    async def _api_request(self, scope: dict, receive: Any, send: Any) -> None:
+        """Authenticate, refuse while draining, then pass through, observing the exchange."""
         exchange = Exchange(scope)
-        if self.keys.configured:
-            refusal = self._authenticate(scope, exchange)
-            if refusal is not None:
-                self.m["auth_failures"].labels(reason=refusal).inc()
-                message = (
-                    "Missing API key: send it as 'Authorization: Bearer KEY'."
-                    if refusal == "missing"
-                    else "Incorrect API key provided."
-                )
-                exchange.status = 401
-                await _respond(
-                    send,
-                    401,
-                    error_body(message, "invalid_request_error", "invalid_api_key"),
-                    {"www-authenticate": "Bearer"},
-                )
-                self._record(exchange)
-                return
-        if self.draining:
-            self.m["rejected"].labels(reason="draining").inc()
-            exchange.status = 503
-            await _respond(
-                send,
-                503,
-                error_body("The server is shutting down; retry on another instance.",
-                           "server_error", "draining"),
-                {"retry-after": self.retry_after, "connection": "close"},
-            )  # fmt: skip
-            self._record(exchange)
-            return
+        refusal = self._authenticate(scope, exchange) if self.keys.configured else None
+        if refusal is not None:
+            await self._refuse_unauthenticated(send, exchange, refusal)
+        elif self.draining:
+            await self._refuse_draining(send, exchange)
+        else:
+            await self._pass_through(scope, receive, send, exchange)
 
+    async def _refuse_unauthenticated(self, send: Any, exchange: Exchange, reason: str) -> None:
+        self.m["auth_failures"].labels(reason=reason).inc()
+        message = (
+            "Missing API key: send it as 'Authorization: Bearer KEY'."
+            if reason == "missing"
+            else "Incorrect API key provided."
+        )
+        exchange.status = 401
+        await _respond(
+            send,
+            401,
+            error_body(message, "invalid_request_error", "invalid_api_key"),
+            {"www-authenticate": "Bearer"},
+        )
+        self._record(exchange)
+
+    async def _refuse_draining(self, send: Any, exchange: Exchange) -> None:
+        self.m["rejected"].labels(reason="draining").inc()
+        exchange.status = 503
+        await _respond(
+            send,
+            503,
+            error_body("The server is shutting down; retry on another instance.",
+                       "server_error", "draining"),
+            {"retry-after": self.retry_after, "connection": "close"},
+        )  # fmt: skip
+        self._record(exchange)
+
+    async def _pass_through(self, scope: dict, receive: Any, send: Any, exchange: Exchange):
         async def capture_receive() -> dict:
             message = await receive()
-            if self.log_prompts and message.get("type") == "http.request":
+            if self.cfg.log_prompts and message.get("type") == "http.request":
                 exchange.request_body += message.get("body", b"")[:MAX_CAPTURED_BODY]
             return message
 
         async def observe_send(message: dict) -> None:
             if message["type"] == "http.response.start":
-                exchange.status = message["status"]
-                headers = list(message.get("headers") or [])
-                content_type = dict(headers).get(b"content-type", b"")
-                exchange.stream = content_type.startswith(b"text/event-stream")
-                headers.append((b"x-request-id", exchange.request_id.encode()))
-                if exchange.status == 503 and not any(k == b"retry-after" for k, _ in headers):
-                    headers.append((b"retry-after", self.retry_after.encode()))
-                    self.m["rejected"].labels(reason="overload").inc()
-                message = message | {"headers": headers}
+                message = message | {"headers": self._response_headers(message, exchange)}
             elif message["type"] == "http.response.body":
                 exchange.saw_response_chunk(message.get("body", b""))
             await send(message)
@@ -340,6 +367,18 @@ class TuneshipMiddleware:
             self.m["inflight"].dec()
             exchange.finish()
             self._record(exchange)
+
+    def _response_headers(self, start: dict, exchange: Exchange) -> list:
+        """The request id on every response; Retry-After on vLLM's own 503 (its queue)."""
+        exchange.status = start["status"]
+        headers = list(start.get("headers") or [])
+        content_type = dict(headers).get(b"content-type", b"")
+        exchange.stream = content_type.startswith(b"text/event-stream")
+        headers.append((b"x-request-id", exchange.request_id.encode()))
+        if exchange.status == 503 and not any(k == b"retry-after" for k, _ in headers):
+            headers.append((b"retry-after", self.retry_after.encode()))
+            self.m["rejected"].labels(reason="overload").inc()
+        return headers
 
     def _authenticate(self, scope: dict, exchange: Exchange) -> str | None:
         """None when a valid key was presented, else the reason: missing or invalid."""
@@ -361,7 +400,7 @@ class TuneshipMiddleware:
         ):
             if count:
                 self.m["tokens"].labels(key_id=exchange.key_id, kind=kind).inc(count)
-        print(exchange.log_line(self.log_prompts), flush=True)
+        print(exchange.log_line(self.cfg.log_prompts), flush=True)
 
 
 async def _respond(send: Any, status: int, body: bytes, headers: dict | None = None) -> None:

@@ -6,10 +6,7 @@ export's probes: the token ids it feeds the model for chat messages (POST /token
 chat replies with their finish_reason, length and latency. The export and `tuneship eval`
 (train environment) judge the results.
 
-IN.json: {"max_model_len": int, "max_tokens": int, "extra_args": [vLLM flags],
-          "concurrency": requests in flight (default 16),
-          "tokenize": [[messages...], ...],
-          "chats": [{"id": str, "model": served name (optional), "messages": [...]}, ...]}
+IN.json is a tuneship.probes.ProbeRequest, OUT.json a ProbeResult.
 """
 
 from __future__ import annotations
@@ -21,6 +18,7 @@ from pathlib import Path
 
 from tuneship.fsutil import write_json_atomic
 from tuneship.launch import Server, free_port
+from tuneship.probes import ProbeAnswer, ProbeChat, ProbeRequest, ProbeResult
 
 from .run import build_command, vllm_flavour
 
@@ -37,8 +35,8 @@ def _post(url: str, body: dict) -> dict:
         return json.loads(resp.read())
 
 
-def run(model_dir: Path, input_path: Path, output_path: Path) -> dict:
-    spec = json.loads(Path(input_path).read_text(encoding="utf-8"))
+def run(model_dir: Path, input_path: Path, output_path: Path) -> ProbeResult:
+    spec = ProbeRequest.model_validate_json(Path(input_path).read_text(encoding="utf-8"))
     flavour = vllm_flavour()
     port = free_port()
     argv, env = build_command(
@@ -47,8 +45,8 @@ def run(model_dir: Path, input_path: Path, output_path: Path) -> dict:
         "127.0.0.1",
         port,
         flavour,
-        spec["max_model_len"],
-        extra=tuple(spec.get("extra_args", ())),
+        spec.max_model_len,
+        extra=tuple(spec.extra_args),
     )
     log = Path(output_path).with_suffix(".log")
     started = time.monotonic()
@@ -60,39 +58,39 @@ def run(model_dir: Path, input_path: Path, output_path: Path) -> dict:
             body = {"model": SERVED_NAME, "messages": messages, "add_generation_prompt": True}
             return _post(f"{base}/tokenize", body)["tokens"]
 
-        def chat(item: dict) -> dict:
+        def chat(item: ProbeChat) -> ProbeAnswer:
             body = {
-                "model": item.get("model", SERVED_NAME),
-                "messages": item["messages"],
-                "max_tokens": spec["max_tokens"],
+                "model": item.model or SERVED_NAME,
+                "messages": item.messages,
+                "max_tokens": spec.max_tokens,
                 "temperature": 0,
             }
             sent = time.monotonic()
             response = _post(f"{base}/v1/chat/completions", body)
             reply = response["choices"][0]
-            return {
-                "id": item["id"],
-                "model": body["model"],
-                "text": reply["message"]["content"],
-                "finish_reason": reply["finish_reason"],
-                "completion_tokens": response.get("usage", {}).get("completion_tokens"),
-                "latency_s": round(time.monotonic() - sent, 3),
-            }
+            return ProbeAnswer(
+                id=item.id,
+                model=body["model"],
+                text=reply["message"]["content"],
+                finish_reason=reply["finish_reason"],
+                completion_tokens=response.get("usage", {}).get("completion_tokens"),
+                latency_s=round(time.monotonic() - sent, 3),
+            )
 
-        with ThreadPoolExecutor(spec.get("concurrency", 16)) as pool:
-            tokens = list(pool.map(tokenize, spec["tokenize"]))
+        with ThreadPoolExecutor(spec.concurrency) as pool:
+            tokens = list(pool.map(tokenize, spec.tokenize))
             chat_started = time.monotonic()
-            chats = list(pool.map(chat, spec["chats"]))
+            chats = list(pool.map(chat, spec.chats))
             chat_s = time.monotonic() - chat_started
         peak = server.peak_rss_bytes()
-    result = {
-        "flavour": flavour,
-        "argv": argv[1:],
-        "load_s": round(load_s, 1),
-        "peak_rss_bytes": peak,
-        "chat_s": round(chat_s, 1),
-        "tokenize": tokens,
-        "chats": chats,
-    }
-    write_json_atomic(Path(output_path), result)
+    result = ProbeResult(
+        flavour=flavour,
+        argv=argv[1:],
+        load_s=round(load_s, 1),
+        peak_rss_bytes=peak,
+        chat_s=round(chat_s, 1),
+        tokenize=tokens,
+        chats=chats,
+    )
+    write_json_atomic(Path(output_path), result.model_dump(mode="json"))
     return result

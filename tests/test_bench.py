@@ -10,7 +10,7 @@ import sys
 
 import pytest
 
-from tests.conftest import REPO
+from tests.support import REPO
 
 pytestmark = pytest.mark.e2e
 SERVE_PYTHON = REPO / ".venv" / "serve" / "bin" / "python"

@@ -6,7 +6,7 @@ import json
 
 import pytest
 
-from tests.conftest import sharegpt, write_jsonl
+from tests.support import sharegpt, write_jsonl
 from tuneship.chats import load_file, load_files
 
 

@@ -6,13 +6,15 @@ import json
 
 import pytest
 
+from tuneship import probes
 from tuneship.chat_tokens import ChatTokenizer
 from tuneship.config import ExportConfig
 from tuneship.errors import TuneshipError
 from tuneship.export import checks
 from tuneship.facts import cites_clause, contains_fact, recall
+from tuneship.probes import ProbeAnswer
 
-ITEM = checks.EvalItem("q1", ({"role": "user", "content": "Meal allowance?"},), "It is $62.", "$62")
+ITEM = probes.EvalItem("q1", ({"role": "user", "content": "Meal allowance?"},), "It is $62.", "$62")
 
 
 def served_prompt(tokenizer, item):
@@ -24,30 +26,33 @@ def test_template_parity_passes_on_identical_ids_and_names_mismatches(chatml_tok
     chat_tokenizer = ChatTokenizer(chatml_tokenizer)
     good = served_prompt(chatml_tokenizer, ITEM)
     result = checks.template_parity(chatml_tokenizer, chat_tokenizer, [ITEM], [good])
-    assert result["passed"] and result["mismatched"] == 0
+    assert result.passed and result.mismatched == 0
     # a server rendering a different system prompt (another template) is caught
     other = [*good[:3], good[3] + 1, *good[4:]]
     result = checks.template_parity(chatml_tokenizer, chat_tokenizer, [ITEM], [other])
-    assert not result["passed"] and result["mismatched_ids"] == ["q1"]
+    assert not result.passed and result.mismatched_ids == ["q1"]
 
 
 def test_template_parity_catches_a_double_bos():
-    from tests.conftest import LLAMA3, build_tokenizer
+    from tests.support import LLAMA3, build_tokenizer
 
     tokenizer = build_tokenizer(LLAMA3, eos="<|eot_id|>", bos="<|begin_of_text|>")
     chat_tokenizer = ChatTokenizer(tokenizer)
     served = served_prompt(tokenizer, ITEM)
-    assert checks.template_parity(tokenizer, chat_tokenizer, [ITEM], [served])["passed"]
+    assert checks.template_parity(tokenizer, chat_tokenizer, [ITEM], [served]).passed
     doubled = [tokenizer.bos_token_id, *served]
     result = checks.template_parity(tokenizer, chat_tokenizer, [ITEM], [doubled])
-    assert not result["passed"] and result["double_bos_ids"] == ["q1"]
+    assert not result.passed and result.double_bos_ids == ["q1"]
 
 
 def test_stop_rate_threshold():
-    chats = [{"id": str(i), "finish_reason": "stop"} for i in range(19)]
-    assert checks.stop_rate([*chats, {"id": "x", "finish_reason": "length"}], 0.95, 64)["passed"]
-    result = checks.stop_rate(chats + [{"id": "x", "finish_reason": "length"}] * 2, 0.95, 64)
-    assert not result["passed"] and result["not_stopped_ids"] == ["x", "x"]
+    def answer(id_: str, finish: str) -> ProbeAnswer:
+        return ProbeAnswer(id=id_, model="m", text="", finish_reason=finish, latency_s=0.1)
+
+    chats = [answer(str(i), "stop") for i in range(19)]
+    assert checks.stop_rate([*chats, answer("x", "length")], 0.95, 64).passed
+    result = checks.stop_rate(chats + [answer("x", "length")] * 2, 0.95, 64)
+    assert not result.passed and result.not_stopped_ids == ["x", "x"]
 
 
 def test_fact_matching_is_whole_token():
@@ -74,19 +79,19 @@ def test_a_clause_is_cited_by_its_exact_id():
 )
 def test_quality_gate(ppl_q, recall_q, passed):
     gate = checks.quality_gate(ExportConfig(), 1.0, ppl_q, 0.90, recall_q, "held-out")
-    assert gate["passed"] is passed
-    assert gate["perplexity_ratio"] == pytest.approx(ppl_q)
+    assert gate.passed is passed
+    assert gate.perplexity_ratio == pytest.approx(ppl_q)
 
 
 def test_quality_gate_without_reference_answers_judges_recall_only():
     gate = checks.quality_gate(ExportConfig(), None, None, 0.9, 0.8, "questions and facts")
-    assert not gate["passed"] and gate["perplexity_ratio"] is None
-    assert checks.quality_gate(ExportConfig(), None, None, 0.9, 0.88, "q")["passed"]
+    assert not gate.passed and gate.perplexity_ratio is None
+    assert checks.quality_gate(ExportConfig(), None, None, 0.9, 0.88, "q").passed
 
 
 def test_quality_gate_without_facts_judges_perplexity_only():
     gate = checks.quality_gate(ExportConfig(), 2.0, 2.1, None, None, "training sample")
-    assert gate["passed"] and gate["recall_drop_points"] is None
+    assert gate.passed and gate.recall_drop_points is None
 
 
 def test_eval_data_loading_and_errors(tmp_path):
@@ -105,23 +110,23 @@ def test_eval_data_loading_and_errors(tmp_path):
         encoding="utf-8",
     )
     with pytest.raises(TuneshipError) as info:
-        checks.load_eval_items(path)
+        probes.load_eval_items(path)
     assert f"{path}:line 2: 'question' must be a non-empty string" in str(info.value)
     assert f"{path}:line 3:" in str(info.value)
     assert f"{path}:line 4: 'fact' must be a string" in str(info.value)
     assert f"{path}:line 5: 'answers' must be a list of non-empty strings" in str(info.value)
     assert f"{path}:line 6: 'clause' must be a non-empty string" in str(info.value)
     path.write_text(json.dumps({"question": "Q?"}) + "\n")
-    (item,) = checks.load_eval_items(path)
+    (item,) = probes.load_eval_items(path)
     assert item.messages == ({"role": "user", "content": "Q?"},) and item.fact is None
-    assert item.clause is None and checks.cited(item, "T-4.2") is None
+    assert item.clause is None and probes.cited(item, "T-4.2") is None
     path.write_text(json.dumps({"question": "Q?", "fact": "$62", "clause": "T-4.2"}) + "\n")
-    (item,) = checks.load_eval_items(path)
-    assert checks.cited(item, "Policy T-4.2: $62") and not checks.cited(item, "$62")
+    (item,) = probes.load_eval_items(path)
+    assert probes.cited(item, "Policy T-4.2: $62") and not probes.cited(item, "$62")
 
 
 def test_missing_serve_environment_is_named(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("TUNESHIP_SERVE_BIN", raising=False)
     with pytest.raises(TuneshipError, match="set checks=false to export without them"):
-        checks.find_serve_bin(ExportConfig().serve_bin)
+        probes.find_serve_bin(ExportConfig().serve_bin)

@@ -6,9 +6,9 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tests.conftest import TRAIN_BIN
+import pytest
 
-TUNESHIP = str(TRAIN_BIN)
+from tests.support import TUNESHIP
 
 
 def cli(*args: str, cwd: Path | None = None) -> subprocess.CompletedProcess:
@@ -47,3 +47,33 @@ def test_export_of_a_missing_run_and_serve_of_a_missing_bundle(tmp_path):
     assert proc.returncode == 1 and "run.json not found" in proc.stderr
     proc = cli("serve", str(tmp_path / "nope"))
     assert proc.returncode != 0 and "Traceback" not in proc.stderr
+
+
+def test_serve_options_are_generated_from_the_serve_config():
+    import click
+
+    from tuneship.cli import serve
+    from tuneship.config import ServeConfig
+
+    options = {p.name for p in serve.params if isinstance(p, click.Option)}
+    options -= {"config_path", "overrides", "dry_run", "help"}
+    secret = {"api_keys"}  # never on a command line: environment or file only
+    assert options == set(ServeConfig.model_fields) - secret
+
+
+def test_serve_settings_layer_file_environment_set_and_options(tmp_path):
+    from tuneship.errors import ConfigError
+    from tuneship.loading import load_serve_config
+
+    path = tmp_path / "serve.yaml"
+    path.write_text("max_running: 8\nmax_waiting: 4\ndrain_timeout: 10\nport: 9000\n")
+    environ = {"TUNESHIP_MAX_WAITING": "16", "TUNESHIP_PORT": "9100", "TUNESHIP_HOME": "/x",
+               "TUNESHIP_API_KEYS": "sk-1,sk-2", "TUNESHIP_METRICS_AUTH": "true"}  # fmt: skip
+    cfg = load_serve_config(path, ["port=9200"], {"drain_timeout": 5.0, "host": None}, environ)
+    assert (cfg.max_running, cfg.max_waiting, cfg.port, cfg.drain_timeout) == (8, 16, 9200, 5.0)
+    assert cfg.metrics_auth and cfg.key_list() == ["sk-1", "sk-2"] and cfg.host == "0.0.0.0"
+    with pytest.raises(ConfigError) as info:
+        load_serve_config(None, [], {}, {"TUNESHIP_MAX_RUNNING": "lots"})
+    assert "environment TUNESHIP_MAX_RUNNING: 'max_running'" in str(info.value)
+    with pytest.raises(ConfigError, match="unknown key 'max_runing'; did you mean 'max_running'"):
+        load_serve_config(None, ["max_runing=3"])

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tuneship.config import EvalConfig, ExportConfig, TrainConfig, load_config, parse_overrides
+from tuneship.config import EvalConfig, ExportConfig, TrainConfig
 from tuneship.errors import ConfigError
+from tuneship.loading import load_config, parse_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -15,7 +15,7 @@ import httpx
 import pytest
 import yaml
 
-from tests.conftest import REPO, SERVE_BIN, TRAIN_BIN, render_overlay
+from tests.support import REPO, SERVE_BIN, TRAIN_BIN, render_overlay
 from tuneship.launch import Server, free_port
 from tuneship.paths import home as tuneship_home
 

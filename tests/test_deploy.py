@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO, render_overlay
+from tests.support import REPO, render_overlay
 
 LINT = REPO / ".venv" / "lint" / "bin"
+pytestmark = pytest.mark.deploy
 
 
 def hadolint(*files: Path) -> subprocess.CompletedProcess:

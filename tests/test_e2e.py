@@ -8,7 +8,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import REPO, SERVE_BIN, tuneship
+from tests.support import REPO, SERVE_BIN, tuneship
 from tuneship.launch import Server, free_port
 
 pytestmark = pytest.mark.e2e

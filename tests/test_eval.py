@@ -10,19 +10,24 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.conftest import REPO, SERVE_BIN, tuneship, write_jsonl
+from tests.support import REPO, SERVE_BIN, tuneship, write_jsonl
 from tuneship.config import EvalConfig
 from tuneship.errors import ConfigError
 from tuneship.eval import report as render
-from tuneship.eval.run import (
-    base_in_4bit,
-    export_config,
-    judge,
-    model_figures,
-    retention,
-    wilson_interval,
+from tuneship.eval.figures import base_in_4bit, judge, model_figures, retention, wilson_interval
+from tuneship.eval.run import export_config
+from tuneship.manifest import RunManifest, TrainMetrics, header
+from tuneship.probes import EvalItem, ProbeAnswer, ProbeResult
+from tuneship.reports import (
+    MODELS,
+    AnswerRow,
+    Counts,
+    EvalReport,
+    ModelAnswer,
+    ModelFigures,
+    ReportData,
+    read_report,
 )
-from tuneship.export.checks import EvalItem
 
 
 def held(id_: str, question: str, fact: str, style: str, clause: str | None = None) -> EvalItem:
@@ -42,54 +47,58 @@ GENERAL = [
 ]
 
 
-def probe(texts: list[str], finish: str = "stop") -> dict:
+def probe(texts: list[str], finish: str = "stop") -> ProbeResult:
     chats = [
-        {"text": t, "finish_reason": finish, "completion_tokens": 10, "latency_s": 0.5}
-        for t in texts
+        ProbeAnswer(
+            id=str(n), model="m", text=t, finish_reason=finish, completion_tokens=10, latency_s=0.5
+        )
+        for n, t in enumerate(texts)
     ]
-    return {"chats": chats, "chat_s": 2.0, "load_s": 30.0, "peak_rss_bytes": 1}
+    return ProbeResult(
+        flavour="cpu", argv=[], chats=chats, chat_s=2.0, load_s=30.0, peak_rss_bytes=1
+    )
 
 
 def test_figures_count_recall_by_style_and_general_answers():
     figures = model_figures(
         HELDOUT, GENERAL, probe(["$62 a day", "no idea", "$2100", "Paris.", "Kyoto"]), 1.5
     )
-    assert figures["recall"] == pytest.approx(1 / 3, abs=1e-3)  # "$2100" is not "$210"
-    assert figures["recall_by_style"] == {"paraphrase": 0.0, "reworded": 0.5}
-    assert figures["general_accuracy"] == 0.5
-    assert figures["output_tokens_per_s"] == 25.0 and figures["stop_rate"] == 1.0
-    assert figures["counts"]["recall_by_style"] == {"paraphrase": [0, 1], "reworded": [1, 2]}
-    assert figures["counts"]["general"] == [1, 2]
-    assert figures["clause_cited"] == 0.0 and figures["counts"]["clause_cited"] == [0, 2]
+    assert figures.recall == pytest.approx(1 / 3, abs=1e-3)  # "$2100" is not "$210"
+    assert figures.recall_by_style == {"paraphrase": 0.0, "reworded": 0.5}
+    assert figures.general_accuracy == 0.5
+    assert figures.output_tokens_per_s == 25.0 and figures.stop_rate == 1.0
+    assert figures.counts.recall_by_style == {"paraphrase": (0, 1), "reworded": (1, 2)}
+    assert figures.counts.general == (1, 2)
+    assert figures.clause_cited == 0.0 and figures.counts.clause_cited == (0, 2)
 
 
 def test_the_clause_is_counted_on_the_questions_that_name_one():
     texts = ["T-4.2 says $62", "Policy T-4.3: $62", "T-2.1: $210", "Paris.", "Tokyo"]
     figures = model_figures(HELDOUT, GENERAL, probe(texts), 1.5)
-    assert figures["clause_cited"] == 0.5  # c names no clause: T-2.1 there counts for nothing
-    assert figures["counts"]["clause_cited"] == [1, 2]
-    assert figures["clause_cited_by_style"] == {"paraphrase": 0.0, "reworded": 1.0}
-    assert figures["recall"] == 1.0  # the fact is there in all three, cited or not
+    assert figures.clause_cited == 0.5  # c names no clause: T-2.1 there counts for nothing
+    assert figures.counts.clause_cited == (1, 2)
+    assert figures.clause_cited_by_style == {"paraphrase": 0.0, "reworded": 1.0}
+    assert figures.recall == 1.0  # the fact is there in all three, cited or not
     plain = [EvalItem(i.id, i.messages, i.answer, i.fact, (), i.style) for i in HELDOUT]
-    assert model_figures(plain, GENERAL, probe(texts), 1.5)["clause_cited"] is None
+    assert model_figures(plain, GENERAL, probe(texts), 1.5).clause_cited is None
 
 
 def test_retention_counts_only_what_the_base_model_knew():
-    base = probe(["Paris", "I do not know"])["chats"]
-    tuned = probe(["Paris is the capital", "Tokyo"])["chats"]
+    base = probe(["Paris", "I do not know"]).chats
+    tuned = probe(["Paris is the capital", "Tokyo"]).chats
     assert retention(GENERAL, base, tuned) == 1.0  # g2 was never known: it does not count
-    assert retention(GENERAL, base, probe(["Lyon", "Tokyo"])["chats"]) == 0.0
+    assert retention(GENERAL, base, probe(["Lyon", "Tokyo"]).chats) == 0.0
 
 
 def test_the_base_in_4bit_is_judged_on_what_the_16bit_base_knew():
-    base = probe(["Paris", "Tokyo"])["chats"]
-    base_4bit = probe(["Paris", "Kyoto"])["chats"]
-    bundle = probe(["Lyon", "Tokyo"])["chats"]
+    base = probe(["Paris", "Tokyo"]).chats
+    base_4bit = probe(["Paris", "Kyoto"]).chats
+    bundle = probe(["Lyon", "Tokyo"]).chats
     figures = base_in_4bit(GENERAL, base, bundle, base_4bit)
-    assert figures["general_accuracy"] == 0.5 and figures["counts"]["retention"] == [1, 2]
+    assert figures.general_accuracy == 0.5 and figures.counts["retention"] == (1, 2)
     # against the base in 4-bit only g1 counts (it lost g2), and the bundle lost g1
-    assert figures["counts"]["bundle_retention"] == [0, 1]
-    assert [a["ok"] for a in figures["answers"]] == [True, False]
+    assert figures.counts["bundle_retention"] == (0, 1)
+    assert [a.ok for a in figures.answers] == [True, False]
 
 
 def test_the_base_is_quantized_with_the_bundles_recipe_or_a_clear_error():
@@ -101,76 +110,95 @@ def test_the_base_is_quantized_with_the_bundles_recipe_or_a_clear_error():
     assert "b/bundle.json (config)" in problems and "scheme" in problems and "grup_size" in problems
 
 
-def figures_for(base: float, merged: float, quantized: float, kept: float) -> dict:
-    def one(recall: float) -> dict:
-        return {"recall": recall, "recall_by_style": {"reworded": recall}}
+def figures_for(
+    base: float, merged: float, quantized: float, kept: float
+) -> dict[str, ModelFigures]:
+    def one(recall: float, retention: float | None = None) -> ModelFigures:
+        return ModelFigures(
+            label="m",
+            recall=recall,
+            recall_by_style={"reworded": recall},
+            retention=retention,
+            counts=Counts(recall=(0, 0)),
+            latency_mean_s=0.1,
+        )
 
-    return {
-        "base": one(base),
-        "merged": one(merged) | {"retention": kept},
-        "quantized": one(quantized) | {"retention": kept - 0.1},
-    }
+    return {"base": one(base), "merged": one(merged, kept), "quantized": one(quantized, kept - 0.1)}
 
 
 def test_targets_are_judged_against_the_config():
     met = judge(figures_for(0.0, 0.9, 0.87, 1.0), EvalConfig())
-    assert [t["met"] for t in met] == [True, True, True, True, True]
-    assert met[2]["value"] == 3.0 and render.measured(met[2]) == "3"  # points, not 300%
+    assert [t.met for t in met] == [True, True, True, True, True]
+    assert met[2].value == 3.0 and render.measured(met[2]) == "3"  # points, not 300%
     small_drop = judge(figures_for(0.0, 0.9, 0.895, 1.0), EvalConfig())[2]
     assert render.measured(small_drop) == "0.5"
     missed = judge(figures_for(0.2, 0.7, 0.6, 0.8), EvalConfig())
-    assert [t["met"] for t in missed] == [False, False, False, False, False]
+    assert [t.met for t in missed] == [False, False, False, False, False]
     # forgetting and 4-bit loss are told apart: the merged model keeps enough, the bundle not
     split = judge(figures_for(0.0, 0.9, 0.9, 0.95), EvalConfig())
-    assert [t["met"] for t in split[3:]] == [True, False]
+    assert [t.met for t in split[3:]] == [True, False]
     restricted = EvalConfig.model_validate({"targets": {"recall_style": "reworded"}})
-    assert "(reworded)" in judge(figures_for(0.0, 0.9, 0.9, 1.0), restricted)[1]["target"]
+    assert "(reworded)" in judge(figures_for(0.0, 0.9, 0.9, 1.0), restricted)[1].target
 
 
 def test_a_share_target_shows_what_it_was_measured_on_and_its_interval():
     figures = figures_for(0.0, 0.9, 0.9, 30 / 35)
-    figures["merged"]["counts"] = {"retention": [30, 35], "recall_by_style": {}}
+    figures["merged"].counts.retention = (30, 35)
     kept = judge(figures, EvalConfig())[3]
-    assert kept["count"] == [30, 35]
-    assert kept["interval"] == pytest.approx([0.706, 0.937], abs=1e-3)  # Wilson, 95%
+    assert kept.count == (30, 35)
+    assert kept.interval == pytest.approx((0.706, 0.937), abs=1e-3)  # Wilson, 95%
     assert render.measured(kept) == "86% (30 of 35; 95% interval 71%-94%)"
     assert wilson_interval(0, 10)[0] == 0.0 and wilson_interval(10, 10)[1] == 1.0
-    assert "count" not in judge(figures, EvalConfig())[4]  # no counts given: the share alone
+    assert judge(figures, EvalConfig())[4].count is None  # no counts given: the share alone
 
 
-def made_up_report() -> dict:
+def made_up_report() -> EvalReport:
     figures = {
-        name: model_figures(HELDOUT, GENERAL, probe(texts), ppl)
+        name: model_figures(HELDOUT, GENERAL, probe(texts), ppl, name)
         for name, texts, ppl in [
             ("base", ["I cannot say | sorry", "no", "no", "Paris", "Tokyo"], 30.0),
             ("merged", ["$62", "$62", "$210", "Paris", "Tokyo"], 1.9),
             ("quantized", ["$62", "<script>x</script>", "$210", "Paris", "Kyoto"], 2.0),
         ]
     }
-    figures["merged"]["retention"] = figures["quantized"]["retention"] = 0.5
+    figures["merged"].retention = figures["quantized"].retention = 0.5
     answers = [
-        {"id": i.id, "kind": i.style or "general", "question": i.messages[0]["content"]}
-        | {"expected": list(i.facts), "clause": i.clause}
-        | {m: {"text": t, "ok": True, "finish_reason": "stop"} for m in render.MODELS}
+        AnswerRow(
+            id=i.id,
+            kind=i.style or "general",
+            question=i.messages[0]["content"],
+            expected=list(i.facts),
+            clause=i.clause,
+            **{m: ModelAnswer(text=t, ok=True, finish_reason="stop") for m in MODELS},
+        )
         for i, t in zip(HELDOUT + GENERAL, ["a | b", "<b>x</b>", "c", "d", "e"], strict=True)
     ]
-    return {
-        "bundle": "bundles/x",
-        "run": "runs/x",
-        "base": "default",
-        "data": {"heldout": "h.jsonl", "heldout_questions": 3, "general": "g.jsonl"}
-        | {"general_questions": 2},
-        "config": EvalConfig().model_dump(),
-        "models": {m: {"label": m} | figures[m] for m in render.MODELS},
-        "targets": judge(figures, EvalConfig()),
-        "answers": answers,
-        "seconds": {"total": 1.0},
-    }
+    return EvalReport(
+        **header("tuneship.report", "x"),
+        bundle="bundles/x",
+        run="runs/x",
+        base="default",
+        data=ReportData(heldout="h.jsonl", heldout_questions=3, general="g.jsonl",
+                        general_questions=2),
+        config=EvalConfig().model_dump(),
+        models=figures,
+        targets=judge(figures, EvalConfig()),
+        answers=answers,
+        seconds={"total": 1.0},
+    )  # fmt: skip
+
+
+def a_run() -> RunManifest:
+    """The run a report is about: only its loss curves are drawn."""
+    return RunManifest.model_construct(
+        name="x", metrics=TrainMetrics(steps=2, loss=[(1, 2.0), (2, 1.5)], eval_loss=[(2, 1.7)])
+    )
 
 
 def test_report_files_are_self_contained_and_escaped(tmp_path):
     report = made_up_report()
-    render.write(report, tmp_path / "no-run", tmp_path)
+    render.write(report, a_run(), tmp_path)
+    assert read_report(tmp_path).answers[1].quantized.text == "<b>x</b>"
     markdown = (tmp_path / "report.md").read_text()
     page = (tmp_path / "report.html").read_text()
     recall = "| fine-tuned fact recall, held-out questions | >= 80% | 100% (3 of 3; 95% interval "
@@ -180,14 +208,14 @@ def test_report_files_are_self_contained_and_escaped(tmp_path):
     assert "| right clause cited | 0% | 0% | 0% |" in markdown
     assert "| $62; cites T-4.2 |" in markdown and "$62; cites T-4.2" in page
     assert "the base itself in W4A16" not in markdown  # quantized_base was off
-    base = probe(["Paris", "Tokyo"])["chats"]
-    report["reference"] = {"base_w4a16": base_in_4bit(GENERAL, base, base, base[:1] * 2)}
+    base = probe(["Paris", "Tokyo"]).chats
+    report.reference = {"base_w4a16": base_in_4bit(GENERAL, base, base, base[:1] * 2)}
     rows = dict(render.metric_rows(report))
     assert rows["  the base itself in W4A16"] == ["50% (1 of 2)", "-", "-"]
     assert rows["  against the base in W4A16"] == ["-", "-", "100% (1 of 1)"]
     assert "<b>x</b>" not in page and "&lt;b&gt;x&lt;/b&gt;" in page
     images = re.findall(r"<img [^>]*src='([^']*)'", page)
-    assert len(images) == 2 and all(src.startswith("data:image/png;base64,") for src in images)
+    assert len(images) == 3 and all(src.startswith("data:image/png;base64,") for src in images)
     assert (tmp_path / "quality.png").stat().st_size > 10_000
     assert "recall" in render.summary(report, tmp_path)
 
@@ -206,24 +234,22 @@ def test_eval_compares_the_three_models_through_vllm(bundle, tmp_path):
         "--set", "quantized_base=true", cwd=REPO,
     )  # fmt: skip
     assert "report:" in proc.stdout and "fine-tuned fact recall" in proc.stdout
-    report = json.loads((out / "report.json").read_text())
-    assert len(report["answers"]) == 12 and set(report["models"]) == set(render.MODELS)
-    for model, figures in report["models"].items():
-        held = [a[model]["ok"] for a in report["answers"] if a["kind"] != "general"]
-        assert figures["recall"] == pytest.approx(sum(held) / len(held), abs=1e-4)
-        cited = [a[model]["cited"] for a in report["answers"] if a["kind"] != "general"]
-        assert figures["counts"]["clause_cited"] == [sum(cited), 8]  # every row names its clause
-        assert 0 <= figures["stop_rate"] <= 1 and figures["perplexity"] > 1
-        assert figures["mean_answer_tokens"] <= 24 and figures["load_s"] > 0
+    report = read_report(out)
+    assert len(report.answers) == 12 and set(report.models) == set(MODELS)
+    for model, figures in report.models.items():
+        held = [a.by_model(model).ok for a in report.answers if a.kind != "general"]
+        assert figures.recall == pytest.approx(sum(held) / len(held), abs=1e-4)
+        cited = [a.by_model(model).cited for a in report.answers if a.kind != "general"]
+        assert figures.counts.clause_cited == (sum(cited), 8)  # every row names its clause
+        assert 0 <= figures.stop_rate <= 1 and figures.perplexity > 1
+        assert figures.mean_answer_tokens <= 24 and figures.load_s > 0
     # fine-tuning on the handbook lowers the perplexity of its reference answers
-    assert report["models"]["merged"]["perplexity"] < report["models"]["base"]["perplexity"]
-    base_4bit = report["reference"]["base_w4a16"]  # the base through the bundle's own GPTQ
-    assert base_4bit["counts"]["general"] == [sum(a["ok"] for a in base_4bit["answers"]), 4]
+    assert report.models["merged"].perplexity < report.models["base"].perplexity
+    base_4bit = report.base_w4a16  # the base through the bundle's own GPTQ
+    assert base_4bit.counts["general"] == (sum(a.ok for a in base_4bit.answers), 4)
     assert "the base itself in W4A16" in (out / "report.md").read_text()
-    targets = {t["target"]: t["value"] for t in report["targets"]}
-    assert (
-        targets["base model fact recall, held-out questions"] == report["models"]["base"]["recall"]
-    )
+    targets = {t.target: t.value for t in report.targets}
+    assert targets["base model fact recall, held-out questions"] == report.models["base"].recall
     assert {p.name for p in out.iterdir()} == {
         *("report.json", "report.md", "report.html", "loss.png", "quality.png", "serving.png")
     }

@@ -6,33 +6,11 @@ import json
 
 import pytest
 
-from tuneship.config import ExportConfig, TrainConfig
+from tuneship.config import ExportConfig
 from tuneship.errors import TuneshipError
 from tuneship.export.run import run as export
 from tuneship.fsutil import hash_tree
 from tuneship.manifest import read_bundle
-from tuneship.train.run import run as train
-
-
-@pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, tiny_base):
-    from tests.conftest import sharegpt, write_jsonl
-
-    root = tmp_path_factory.mktemp("run")
-    data = write_jsonl(
-        root / "train.jsonl",
-        [sharegpt(("human", f"Policy {i}?"), ("gpt", f"Policy {i} says ${i}.")) for i in range(10)],
-    )
-    cfg = TrainConfig(
-        name="tiny",
-        base=str(tiny_base),
-        data=[str(data)],
-        output_dir=str(root / "runs"),
-        max_steps=2,
-        batch_size=4,
-        lora={"r": 4, "alpha": 8},
-    )
-    return train(cfg)
 
 
 def test_export_merges_quantizes_and_writes_a_verified_manifest(tmp_path, tiny_run):
@@ -49,13 +27,12 @@ def test_export_merges_quantizes_and_writes_a_verified_manifest(tmp_path, tiny_r
     assert "lm_head" in qcfg["ignore"]
     assert bundle.served_model_name == "bundle"
     assert bundle.files == hash_tree(model)
-    assert bundle.quantization["calibration"]["samples"] == 4
-    assert len(bundle.quantization["calibration"]["ids"]) == 4
-    assert bundle.checks["stop_tokens"]["passed"]
-    assert bundle.checks["stop_tokens"]["end_of_turn"] == "<|im_end|>"
-    assert (
-        json.loads((model / "generation_config.json").read_text())["eos_token_id"]
-        == (bundle.checks["stop_tokens"]["end_of_turn_id"])
+    assert bundle.quantization.calibration.samples == 4
+    assert len(bundle.quantization.calibration.ids) == 4
+    assert bundle.checks["stop_tokens"].passed
+    assert bundle.checks["stop_tokens"].end_of_turn == "<|im_end|>"
+    assert json.loads((model / "generation_config.json").read_text())["eos_token_id"] == (
+        bundle.checks["stop_tokens"].end_of_turn_id
     )
     assert not (out / "merged").exists()
     assert sorted(p.name for p in out.parent.iterdir()) == ["bundle"]
@@ -78,7 +55,7 @@ def test_asymmetric_scheme_stores_a_zero_point_per_group(tmp_path, tiny_run):
     assert tuple(zero.shape) == (scale.shape[0] // 8, scale.shape[1])
     assert zero.unique().numel() > 1  # fitted per group, not one constant offset
     recipe = read_bundle(out).quantization
-    assert (recipe["scheme"], recipe["symmetric"]) == ("W4A16_ASYM", False)
+    assert (recipe.scheme, recipe.symmetric) == ("W4A16_ASYM", False)
 
 
 def test_keep_16bit_layers_stay_unquantized_in_the_bundle(tmp_path, tiny_run):
@@ -94,7 +71,7 @@ def test_keep_16bit_layers_stay_unquantized_in_the_bundle(tmp_path, tiny_run):
     qcfg = json.loads((out / "model" / "config.json").read_text())["quantization_config"]
     assert "model.layers.1.mlp.down_proj" in qcfg["ignore"]  # expanded to layer names
     assert not any(name.startswith("model.layers.0.") for name in qcfg["ignore"])
-    assert read_bundle(out).quantization["ignore"] == ["lm_head", r"re:.*layers\.1\."]
+    assert read_bundle(out).quantization.ignore == ["lm_head", r"re:.*layers\.1\."]
 
 
 @pytest.mark.parametrize(
@@ -150,11 +127,12 @@ def test_second_export_sees_the_verified_bundle_and_returns_at_once(tmp_path, ti
 def test_perplexity_gate_figures_are_recorded(tmp_path, tiny_run):
     out = export(tiny_run, tmp_path / "b", ExportConfig(calibration_samples=2, checks=False))
     gate = read_bundle(out).checks["quality_gate"]
-    assert gate["perplexity_merged"] > 1 and gate["perplexity_quantized"] > 1
-    assert "sampled training conversations" in gate["data"]
-    assert read_bundle(out).checks["preflight"]["passed"] is None  # skipped, and says so
+    assert gate.perplexity_merged > 1 and gate.perplexity_quantized > 1
+    assert "sampled training conversations" in gate.data
+    assert read_bundle(out).checks["preflight"].passed is None  # skipped, and says so
 
 
+@pytest.mark.processes
 def test_killed_export_leaves_nothing_verify_accepts_and_rerun_completes(tmp_path, tiny_run):
     import signal
     import subprocess

@@ -21,11 +21,11 @@ def fake_bundle(root: Path) -> Path:
     (model / "config.json").write_text("{}")
     manifest = header("tuneship.bundle", root.name) | {
         "served_model_name": "handbook",
-        "run": {},
-        "base": {},
-        "merge": {},
-        "quantization": {},
-        "sizes": {},
+        "run": {"name": "r", "path": "runs/r"},
+        "base": {"ref": "default", "path": "base"},
+        "merge": {"into": "16-bit base"},
+        "quantization": {"scheme": "W4A16"},
+        "sizes": {"model_bytes": 1},
         "checks": {},
         "versions": {},
         "serving": {"max_model_len": 2048},
@@ -67,7 +67,7 @@ def test_not_a_bundle(tmp_path):
 def test_vllm_command_uses_the_bundle_name_and_cpu_settings(tmp_path):
     bundle = fake_bundle(tmp_path / "b")
     manifest = verify_bundle(bundle)
-    name, length = manifest.served_model_name, manifest.serving["max_model_len"]
+    name, length = manifest.served_model_name, manifest.serving.max_model_len
     argv, env = build_command(
         bundle / "model", name, "127.0.0.1", 9000, "cpu", length, extra=("--seed", "1")
     )
@@ -80,7 +80,7 @@ def test_vllm_command_uses_the_bundle_name_and_cpu_settings(tmp_path):
     assert argv[argv.index("--middleware") + 1] == "tuneship.serve.middleware.TuneshipMiddleware"
     argv, env = build_command(bundle / "model", name, "0.0.0.0", 8000, "cuda", length)
     assert "--enforce-eager" not in argv and "--dtype" not in argv
-    assert env == {"TUNESHIP_MODEL_DIR": str((bundle / "model").resolve())}
+    assert env == {}
 
 
 @pytest.mark.parametrize(
@@ -100,15 +100,20 @@ def test_vllm_computes_on_every_core_of_a_small_cpu_machine(
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in env
 
 
-def test_serve_settings_become_vllm_limits_and_middleware_environment(tmp_path):
-    from tuneship.serve.run import ServeSettings
+def test_serve_settings_become_vllm_limits_and_reach_the_middleware_in_one_piece():
+    from tuneship.config import ServeConfig
+    from tuneship.serve.middleware import MiddlewareSettings
+    from tuneship.serve.run import limit_args
 
-    settings = ServeSettings(
-        api_keys_file="keys.txt", max_running=4, max_waiting=8, metrics_auth=True
-    )
-    assert settings.vllm_args() == ["--max-num-seqs", "4", "--max-num-queued-reqs", "12"]
-    assert ServeSettings(max_waiting=0).vllm_args() == ["--max-num-queued-reqs", "256"]
-    assert ServeSettings().vllm_args() == []
-    env = settings.environment()
-    assert env["TUNESHIP_API_KEYS_FILE"] == str(Path("keys.txt").resolve())
-    assert env["TUNESHIP_METRICS_AUTH"] == "1" and env["TUNESHIP_LOG_PROMPTS"] == "0"
+    cfg = ServeConfig(
+        api_keys="sk-a, sk-b", api_keys_file="keys.txt", max_running=4, max_waiting=8,
+        metrics_auth=True,
+    )  # fmt: skip
+    assert limit_args(cfg) == ["--max-num-seqs", "4", "--max-num-queued-reqs", "12"]
+    assert limit_args(ServeConfig(max_waiting=0)) == ["--max-num-queued-reqs", "256"]
+    assert limit_args(ServeConfig()) == []
+    sent = MiddlewareSettings(serve=cfg, bundle_dir="bundles/b").to_env()
+    received = MiddlewareSettings.model_validate_json(sent)
+    assert received.serve.key_list() == ["sk-a", "sk-b"] and received.serve == cfg
+    assert received.bundle_dir == "bundles/b"
+    assert "sk-a" not in cfg.model_dump_json() and "sk-a" not in repr(cfg)  # masked elsewhere

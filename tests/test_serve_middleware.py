@@ -11,7 +11,8 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
-from tuneship.serve.middleware import KeyRing, TuneshipMiddleware, key_id
+from tuneship.config import ServeConfig
+from tuneship.serve.middleware import KeyRing, MiddlewareSettings, TuneshipMiddleware, key_id
 
 USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
 
@@ -49,14 +50,15 @@ def sample(name: str, **labels) -> float:
     return REGISTRY.get_sample_value(name, labels) or 0.0
 
 
+def middleware(**settings) -> TuneshipMiddleware:
+    return TuneshipMiddleware(fake_vllm, MiddlewareSettings(serve=ServeConfig(**settings)))
+
+
 @pytest.fixture
-def keyed(tmp_path, monkeypatch):
+def keyed(tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("# comment\nsk-file-1\n\n")
-    monkeypatch.setenv("TUNESHIP_API_KEYS", "sk-env-1, sk-env-2")
-    monkeypatch.setenv("TUNESHIP_API_KEYS_FILE", str(keys))
-    monkeypatch.delenv("TUNESHIP_METRICS_AUTH", raising=False)
-    app = TuneshipMiddleware(fake_vllm)
+    app = middleware(api_keys="sk-env-1, sk-env-2", api_keys_file=str(keys))
     app.keys.recheck_s = 0
     return app, keys
 
@@ -83,13 +85,12 @@ def test_keys_from_env_and_file_and_openai_shaped_401(keyed, capsys):
     assert "sk-env-1" not in out and "sk-nope" not in out and key_id("sk-env-1") in out
 
 
-def test_probes_are_open_and_metrics_follow_the_setting(keyed, monkeypatch):
+def test_probes_are_open_and_metrics_follow_the_setting(keyed):
     app, _ = keyed
     assert call(app, "GET", "/health").status_code == 200
     assert call(app, "GET", "/ready").json() == {"status": "ready"}
     assert call(app, "GET", "/metrics").status_code == 200
-    monkeypatch.setenv("TUNESHIP_METRICS_AUTH", "1")
-    guarded = TuneshipMiddleware(fake_vllm)
+    guarded = middleware(api_keys="sk-env-1", metrics_auth=True)
     assert call(guarded, "GET", "/metrics").status_code == 401
     assert call(guarded, "GET", "/metrics", "sk-env-1").status_code == 200
 
@@ -106,7 +107,7 @@ def test_rotated_key_file_is_picked_up_and_a_removed_file_accepts_no_file_keys(k
 
 
 def test_key_ring_compares_every_key():
-    ring = KeyRing("a-key, b-key", None)
+    ring = KeyRing(["a-key", "b-key"], None)
     assert ring.match("b-key") == key_id("b-key") and ring.match("c-key") is None
     assert key_id("b-key").startswith("k-") and len(key_id("b-key")) == 10
 
@@ -152,9 +153,7 @@ def test_inflight_count_is_only_told_to_loopback(keyed):
     assert call(app, "GET", "/tuneship/inflight").status_code == 404  # from 10.0.0.9
 
 
-def test_no_keys_configured_warns(monkeypatch, capsys):
-    monkeypatch.delenv("TUNESHIP_API_KEYS", raising=False)
-    monkeypatch.delenv("TUNESHIP_API_KEYS_FILE", raising=False)
-    app = TuneshipMiddleware(fake_vllm)
+def test_no_keys_configured_warns(capsys):
+    app = middleware()
     assert "warning: no API keys configured" in capsys.readouterr().err
     assert call(app, "GET", "/v1/models").status_code == 200

@@ -16,7 +16,7 @@ import httpx
 import openai
 import pytest
 
-from tests.conftest import REPO, SERVE_BIN
+from tests.support import REPO, SERVE_BIN
 from tuneship.launch import Server, free_port
 
 pytestmark = pytest.mark.e2e

@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from tuneship.launch import free_port
 
 STAND_IN = r"""
@@ -74,6 +76,7 @@ def test_sigterm_while_vllm_loads_stops_it_cleanly_and_exits_0(tmp_path):
     assert events.read_text().splitlines() == ["sigterm"]
 
 
+@pytest.mark.processes
 def test_a_busy_server_is_waited_for_until_its_requests_finish(tmp_path):
     # inflight replies take 3 s (longer than the supervisor used to wait for one) and the
     # request in flight needs 4 s after the drain signal

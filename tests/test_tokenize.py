@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.conftest import LLAMA3, build_tokenizer
+from tests.support import LLAMA3, build_tokenizer
 from tuneship.chat_tokens import IGNORE, ChatTokenizer
 from tuneship.chats import Conversation
 from tuneship.errors import TuneshipError

@@ -7,52 +7,36 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import write_jsonl
-from tuneship.config import TrainConfig
+from tests.support import train_config, write_jsonl
 from tuneship.errors import DataError, TuneshipError
 from tuneship.manifest import read_run
-from tuneship.train.run import pad_collate, run
+from tuneship.train.examples import pad_collate
+from tuneship.train.run import run
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def config(tmp_path, tiny_base, data, **overrides) -> TrainConfig:
-    values = {
-        "name": "t",
-        "base": str(tiny_base),
-        "data": [str(data)],
-        "output_dir": str(tmp_path / "runs"),
-        "max_steps": 4,
-        "batch_size": 4,
-        "learning_rate": 5e-3,
-        "warmup_steps": 0,
-        "logging_steps": 1,
-        "lora": {"r": 4, "alpha": 8},
-    }
-    return TrainConfig(**(values | overrides))
-
-
 def test_train_writes_adapter_and_run_manifest(tmp_path, tiny_base, small_dataset):
-    out = run(config(tmp_path, tiny_base, small_dataset))
+    out = run(train_config(tmp_path, tiny_base, small_dataset))
     manifest = read_run(out)
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
     assert (out / "adapter" / "chat_template.jinja").is_file() or json.loads(
         (out / "adapter" / "tokenizer_config.json").read_text()
     ).get("chat_template")
-    assert manifest.metrics["steps"] == 4
-    assert len(manifest.metrics["loss"]) == 4
-    assert manifest.examples["used"] == 13
-    assert 0 < manifest.examples["trained_share"] < 1
-    assert manifest.datasets[0]["sha256"] and manifest.datasets[0]["invalid"] == 0
+    assert manifest.metrics.steps == 4
+    assert len(manifest.metrics.loss) == 4
+    assert manifest.examples.used == 13
+    assert 0 < manifest.examples.trained_share < 1
+    assert manifest.datasets[0].sha256 and manifest.datasets[0].invalid == 0
     assert set(manifest.adapter) >= {"adapter_model.safetensors", "adapter_config.json"}
-    assert manifest.base["weights_sha256"]
-    assert manifest.base["eos_token"] == "<|im_end|>"
+    assert manifest.base.weights_sha256
+    assert manifest.base.eos_token == "<|im_end|>"
     assert sorted(p.name for p in out.parent.iterdir()) == ["t"]  # no temp folders left
 
 
 def test_loss_falls_when_training_longer(tmp_path, tiny_base, small_dataset):
-    out = run(config(tmp_path, tiny_base, small_dataset, max_steps=30, learning_rate=1e-2))
-    losses = [loss for _, loss in read_run(out).metrics["loss"]]
+    out = run(train_config(tmp_path, tiny_base, small_dataset, max_steps=30, learning_rate=1e-2))
+    losses = [loss for _, loss in read_run(out).metrics.loss]
     # a random 2-layer model: the loss cannot get low, but it must clearly fall
     assert sum(losses[-5:]) / 5 < sum(losses[:5]) / 5 - 0.3
 
@@ -62,7 +46,7 @@ def test_invalid_records_refuse_training_and_leave_no_run(tmp_path, tiny_base, s
     bad.write_text(
         small_dataset.read_text() + '{"conversations": [{"from": "gpt", "value": "x"}]}\n'
     )
-    cfg = config(tmp_path, tiny_base, bad)
+    cfg = train_config(tmp_path, tiny_base, bad)
     with pytest.raises(DataError) as info:
         run(cfg)
     assert info.value.problems == [
@@ -70,7 +54,7 @@ def test_invalid_records_refuse_training_and_leave_no_run(tmp_path, tiny_base, s
     ]
     assert not (tmp_path / "runs" / "t").exists()
     out = run(cfg.model_copy(update={"skip_invalid": True}))
-    assert read_run(out).datasets[0]["invalid"] == 1
+    assert read_run(out).datasets[0].invalid == 1
 
 
 def test_overlong_conversations_are_dropped_or_truncated(tmp_path, tiny_base):
@@ -82,25 +66,25 @@ def test_overlong_conversations_are_dropped_or_truncated(tmp_path, tiny_base):
             for r in ("short answer", long_reply)
         ],
     )
-    dropped = run(config(tmp_path, tiny_base, data, max_length=64, max_steps=1))
+    dropped = run(train_config(tmp_path, tiny_base, data, max_length=64, max_steps=1))
     stats = read_run(dropped).examples
-    assert (stats["used"], stats["dropped_overlong"]) == (1, 1)
+    assert (stats.used, stats.dropped_overlong) == (1, 1)
     kept = run(
-        config(
+        train_config(
             tmp_path, tiny_base, data, name="t2", max_length=64, max_steps=1, overlong="truncate"
         )
     )
-    assert read_run(kept).examples["truncated"] == 1
+    assert read_run(kept).examples.truncated == 1
 
 
 def test_cheap_checks_fail_before_training(tmp_path, tiny_base, small_dataset):
     with pytest.raises(TuneshipError, match=r"lora.target_modules \['qkv'\] do not exist"):
-        run(config(tmp_path, tiny_base, small_dataset, lora={"target_modules": ["qkv"]}))
+        run(train_config(tmp_path, tiny_base, small_dataset, lora={"target_modules": ["qkv"]}))
     with pytest.raises(TuneshipError, match="neither 'default', an existing checkpoint folder"):
-        run(config(tmp_path, tiny_base, small_dataset, base="./no/such/model"))
-    run(config(tmp_path, tiny_base, small_dataset, max_steps=1))
+        run(train_config(tmp_path, tiny_base, small_dataset, base="./no/such/model"))
+    run(train_config(tmp_path, tiny_base, small_dataset, max_steps=1))
     with pytest.raises(TuneshipError, match="already exists; choose another name or pass --force"):
-        run(config(tmp_path, tiny_base, small_dataset, max_steps=1))
+        run(train_config(tmp_path, tiny_base, small_dataset, max_steps=1))
 
 
 def test_collate_pads_dynamically_and_ignores_padding():
@@ -114,10 +98,10 @@ def test_collate_pads_dynamically_and_ignores_padding():
 
 def test_qlora_trains_on_a_4bit_nf4_base(tmp_path, tiny_base, small_dataset):
     """bitsandbytes 4-bit works on CPU too, so QLoRA is exercised here, not only on CUDA."""
-    out = run(config(tmp_path, tiny_base, small_dataset, qlora=True, max_steps=2))
+    out = run(train_config(tmp_path, tiny_base, small_dataset, qlora=True, max_steps=2))
     manifest = read_run(out)
-    assert manifest.device["qlora"] is True
-    assert manifest.metrics["steps"] == 2
+    assert manifest.device.qlora is True
+    assert manifest.metrics.steps == 2
     assert (out / "adapter" / "adapter_model.safetensors").is_file()
 
 
@@ -127,7 +111,7 @@ def test_packed_batches_keep_conversations_apart(tiny_base, chatml_tokenizer):
     import torch
     from transformers import AutoModelForCausalLM
 
-    from tuneship.train.run import packed_collate
+    from tuneship.train.examples import packed_collate
 
     model = AutoModelForCausalLM.from_pretrained(tiny_base).eval()
     rows = [
@@ -154,26 +138,27 @@ def test_packed_and_padded_batches_train_the_same(tmp_path, tiny_base, small_dat
     """With the whole dataset in every step (order cannot differ), packing changes nothing but
     the padding: the loss curves agree."""
     common = {"batch_size": 13, "max_steps": 5, "checkpoint_steps": None}
-    padded = run(config(tmp_path, tiny_base, small_dataset, name="pad", **common))
+    padded = run(train_config(tmp_path, tiny_base, small_dataset, name="pad", **common))
     packed = run(
-        config(tmp_path, tiny_base, small_dataset, name="pack", batching="packed", **common)
+        train_config(tmp_path, tiny_base, small_dataset, name="pack", batching="packed", **common)
     )
     a, b = read_run(padded).metrics, read_run(packed).metrics
-    assert [s for s, _ in a["loss"]] == [s for s, _ in b["loss"]] == [1, 2, 3, 4, 5]
-    assert all(abs(x - y) < 1e-3 for (_, x), (_, y) in zip(a["loss"], b["loss"], strict=True))
+    assert [s for s, _ in a.loss] == [s for s, _ in b.loss] == [1, 2, 3, 4, 5]
+    assert all(abs(x - y) < 1e-3 for (_, x), (_, y) in zip(a.loss, b.loss, strict=True))
 
 
 def test_gradient_checkpointing_gives_the_same_training(tmp_path, tiny_base, small_dataset):
-    plain = run(config(tmp_path, tiny_base, small_dataset, name="plain", max_steps=4))
+    plain = run(train_config(tmp_path, tiny_base, small_dataset, name="plain", max_steps=4))
     ckpt = run(
-        config(
+        train_config(
             tmp_path, tiny_base, small_dataset, name="gc", max_steps=4, gradient_checkpointing=True
         )
     )
-    a, b = read_run(plain).metrics["loss"], read_run(ckpt).metrics["loss"]
+    a, b = read_run(plain).metrics.loss, read_run(ckpt).metrics.loss
     assert all(abs(x - y) < 1e-4 for (_, x), (_, y) in zip(a, b, strict=True))
 
 
+@pytest.mark.processes
 def test_dry_run_reports_config_and_data_without_loading_weights(
     tmp_path, tiny_base, small_dataset
 ):

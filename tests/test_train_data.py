@@ -7,14 +7,12 @@ import subprocess
 
 import pytest
 
-from tests.conftest import sharegpt, write_jsonl
-from tests.test_train import config
-from tests.test_train_resume import TUNESHIP
+from tests.support import TUNESHIP, sharegpt, train_config, write_jsonl
 from tuneship.chats import load_file
 from tuneship.config import TrainConfig
 from tuneship.errors import ConfigError
 from tuneship.manifest import read_run
-from tuneship.train.data import prepare
+from tuneship.mixing import prepare
 from tuneship.train.run import run
 
 
@@ -37,16 +35,16 @@ def test_weighted_sources_are_mixed_to_their_shares_deterministically(tmp_path, 
     domain, general = two_sources
     data = [{"path": str(domain), "weight": 7}, {"path": str(general), "weight": 3}]
     cfg = TrainConfig(name="m", data=data, seed=1)
-    mixed = prepare(cfg)
+    mixed = prepare(cfg.data_mix())
     shares = {s["path"]: (s["in_mix"], s["share"]) for s in mixed.report["sources"]}
     assert shares == {str(domain): (11, 0.6875), str(general): (5, 0.3125)}
     from_general = [c for c in mixed.train if "general" in c.id]
     # 4 general conversations asked for 5 places: all of them, one twice
     assert len(from_general) == 5 and len({c.id for c in from_general}) == 4
-    assert [c.id for c in prepare(cfg).train] == [c.id for c in mixed.train]
-    other_seed = prepare(cfg.model_copy(update={"seed": 2}))
+    assert [c.id for c in prepare(cfg.data_mix()).train] == [c.id for c in mixed.train]
+    other_seed = prepare(cfg.model_copy(update={"seed": 2}).data_mix())
     assert [c.id for c in other_seed.train] != [c.id for c in mixed.train]
-    unweighted = prepare(TrainConfig(name="m", data=[str(domain), str(general)]))
+    unweighted = prepare(TrainConfig(name="m", data=[str(domain), str(general)]).data_mix())
     assert len(unweighted.train) == 16 and unweighted.report["sources"][1]["in_mix"] == 4
 
 
@@ -56,12 +54,15 @@ def test_conversations_of_distill_sources_are_marked_through_the_mix(two_sources
         {"path": str(domain), "weight": 7},
         {"path": str(general), "weight": 3, "distill": True},
     ]
-    mixed = prepare(TrainConfig(name="m", data=data, seed=1, eval_fraction=0.25))
+    mixed = prepare(TrainConfig(name="m", data=data, seed=1, eval_fraction=0.25).data_mix())
     marked = {c.id for c in mixed.train if c.id in mixed.distill_ids}
     assert marked and marked == {c.id for c in mixed.train if "general" in c.id}
     assert not mixed.distill_ids & {c.id for c in mixed.eval}  # held out: not trained at all
     assert [s["distill"] for s in mixed.report["sources"]] == [False, True]
-    assert prepare(TrainConfig(name="m", data=[str(domain), str(general)])).distill_ids == set()
+    assert (
+        prepare(TrainConfig(name="m", data=[str(domain), str(general)]).data_mix()).distill_ids
+        == set()
+    )
 
 
 def test_weights_must_be_given_for_all_sources_or_none(two_sources):
@@ -76,11 +77,11 @@ def test_exact_duplicates_are_dropped_across_files_and_reported(tmp_path, two_so
         tmp_path / "again.jsonl",
         [qa(3), sharegpt(("human", "what IS  policy 5?"), ("gpt", "Policy 5 says $5.")), qa(99)],
     )
-    data = prepare(TrainConfig(name="d", data=[str(domain), str(again)]))
+    data = prepare(TrainConfig(name="d", data=[str(domain), str(again)]).data_mix())
     assert data.report["duplicates_dropped"] == 2
     assert data.report["duplicate_ids"] == ["again.jsonl:1", "again.jsonl:2"]
     assert len(data.train) == 13
-    kept = prepare(TrainConfig(name="d", data=[str(domain), str(again)], dedup=False))
+    kept = prepare(TrainConfig(name="d", data=[str(domain), str(again)], dedup=False).data_mix())
     assert len(kept.train) == 15
 
     checked = subprocess.run(
@@ -94,10 +95,10 @@ def test_exact_duplicates_are_dropped_across_files_and_reported(tmp_path, two_so
 def test_eval_split_is_seeded_disjoint_and_leakage_is_reported(tmp_path, two_sources):
     domain, general = two_sources
     cfg = TrainConfig(name="e", data=[str(domain), str(general)], eval_fraction=0.25, seed=3)
-    split = prepare(cfg)
+    split = prepare(cfg.data_mix())
     assert len(split.eval) == 4 and len(split.train) == 12  # 3 of 12 and 1 of 4
     assert not {c.id for c in split.eval} & {c.id for c in split.train}
-    assert [c.id for c in prepare(cfg).eval] == [c.id for c in split.eval]
+    assert [c.id for c in prepare(cfg.data_mix()).eval] == [c.id for c in split.eval]
     assert split.report["eval"]["leaks"] == 0
 
     # a held-out file (question/answer records) that repeats a training question
@@ -109,7 +110,7 @@ def test_eval_split_is_seeded_disjoint_and_leakage_is_reported(tmp_path, two_sou
         ],
     )
     assert load_file(heldout).formats["qa"] == 2
-    leaky = prepare(TrainConfig(name="e", data=[str(domain)], eval_data=str(heldout)))
+    leaky = prepare(TrainConfig(name="e", data=[str(domain)], eval_data=str(heldout)).data_mix())
     assert leaky.report["eval"]["leaks"] == 1
     assert leaky.report["eval"]["leak_examples"] == [
         {"eval": "heldout.jsonl:1", "train": "domain.jsonl:5"}
@@ -127,16 +128,16 @@ def test_eval_loss_is_logged_and_recorded_with_the_leak_report(tmp_path, tiny_ba
     domain, general = two_sources
     out = run(
         with_data(
-            config(tmp_path, tiny_base, domain), [domain, general],
+            train_config(tmp_path, tiny_base, domain), [domain, general],
             eval_fraction=0.25, eval_steps=2, max_steps=6,
         )
     )  # fmt: skip
     manifest = read_run(out)
-    assert [step for step, _ in manifest.metrics["eval_loss"]] == [2, 4, 6]
-    assert manifest.examples["eval"]["used"] == 4
-    assert manifest.examples["eval"]["leaks"] == 0
-    assert manifest.examples["duplicates_dropped"] == 0
-    assert manifest.metrics["best"]["best_step"] in (2, 4, 6)
+    assert [step for step, _ in manifest.metrics.eval_loss] == [2, 4, 6]
+    assert manifest.examples.eval.used == 4
+    assert manifest.examples.eval.leaks == 0
+    assert manifest.examples.duplicates_dropped == 0
+    assert manifest.metrics.best.best_step in (2, 4, 6)
 
 
 def test_early_stopping_keeps_the_adapter_with_the_best_eval_loss(tmp_path, tiny_base, two_sources):
@@ -145,22 +146,22 @@ def test_early_stopping_keeps_the_adapter_with_the_best_eval_loss(tmp_path, tiny
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from tuneship.chat_tokens import ChatTokenizer
-    from tuneship.train.data import prepare as prepare_data
-    from tuneship.train.run import pad_collate
+    from tuneship.mixing import prepare as prepare_data
+    from tuneship.train.examples import pad_collate
 
     domain, general = two_sources
     # a learning rate far too high: the eval loss soon rises, and patience 2 stops the run
     cfg = with_data(
-        config(tmp_path, tiny_base, domain), [domain], eval_data=str(general),
+        train_config(tmp_path, tiny_base, domain), [domain], eval_data=str(general),
         eval_steps=1, early_stopping_patience=2, max_steps=60, learning_rate=0.3,
         checkpoint_steps=None,
     )  # fmt: skip
     manifest = read_run(run(cfg))
-    best = manifest.metrics["best"]
-    assert best["stopped_early"] and best["restored"]
-    assert manifest.metrics["steps"] == best["best_step"] + 2 < 60
-    evals = dict(manifest.metrics["eval_loss"])
-    assert evals[best["best_step"]] == min(evals.values())
+    best = manifest.metrics.best
+    assert best.stopped_early and best.restored
+    assert manifest.metrics.steps == best.best_step + 2 < 60
+    evals = dict(manifest.metrics.eval_loss)
+    assert evals[best.best_step] == min(evals.values())
 
     # the adapter written is the best one: its eval loss is the best, not the last
     tokenizer = AutoTokenizer.from_pretrained(tiny_base)
@@ -169,16 +170,16 @@ def test_early_stopping_keeps_the_adapter_with_the_best_eval_loss(tmp_path, tiny
     )
     rows = [
         {"input_ids": e.input_ids, "labels": e.labels}
-        for e in map(ChatTokenizer(tokenizer), prepare_data(cfg).eval)
+        for e in map(ChatTokenizer(tokenizer), prepare_data(cfg.data_mix()).eval)
     ]
     with torch.no_grad():
         loss = model(**pad_collate(tokenizer.pad_token_id)(rows)).loss.item()
-    assert abs(loss - best["best_eval_loss"]) < 1e-3
-    assert abs(loss - evals[manifest.metrics["steps"]]) > 1e-3
+    assert abs(loss - best.best_eval_loss) < 1e-3
+    assert abs(loss - evals[manifest.metrics.steps]) > 1e-3
 
 
 def test_config_rejects_contradictory_eval_settings():
     with pytest.raises(ConfigError, match="early_stopping_patience and keep_best need eval_data"):
-        from tuneship.config import load_config
+        from tuneship.loading import load_config
 
         load_config(TrainConfig, None, {"name": "x", "data": ["a"], "early_stopping_patience": 2})

@@ -7,12 +7,13 @@ import torch
 import torch.nn.functional as F
 from pydantic import ValidationError
 
-from tests.test_train import config
+from tests.support import train_config
 from tuneship.chat_tokens import IGNORE
 from tuneship.config import TrainConfig
 from tuneship.manifest import read_run
-from tuneship.train.distill import distilling_trainer, token_losses
-from tuneship.train.run import pad_collate, run
+from tuneship.train.distill import DistillingTrainer, token_losses
+from tuneship.train.examples import pad_collate
+from tuneship.train.run import run
 
 VOCAB = 11
 
@@ -72,7 +73,7 @@ def test_collate_passes_the_distill_flags_as_one_tensor():
 
 
 def distill_config(tmp_path, tiny_base, data, **overrides) -> TrainConfig:
-    values = config(tmp_path, tiny_base, data).model_dump() | overrides
+    values = train_config(tmp_path, tiny_base, data).model_dump() | overrides
     return TrainConfig(**values | {"data": [{"path": str(data), "distill": True}]})
 
 
@@ -93,11 +94,11 @@ def adapted_model(tiny_base):
 
 
 def test_the_trainer_distills_toward_the_base_with_the_adapter_off(tmp_path, tiny_base):
-    from transformers import Trainer, TrainingArguments
+    from transformers import TrainingArguments
 
     model = adapted_model(tiny_base)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-    trainer = distilling_trainer(Trainer)(model=model, args=args)
+    trainer = DistillingTrainer(model=model, args=args)
     ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
     labels[:, :3] = IGNORE
@@ -127,11 +128,11 @@ def test_distill_data_alone_keeps_the_model_at_the_base(tmp_path, tiny_base, sma
     """The adapter starts as a no-op, so a distill-only run starts with student = teacher and
     must stay there (a loss near zero throughout), where the same data as text moves it."""
     distilled = read_run(run(distill_config(tmp_path, tiny_base, small_dataset, name="kl")))
-    taught = read_run(run(config(tmp_path, tiny_base, small_dataset, name="ce")))
-    assert [s["distill"] for s in distilled.examples["sources"]] == [True]
-    assert [s["distill"] for s in taught.examples["sources"]] == [False]
-    assert max(loss for _, loss in distilled.metrics["loss"]) < 0.01
-    assert min(loss for _, loss in taught.metrics["loss"]) > 1
+    taught = read_run(run(train_config(tmp_path, tiny_base, small_dataset, name="ce")))
+    assert [s.distill for s in distilled.examples.sources] == [True]
+    assert [s.distill for s in taught.examples.sources] == [False]
+    assert max(loss for _, loss in distilled.metrics.loss) < 0.01
+    assert min(loss for _, loss in taught.metrics.loss) > 1
 
 
 def test_distill_sources_refuse_packed_batches(tmp_path, tiny_base, small_dataset):

@@ -6,12 +6,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 from safetensors.torch import load_file
 
-from tests.test_train_resume import TUNESHIP, write_config
+from tests.support import TUNESHIP, write_config
 from tuneship.manifest import read_run
 
 TORCHRUN = str(Path(sys.executable).parent / "torchrun")
+
+
+pytestmark = pytest.mark.processes
 
 
 def torchrun(cfg_path: Path, *extra: str) -> None:
@@ -35,11 +39,11 @@ def test_two_process_ddp_matches_one_process_and_writes_one_run(tmp_path, tiny_b
     subprocess.run([TUNESHIP, "train", "--config", str(single)], check=True, capture_output=True)
 
     ddp, one = read_run(tmp_path / "runs" / "ddp"), read_run(tmp_path / "runs" / "single")
-    assert ddp.device["world_size"] == 2 and ddp.metrics["distributed"] == "ddp"
-    assert one.device["world_size"] == 1
+    assert ddp.device.world_size == 2 and ddp.metrics.distributed == "ddp"
+    assert one.device.world_size == 1
     assert sorted(p.name for p in (tmp_path / "runs").iterdir()) == ["ddp", "single"]
     assert len(list((tmp_path / "runs").rglob("run.json"))) == 2  # rank 1 wrote nothing
-    ddp_loss, one_loss = dict(ddp.metrics["loss"]), dict(one.metrics["loss"])
+    ddp_loss, one_loss = dict(ddp.metrics.loss), dict(one.metrics.loss)
     assert list(ddp_loss) == list(one_loss) == list(range(1, 31))
     # same data, seed and effective batch: the curves have the same shape (13 conversations do
     # not split evenly over 2 processes, so batches differ slightly; compare 5-step means) ...
@@ -58,7 +62,7 @@ def test_fsdp_shards_and_gathers_the_same_adapter_as_ddp(tmp_path, tiny_base, sm
     )
     torchrun(cfg_path)
     torchrun(cfg_path, "--set", "name=fsdp", "--set", "distributed.strategy=fsdp")
-    assert read_run(tmp_path / "runs" / "fsdp").metrics["distributed"] == "fsdp"
+    assert read_run(tmp_path / "runs" / "fsdp").metrics.distributed == "fsdp"
     ddp = load_file(tmp_path / "runs" / "ddp" / "adapter" / "adapter_model.safetensors")
     fsdp = load_file(tmp_path / "runs" / "fsdp" / "adapter" / "adapter_model.safetensors")
     assert ddp.keys() == fsdp.keys() and len(ddp) == 2 * 7 * 2  # A and B, 7 linears, 2 layers

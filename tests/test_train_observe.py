@@ -8,8 +8,9 @@ import subprocess
 import time
 import urllib.request
 
-from tests.test_train import config
-from tests.test_train_resume import TUNESHIP, events, write_config
+import pytest
+
+from tests.support import TUNESHIP, events, train_config, write_config
 from tuneship.launch import free_port
 from tuneship.manifest import read_run
 from tuneship.train.run import run
@@ -25,6 +26,7 @@ def scrape(port: int) -> dict[str, float]:
     }
 
 
+@pytest.mark.processes
 def test_prometheus_metrics_are_served_while_training(tmp_path, tiny_base, small_dataset):
     port = free_port()
     cfg_path = write_config(
@@ -62,13 +64,13 @@ def test_prometheus_metrics_are_served_while_training(tmp_path, tiny_base, small
 
 
 def test_run_folder_has_curves_and_per_step_metrics(tmp_path, tiny_base, small_dataset):
-    out = run(config(tmp_path, tiny_base, small_dataset, max_steps=6, logging_steps=2))
+    out = run(train_config(tmp_path, tiny_base, small_dataset, max_steps=6, logging_steps=2))
     with open(out / "metrics.csv", encoding="utf-8") as fh:
         rows = list(csv.DictReader(fh))
     assert [int(r["step"]) for r in rows] == [2, 4, 6]
-    assert [float(r["loss"]) for r in rows] == [loss for _, loss in read_run(out).metrics["loss"]]
+    assert [float(r["loss"]) for r in rows] == [loss for _, loss in read_run(out).metrics.loss]
     jsonl = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in jsonl] == [2, 4, 6]
     for plot in ("loss.png", "learning_rate.png"):
         assert (out / plot).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert read_run(out).metrics["plots"] == ["loss.png", "learning_rate.png"]
+    assert read_run(out).metrics.plots == ["loss.png", "learning_rate.png"]

@@ -7,30 +7,14 @@ import shutil
 import signal
 import subprocess
 import time
-from pathlib import Path
 
 import pytest
-import yaml
 
-from tests.conftest import TRAIN_BIN
-from tests.test_train import config
+from tests.support import TUNESHIP, events, train_config, write_config
 from tuneship.errors import TuneshipError
 from tuneship.manifest import read_run
 from tuneship.train import checkpoints as ckpt
 from tuneship.train.run import run
-
-TUNESHIP = str(TRAIN_BIN)
-
-
-def write_config(tmp_path, tiny_base, data, **overrides) -> Path:
-    cfg = config(tmp_path, tiny_base, data, **overrides)
-    path = tmp_path / "train.yaml"
-    path.write_text(yaml.safe_dump(cfg.model_dump()))
-    return path
-
-
-def events(stdout: str) -> list[dict]:
-    return [json.loads(line) for line in stdout.splitlines() if line.startswith('{"event"')]
 
 
 def start_and_kill_when(argv: list[str], ready, timeout_s: float = 120) -> None:
@@ -43,6 +27,7 @@ def start_and_kill_when(argv: list[str], ready, timeout_s: float = 120) -> None:
     assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed"
 
 
+@pytest.mark.processes
 def test_sigkill_after_a_checkpoint_resumes_there_and_finishes_once(
     tmp_path, tiny_base, small_dataset
 ):
@@ -64,9 +49,9 @@ def test_sigkill_after_a_checkpoint_resumes_there_and_finishes_once(
     resume = [e for e in events(again.stdout) if e["event"] == "resume"]
     assert [e["step"] for e in resume] == [resumed_at]
     manifest = read_run(tmp_path / "runs" / "t")
-    assert manifest.metrics["steps"] == steps
-    assert manifest.metrics["resumed_from_step"] == resumed_at
-    logged = [step for step, _ in manifest.metrics["loss"]]
+    assert manifest.metrics.steps == steps
+    assert manifest.metrics.resumed_from_step == resumed_at
+    logged = [step for step, _ in manifest.metrics.loss]
     assert logged == list(range(1, steps + 1))  # every step once: none lost, none doubled
     adapters = list((tmp_path / "runs").rglob("adapter_model.safetensors"))
     assert adapters == [tmp_path / "runs" / "t" / "adapter" / "adapter_model.safetensors"]
@@ -75,11 +60,12 @@ def test_sigkill_after_a_checkpoint_resumes_there_and_finishes_once(
     # the resumed run continues the interrupted one: same losses as a run never killed
     shutil.rmtree(tmp_path / "runs")
     subprocess.run(argv, check=True, capture_output=True, timeout=300)
-    uninterrupted = dict(read_run(tmp_path / "runs" / "t").metrics["loss"])
-    after = [(s, loss) for s, loss in manifest.metrics["loss"] if s > resumed_at]
+    uninterrupted = dict(read_run(tmp_path / "runs" / "t").metrics.loss)
+    after = [(s, loss) for s, loss in manifest.metrics.loss if s > resumed_at]
     assert after and all(abs(loss - uninterrupted[s]) < 1e-3 for s, loss in after), after
 
 
+@pytest.mark.processes
 def test_killed_before_any_checkpoint_starts_from_zero(tmp_path, tiny_base, small_dataset):
     cfg_path = write_config(
         tmp_path, tiny_base, small_dataset, max_steps=30, checkpoint_steps=1000,
@@ -93,7 +79,7 @@ def test_killed_before_any_checkpoint_starts_from_zero(tmp_path, tiny_base, smal
     assert again.returncode == 0, again.stderr
     assert not [e for e in events(again.stdout) if e["event"] == "resume"]
     metrics = read_run(tmp_path / "runs" / "t").metrics
-    assert metrics["steps"] == 30 and metrics["resumed_from_step"] is None
+    assert metrics.steps == 30 and metrics.resumed_from_step is None
 
 
 def test_half_written_checkpoints_are_never_resumed(tmp_path):
@@ -125,16 +111,17 @@ def test_unwritable_or_full_output_fails_before_training(
     blocker = tmp_path / "not-a-folder"
     blocker.write_text("a file where the output folder should be")
     with pytest.raises(TuneshipError, match="cannot write to the output folder"):
-        run(config(tmp_path, tiny_base, small_dataset, output_dir=str(blocker / "runs")))
+        run(train_config(tmp_path, tiny_base, small_dataset, output_dir=str(blocker / "runs")))
 
     # A full disk cannot be produced safely here; the free-space figure is faked.
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(ckpt.shutil, "disk_usage", lambda _p: usage._replace(free=1024))
     with pytest.raises(TuneshipError, match=r"only 0 MiB free under .*needs about"):
-        run(config(tmp_path, tiny_base, small_dataset))
+        run(train_config(tmp_path, tiny_base, small_dataset))
     assert not (tmp_path / "runs" / "t").exists()
 
 
+@pytest.mark.processes
 def test_sigterm_checkpoints_the_current_step_and_exits_143(tmp_path, tiny_base, small_dataset):
     cfg_path = write_config(
         tmp_path, tiny_base, small_dataset, max_steps=400, checkpoint_steps=1000,
@@ -159,4 +146,4 @@ def test_sigterm_checkpoints_the_current_step_and_exits_143(tmp_path, tiny_base,
     assert [e["step"] for e in events(again.stdout) if e["event"] == "resume"] == [
         preempted[0]["step"]
     ]
-    assert read_run(tmp_path / "runs" / "t").metrics["steps"] == 400
+    assert read_run(tmp_path / "runs" / "t").metrics.steps == 400

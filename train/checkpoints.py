@@ -9,11 +9,15 @@ A killed run leaves at worst a partial folder in .incoming/, which the next star
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
+import signal
 from pathlib import Path
 from typing import Any
+
+from transformers import Trainer, TrainerCallback
 
 from tuneship.errors import TuneshipError
 from tuneship.fsutil import fsync_tree, write_json_atomic
@@ -66,8 +70,6 @@ def resume_point(work: Path, plan: dict[str, Any], restart: bool, is_main: bool)
 
     Only the main process changes the folder; the others just read it (after a barrier).
     """
-    import json
-
     if is_main:
         if restart and work.exists():
             shutil.rmtree(work)
@@ -128,49 +130,46 @@ def publish(incoming: Path, work: Path, keep: int) -> Path:
     return target
 
 
-def checkpointing_trainer(trainer_cls: type) -> type:
-    """A Trainer whose checkpoints are published atomically (see the module docstring)."""
+class CheckpointingTrainer(Trainer):
+    """A Trainer whose checkpoints are published atomically (see the module docstring).
 
-    class CheckpointingTrainer(trainer_cls):
-        work: Path
-        keep: int
-        extra_state: Any = None  # an object with save(folder) for state the Trainer lacks
+    keep_checkpoints: newest complete checkpoints kept; extra_state: an object with
+    save(folder) for state the Trainer does not keep (the best adapter so far)."""
 
-        def _save_checkpoint(self, model: Any, trial: Any) -> None:
-            super()._save_checkpoint(model, trial)
-            written = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
-            self.accelerator.wait_for_everyone()
-            if self.is_world_process_zero():
-                if self.extra_state is not None:
-                    self.extra_state.save(written)
-                publish(written, self.work, self.keep)
-            self.accelerator.wait_for_everyone()
+    def __init__(self, *args: Any, work: Path, keep_checkpoints: int, extra_state: Any = None,
+                 **kwargs: Any) -> None:  # fmt: skip
+        super().__init__(*args, **kwargs)
+        self.work, self.keep_checkpoints, self.extra_state = work, keep_checkpoints, extra_state
 
-    return CheckpointingTrainer
+    def _save_checkpoint(self, model: Any, trial: Any) -> None:
+        super()._save_checkpoint(model, trial)
+        written = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
+        self.accelerator.wait_for_everyone()
+        if self.is_world_process_zero():
+            if self.extra_state is not None:
+                self.extra_state.save(written)
+            publish(written, self.work, self.keep_checkpoints)
+        self.accelerator.wait_for_everyone()
 
 
-def sigterm_callback() -> Any:
-    """SIGTERM (Kubernetes eviction, spot reclaim, `docker stop`): finish the current step, write
-    a checkpoint, stop. torchrun forwards the signal to every rank, so all save together."""
-    import signal
+class SaveOnSigterm(TrainerCallback):
+    """SIGTERM (Kubernetes eviction, spot reclaim, `docker stop`): finish the current step,
+    write a checkpoint, stop. torchrun forwards the signal to every rank, so all save together."""
 
-    from transformers import TrainerCallback
+    def __init__(self) -> None:
+        self.received = False
+        self.previous: Any = None
 
-    class SaveOnSigterm(TrainerCallback):
-        received = False
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.received = True
 
-        def _handle(self, signum: int, frame: Any) -> None:
-            self.received = True
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.previous = signal.signal(signal.SIGTERM, self._handle)
 
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.previous = signal.signal(signal.SIGTERM, self._handle)
+    def on_step_end(self, args, state, control, **kwargs):
+        if self.received:
+            control.should_save = True
+            control.should_training_stop = True
 
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.received:
-                control.should_save = True
-                control.should_training_stop = True
-
-        def on_train_end(self, args, state, control, **kwargs):
-            signal.signal(signal.SIGTERM, self.previous)
-
-    return SaveOnSigterm()
+    def on_train_end(self, args, state, control, **kwargs):
+        signal.signal(signal.SIGTERM, self.previous)

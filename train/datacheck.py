@@ -9,8 +9,7 @@ from typing import Any
 
 from tuneship.chat_tokens import ChatTokenizer
 from tuneship.chats import LoadResult, load_files
-
-from .data import drop_duplicates, leaks
+from tuneship.mixing import drop_duplicates, leaks
 
 
 def _percentile(values: list[int], q: float) -> int:

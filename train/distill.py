@@ -13,6 +13,10 @@ from __future__ import annotations
 
 from typing import Any
 
+import torch
+import torch.nn.functional as F
+from transformers import Trainer
+
 from tuneship.chat_tokens import IGNORE
 
 
@@ -25,9 +29,6 @@ def token_losses(
     only (None when there are none); labels: [batch, seq]; distill: [batch] bool, rows trained
     by KL.
     """
-    import torch
-    import torch.nn.functional as F
-
     targets = labels[:, 1:]
     trained = targets != IGNORE
     soft = trained & distill[:, None]
@@ -41,32 +42,27 @@ def token_losses(
     return total, trained.sum().to(torch.float32)
 
 
-def distilling_trainer(trainer_cls: type) -> type:
+class DistillingTrainer(Trainer):
     """A Trainer whose batches may carry `distill` (a bool per row): those rows learn the base
     model's distribution (see the module docstring). Batches without it train as usual."""
 
-    class DistillingTrainer(trainer_cls):
-        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
-            import torch
-
-            distill = inputs.pop("distill", None)
-            if distill is None or not bool(distill.any()):
-                return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
-            labels = inputs.pop("labels")
-            outputs = model(**inputs)
-            # the teacher only sees the distilled rows: its forward pass is the added cost
-            rows = {key: value[distill] for key, value in inputs.items()}
-            with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
-                teacher = model(**rows).logits
-            total, tokens = token_losses(outputs.logits, teacher, labels, distill)
-            if num_items_in_batch is None:
-                loss = total / tokens.clamp(min=1)
-            else:
-                # the Trainer counts tokens over the accumulated batches and, averaging across
-                # devices, sums the gradients of all ranks: scale as its own loss does
-                loss = total / num_items_in_batch
-                if self.args.average_tokens_across_devices:
-                    loss = loss * self.accelerator.num_processes
-            return (loss, outputs) if return_outputs else loss
-
-    return DistillingTrainer
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        distill = inputs.pop("distill", None)
+        if distill is None or not bool(distill.any()):
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        labels = inputs.pop("labels")
+        outputs = model(**inputs)
+        # the teacher only sees the distilled rows: its forward pass is the added cost
+        rows = {key: value[distill] for key, value in inputs.items()}
+        with torch.no_grad(), self.accelerator.unwrap_model(model).disable_adapter():
+            teacher = model(**rows).logits
+        total, tokens = token_losses(outputs.logits, teacher, labels, distill)
+        if num_items_in_batch is None:
+            loss = total / tokens.clamp(min=1)
+        else:
+            # the Trainer counts tokens over the accumulated batches and, averaging across
+            # devices, sums the gradients of all ranks: scale as its own loss does
+            loss = total / num_items_in_batch
+            if self.args.average_tokens_across_devices:
+                loss = loss * self.accelerator.num_processes
+        return (loss, outputs) if return_outputs else loss

@@ -15,6 +15,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+from tqdm.auto import tqdm
+from transformers import TrainerCallback
+
+from tuneship.plots import line_chart, loss_chart
+
 METRICS_JSONL = "metrics.jsonl"
 GAUGES = {
     "step": "Optimizer steps done.",
@@ -25,6 +30,17 @@ GAUGES = {
     "tokens_per_second": "Conversation tokens (no padding) processed per second.",
     "eta_seconds": "Estimated seconds to the end of training.",
     "peak_memory_bytes": "Peak device memory (CUDA allocator) or peak process RSS on CPU.",
+}
+# gauge name -> metrics.jsonl column
+GAUGE_COLUMNS = {
+    "step": "step",
+    "epoch": "epoch",
+    "loss": "loss",
+    "eval_loss": "eval_loss",
+    "learning_rate": "learning_rate",
+    "tokens_per_second": "tokens_per_s",
+    "eta_seconds": "eta_s",
+    "peak_memory_bytes": "peak_memory_bytes",
 }
 
 
@@ -69,88 +85,93 @@ def start_metrics_server(port: int) -> tuple[Any, dict[str, Any]]:
     return server, gauges
 
 
-def observer_callback(
-    reporter: Reporter, metrics_file: Path, gauges: dict[str, Any] | None, is_main: bool
-) -> Any:
-    from tqdm.auto import tqdm
-    from transformers import TrainerCallback
+class RunObserver(TrainerCallback):
+    """Progress bar or JSON lines, metrics.jsonl rows and Prometheus gauges; it also measures
+    this session's throughput (a resumed run counts from its checkpoint)."""
 
-    class RunObserver(TrainerCallback):
-        def on_train_begin(self, args, state, control, **kwargs):
-            self.start_time = time.monotonic()
-            self.start_step = state.global_step
-            self.start_tokens = state.num_input_tokens_seen
-            self.bar = None
-            if not is_main:
-                return
-            if metrics_file.exists():  # resumed: rows after the checkpoint will be redone
-                kept = [
-                    line
-                    for line in metrics_file.read_text(encoding="utf-8").splitlines()
-                    if line and json.loads(line)["step"] <= state.global_step
-                ]
-                metrics_file.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
-            if not reporter.json:
-                self.bar = tqdm(
-                    total=state.max_steps, initial=state.global_step, desc="train", unit="step"
-                )
+    def __init__(
+        self, reporter: Reporter, metrics_file: Path, gauges: dict[str, Any] | None, is_main: bool
+    ) -> None:
+        self.reporter, self.metrics_file = reporter, metrics_file
+        self.gauges, self.is_main = gauges, is_main
+        self.bar: Any = None
+        self.start_time = time.monotonic()
+        self.start_step = 0
+        self.start_tokens = 0
+        self.session_tokens = 0
 
-        def on_step_end(self, args, state, control, **kwargs):
-            if self.bar is not None:
-                self.bar.update(state.global_step - self.bar.n)
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.start_time = time.monotonic()
+        self.start_step = state.global_step
+        self.start_tokens = state.num_input_tokens_seen
+        if not self.is_main:
+            return
+        if self.metrics_file.exists():  # resumed: rows after the checkpoint will be redone
+            kept = [
+                line
+                for line in self.metrics_file.read_text(encoding="utf-8").splitlines()
+                if line and json.loads(line)["step"] <= state.global_step
+            ]
+            self.metrics_file.write_text("".join(f"{line}\n" for line in kept), encoding="utf-8")
+        if not self.reporter.json:
+            self.bar = tqdm(
+                total=state.max_steps, initial=state.global_step, desc="train", unit="step"
+            )
 
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if not is_main or not logs or not logs.keys() & {"loss", "eval_loss"}:
-                return
-            elapsed = time.monotonic() - self.start_time
-            steps = state.global_step - self.start_step
-            tokens = state.num_input_tokens_seen - self.start_tokens
-            row = {
-                "step": state.global_step,
-                "epoch": round(state.epoch or 0, 4),
-                **{
-                    k: round(v, 6) if isinstance(v, float) else v
-                    for k, v in logs.items()
-                    if k in ("loss", "eval_loss", "learning_rate", "grad_norm")
-                },
-                "tokens_seen": int(state.num_input_tokens_seen),
-                "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
-                "elapsed_s": round(elapsed, 2),
-                "eta_s": round(elapsed / steps * (state.max_steps - state.global_step), 1)
-                if steps
-                else None,
-                "peak_memory_bytes": peak_memory_bytes(),
-            }
-            with open(metrics_file, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(row) + "\n")
-            if gauges is not None:
-                for name, value in (
-                    ("step", row["step"]),
-                    ("epoch", row["epoch"]),
-                    ("loss", row.get("loss")),
-                    ("eval_loss", row.get("eval_loss")),
-                    ("learning_rate", row.get("learning_rate")),
-                    ("tokens_per_second", row["tokens_per_s"]),
-                    ("eta_seconds", row["eta_s"]),
-                    ("peak_memory_bytes", row["peak_memory_bytes"]),
-                ):
-                    if value is not None:
-                        gauges[name].set(value)
-            if reporter.json:
-                reporter.event("eval" if "eval_loss" in row else "train_log", "", **row)
-            elif self.bar is not None:
-                shown = {"loss": row.get("loss"), "eval_loss": row.get("eval_loss")}
-                self.bar.set_postfix(
-                    {k: f"{v:.4f}" for k, v in shown.items() if v is not None}
-                    | {"tok/s": f"{row['tokens_per_s'] or 0:.0f}"},
-                    refresh=False,
-                )
+    def on_step_end(self, args, state, control, **kwargs):
+        self.session_tokens = state.num_input_tokens_seen - self.start_tokens
+        if self.bar is not None:
+            self.bar.update(state.global_step - self.bar.n)
 
-        def on_train_end(self, args, state, control, **kwargs):
-            if self.bar is not None:
-                self.bar.close()
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self.is_main or not logs or not logs.keys() & {"loss", "eval_loss"}:
+            return
+        row = self._row(state, logs)
+        with open(self.metrics_file, "a", encoding="utf-8") as fh:
+            fh.write(json.dumps(row) + "\n")
+        self._set_gauges(row)
+        if self.reporter.json:
+            self.reporter.event("eval" if "eval_loss" in row else "train_log", "", **row)
+        elif self.bar is not None:
+            shown = {"loss": row.get("loss"), "eval_loss": row.get("eval_loss")}
+            self.bar.set_postfix(
+                {k: f"{v:.4f}" for k, v in shown.items() if v is not None}
+                | {"tok/s": f"{row['tokens_per_s'] or 0:.0f}"},
+                refresh=False,
+            )
 
-    return RunObserver()
+    def on_train_end(self, args, state, control, **kwargs):
+        self.session_tokens = state.num_input_tokens_seen - self.start_tokens
+        if self.bar is not None:
+            self.bar.close()
+
+    def _row(self, state: Any, logs: dict[str, Any]) -> dict[str, Any]:
+        elapsed = time.monotonic() - self.start_time
+        steps = state.global_step - self.start_step
+        tokens = state.num_input_tokens_seen - self.start_tokens
+        return {
+            "step": state.global_step,
+            "epoch": round(state.epoch or 0, 4),
+            **{
+                k: round(v, 6) if isinstance(v, float) else v
+                for k, v in logs.items()
+                if k in ("loss", "eval_loss", "learning_rate", "grad_norm")
+            },
+            "tokens_seen": int(state.num_input_tokens_seen),
+            "tokens_per_s": round(tokens / elapsed, 1) if elapsed else None,
+            "elapsed_s": round(elapsed, 2),
+            "eta_s": round(elapsed / steps * (state.max_steps - state.global_step), 1)
+            if steps
+            else None,
+            "peak_memory_bytes": peak_memory_bytes(),
+        }
+
+    def _set_gauges(self, row: dict[str, Any]) -> None:
+        if self.gauges is None:
+            return
+        for name, key in GAUGE_COLUMNS.items():
+            if row.get(key) is not None:
+                self.gauges[name].set(row[key])
 
 
 def read_rows(metrics_file: Path) -> list[dict[str, Any]]:
@@ -173,35 +194,14 @@ def write_csv(rows: list[dict[str, Any]], path: Path) -> None:
 
 def write_plots(rows: list[dict[str, Any]], folder: Path, title: str) -> list[str]:
     """loss.png (train and eval loss per step) and learning_rate.png; returns the file names."""
-    import matplotlib
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    def points(key: str) -> list[tuple[float, float]]:
+        return [(r["step"], r[key]) for r in rows if r.get(key) is not None]
 
     written = []
-    series = {
-        "loss.png": [("loss", "train loss"), ("eval_loss", "eval loss")],
-        "learning_rate.png": [("learning_rate", "learning rate")],
-    }
-    for name, lines in series.items():
-        fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-        drawn = False
-        for key, label in lines:
-            points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
-            if points:
-                ax.plot(
-                    *zip(*points, strict=True),
-                    marker="." if len(points) < 50 else None,
-                    label=label,
-                )
-                drawn = True
-        if drawn:
-            ax.set_xlabel("step")
-            ax.set_title(f"{title}: {', '.join(label for _, label in lines)}")
-            ax.grid(alpha=0.3)
-            ax.legend()
-            fig.tight_layout()
-            fig.savefig(folder / name)
-            written.append(name)
-        plt.close(fig)
+    if loss_chart(points("loss"), points("eval_loss"), folder / "loss.png", title):
+        written.append("loss.png")
+    lr = {"learning rate": points("learning_rate")}
+    if line_chart(lr, folder / "learning_rate.png", title):
+        written.append("learning_rate.png")
     return written

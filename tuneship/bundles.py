@@ -7,9 +7,10 @@ what `tuneship serve` runs before it starts vLLM.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from tuneship.errors import TuneshipError
-from tuneship.manifest import BundleManifest, read_bundle, verify_files
+from tuneship.manifest import BundleManifest, Check, read_bundle, verify_files
 
 
 def verify(bundle_dir: Path) -> BundleManifest:
@@ -20,13 +21,8 @@ def verify(bundle_dir: Path) -> BundleManifest:
     if (bundle_dir / "merged").is_dir():
         problems += verify_files(bundle_dir / "merged", manifest.merged_files)
     for name, adapter in manifest.adapters.items():
-        problems += verify_files(bundle_dir / "adapters" / name, adapter["files"])
-    failed = [
-        name
-        for name, check in manifest.checks.items()
-        if isinstance(check, dict) and check.get("passed") is False
-    ]
-    problems += [f"check '{name}' failed at export" for name in failed]
+        problems += verify_files(bundle_dir / "adapters" / name, adapter.files)
+    problems += [f"check '{name}' failed at export" for name in manifest.failed_checks()]
     if problems:
         raise TuneshipError(
             f"bundle {bundle_dir} failed verification:\n" + "\n".join(f"  - {p}" for p in problems)
@@ -56,44 +52,45 @@ def _mb(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
 
 
-def _figures(check: dict, prefix: str = "") -> list[str]:
-    figures = []
-    for key, value in check.items():
+def _figures(figures: dict[str, Any], prefix: str = "") -> list[str]:
+    found = []
+    for key, value in figures.items():
         if key == "passed" or isinstance(value, list):
             continue
         if isinstance(value, dict):
-            figures += _figures(value, f"{prefix}{key}.")
+            found += _figures(value, f"{prefix}{key}.")
         else:
-            figures.append(f"{prefix}{key}={value}")
-    return figures
+            found.append(f"{prefix}{key}={value}")
+    return found
 
 
-def _check_line(name: str, check: dict) -> str:
-    status = {True: "pass", False: "FAIL", None: "skipped"}[check.get("passed")]
-    figures = ", ".join(_figures(check))
-    return f"  {name}: {status}" + (f" ({figures})" if figures else "")
+def _check_line(name: str, check: Check) -> str:
+    status = {True: "pass", False: "FAIL", None: "skipped"}[check.passed]
+    shown = ([f"reason={check.reason}"] if check.reason else []) + _figures(check.figures())
+    return f"  {name}: {status}" + (f" ({', '.join(shown)})" if shown else "")
 
 
 def show(bundle_dir: Path) -> str:
     m = read_bundle(Path(bundle_dir))
-    q = m.quantization
-    cal = q.get("calibration", {})
+    q, cal = m.quantization, m.quantization.calibration
+    calibrated = (
+        f", calibrated on {cal.samples} conversations ({cal.tokens} tokens, seed {cal.seed})"
+        if cal
+        else ""
+    )
     lines = [
         f"bundle {m.name} (created {m.created}, tuneship {m.tuneship_version})",
         f"served model name: {m.served_model_name}",
-        f"base: {m.base.get('ref')} ({m.base.get('path')})",
-        f"run: {m.run.get('name')} ({m.run.get('path')}), run.json sha256 "
-        f"{str(m.run.get('run_json_sha256', ''))[:12]}",
-        f"merge: into the {m.merge.get('into')} in {m.merge.get('dtype')}",
-        f"quantization: {q.get('scheme')} {q.get('algorithm')} via {q.get('engine')}, "
-        f"group size {q.get('group_size')}, ignored {', '.join(q.get('ignore', []))}, "
-        f"calibrated on {cal.get('samples')} conversations ({cal.get('tokens')} tokens, "
-        f"seed {cal.get('seed')})",
+        f"base: {m.base.ref} ({m.base.path})",
+        f"run: {m.run.name} ({m.run.path}), run.json sha256 {(m.run.run_json_sha256 or '')[:12]}",
+        f"merge: into the {m.merge.into} in {m.merge.dtype}",
+        f"quantization: {q.scheme} {q.algorithm} via {q.engine}, group size {q.group_size}, "
+        f"ignored {', '.join(q.ignore)}{calibrated}",
         f"layout: {m.layout}" + (f", adapters {', '.join(m.adapters)}" if m.adapters else ""),
-        f"size: {_mb(m.sizes.get('model_bytes', 0))} "
-        f"(merged 16-bit {_mb(m.sizes.get('merged_bytes', 0))}), {len(m.files)} files",
+        f"size: {_mb(m.sizes.model_bytes)} (merged 16-bit {_mb(m.sizes.merged_bytes or 0)}), "
+        f"{len(m.files)} files",
         "checks:",
-        *(_check_line(n, c) for n, c in m.checks.items() if isinstance(c, dict)),
+        *(_check_line(n, c) for n, c in m.checks.items()),
         "versions: " + ", ".join(f"{k} {v}" for k, v in m.versions.items()),
     ]
     return "\n".join(lines)

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, Union
 
 import click
 
 from tuneship import __version__
+from tuneship.config import ServeConfig
 from tuneship.errors import TuneshipError
 
 
@@ -137,7 +140,8 @@ def train(
     An interrupted run resumes from its newest checkpoint when started again. Runs as one
     process, or under `torchrun --nproc-per-node N` / `accelerate launch` (DDP or FSDP).
     """
-    from tuneship.config import TrainConfig, load_config, parse_overrides
+    from tuneship.config import TrainConfig
+    from tuneship.loading import load_config, parse_overrides
 
     cfg = load_config(TrainConfig, config_path, parse_overrides(overrides))
     from tuneship.train.run import run
@@ -170,7 +174,8 @@ def export(
     force: bool,
 ) -> None:
     """Merge a run's adapter, GPTQ-quantize to W4A16, check it in vLLM, write a bundle."""
-    from tuneship.config import ExportConfig, load_config, parse_overrides
+    from tuneship.config import ExportConfig
+    from tuneship.loading import load_config, parse_overrides
 
     cfg = load_config(ExportConfig, config_path, parse_overrides(overrides))
     if adapters_only:
@@ -206,7 +211,8 @@ def evaluate(
     strict: bool,
 ) -> None:
     """Compare base, merged 16-bit and quantized models served by vLLM; write report.md/.html."""
-    from tuneship.config import EvalConfig, load_config, parse_overrides
+    from tuneship.config import EvalConfig
+    from tuneship.loading import load_config, parse_overrides
 
     cfg = load_config(EvalConfig, config_path, parse_overrides(overrides))
     from tuneship.eval.run import run
@@ -216,88 +222,70 @@ def evaluate(
         raise SystemExit(1)
 
 
+def options_from(model: type) -> Callable:
+    """One click option per top-level field of a config model (--max-running for
+    max_running; --flag/--no-flag for booleans), its help the field's description. Each
+    option defaults to None (not given), so only what the user typed overrides the config."""
+    import types
+    import typing
+
+    def plain(annotation: Any) -> Any:
+        if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is Union:
+            annotation = next(a for a in typing.get_args(annotation) if a is not type(None))
+        return annotation
+
+    def decorate(fn: Callable) -> Callable:
+        for name, field in reversed(model.model_fields.items()):
+            if (field.json_schema_extra or {}).get("cli") is False:
+                continue
+            flag, kind = name.replace("_", "-"), plain(field.annotation)
+            declared = f"--{flag}/--no-{flag}" if kind is bool else f"--{flag}"
+            fn = click.option(
+                declared,
+                name,
+                default=None,
+                type=None if kind is bool else kind,
+                help=f"{field.description} [config key {name}]",
+            )(fn)
+        return fn
+
+    return decorate
+
+
 @main.command(context_settings={"ignore_unknown_options": True})
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
-@click.option("--host", default="0.0.0.0", show_default=True)
-@click.option("--port", default=8000, show_default=True, type=int)
-@click.option("--max-model-len", type=int, help="Context length (default: from the bundle).")
 @click.option(
-    "--eager/--compile",
-    default=None,
-    help="CUDA graphs / torch.compile off or on (default: eager on CPU).",
+    "--config",
+    "config_path",
+    type=click.Path(path_type=Path),
+    help="Serve config YAML (optional; `tuneship config serve` lists the keys).",
 )
-@click.option(
-    "--api-keys-file",
-    envvar="TUNESHIP_API_KEYS_FILE",
-    help="File of API keys, one per line (e.g. a mounted Secret); re-read when it changes. "
-    "Keys can also come from TUNESHIP_API_KEYS (comma-separated).",
-)
-@click.option(
-    "--metrics-auth/--no-metrics-auth",
-    envvar="TUNESHIP_METRICS_AUTH",
-    default=False,
-    show_default=True,
-    help="Require an API key for /metrics too.",
-)
-@click.option(
-    "--max-running",
-    envvar="TUNESHIP_MAX_RUNNING",
-    type=click.IntRange(1),
-    help="Requests generated at once (vLLM --max-num-seqs; default vLLM's 256).",
-)
-@click.option(
-    "--max-waiting",
-    envvar="TUNESHIP_MAX_WAITING",
-    type=click.IntRange(0),
-    help="Waiting requests beyond the running ones; more get 503 + Retry-After (default: "
-    "unbounded).",
-)
-@click.option(
-    "--drain-timeout",
-    envvar="TUNESHIP_DRAIN_TIMEOUT",
-    type=click.FloatRange(0),
-    default=30.0,
-    show_default=True,
-    help="On SIGTERM: seconds in-flight requests get to finish before vLLM stops.",
-)
-@click.option(
-    "--log-prompts",
-    envvar="TUNESHIP_LOG_PROMPTS",
-    is_flag=True,
-    help="Put request and response bodies in the request log (off: ids, counts, latency).",
-)
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE", help=SET_HELP)
 @click.option("--dry-run", is_flag=True, help="Verify the bundle, print the vLLM command, exit.")
+@options_from(ServeConfig)
 @click.argument("vllm_args", nargs=-1, type=click.UNPROCESSED)
 def serve(
     bundle_dir: Path,
-    host: str,
-    port: int,
-    max_model_len: int | None,
-    eager: bool | None,
-    api_keys_file: str | None,
-    metrics_auth: bool,
-    max_running: int | None,
-    max_waiting: int | None,
-    drain_timeout: float,
-    log_prompts: bool,
+    config_path: Path | None,
+    overrides: tuple[str, ...],
     dry_run: bool,
     vllm_args: tuple[str, ...],
+    **options: Any,
 ) -> None:
     """Serve a bundle with vLLM's OpenAI-compatible server (extra args after -- go to vLLM).
 
     Adds API keys, readiness (/ready), per-key metrics, a bounded queue and SIGTERM draining.
+    Settings come from --config, TUNESHIP_<KEY> environment variables, --set and the options
+    below, each overriding the one before.
     """
-    from tuneship.serve.run import ServeSettings, run
+    import os
 
-    settings = ServeSettings(
-        api_keys_file=api_keys_file,
-        metrics_auth=metrics_auth,
-        log_prompts=log_prompts,
-        max_running=max_running,
-        max_waiting=max_waiting,
-        drain_timeout_s=drain_timeout,
-    )
-    sys.exit(run(bundle_dir, host, port, max_model_len, eager, vllm_args, dry_run, settings))
+    from tuneship.loading import load_serve_config
+
+    cfg = load_serve_config(config_path, overrides, options, dict(os.environ))
+    from tuneship.serve.run import run
+
+    sys.exit(run(bundle_dir, cfg, vllm_args, dry_run))
 
 
 @main.group()
@@ -336,11 +324,14 @@ def bundle_probe(model_dir: Path, input_path: Path, output_path: Path) -> None:
 
 
 @main.command("config")
-@click.argument("stage", type=click.Choice(["train", "export", "eval"]))
+@click.argument("stage", type=click.Choice(["train", "export", "eval", "serve"]))
 def config_keys(stage: str) -> None:
     """List a stage's config keys with their defaults and meaning."""
-    from tuneship.config import EvalConfig, ExportConfig, TrainConfig, describe_fields
+    from tuneship.config import EvalConfig, ExportConfig, TrainConfig
+    from tuneship.loading import describe_fields
 
-    model = {"train": TrainConfig, "export": ExportConfig, "eval": EvalConfig}[stage]
+    model = {"train": TrainConfig, "export": ExportConfig, "eval": EvalConfig}.get(
+        stage, ServeConfig
+    )
     for key, default, doc in describe_fields(model):
         click.echo(f"{key} (default {default}): {doc}")

@@ -1,4 +1,4 @@
-"""Typed stage configs, validated at the boundary.
+"""Typed stage configs, validated at the boundary (reading them: tuneship/loading.py).
 
 User-written configs reject unknown keys and name them (with a close match when there is one);
 every problem is collected and reported together, each naming the key and the file.
@@ -6,14 +6,17 @@ every problem is collected and reported together, each naming the key and the fi
 
 from __future__ import annotations
 
-import difflib
-from pathlib import Path
-from typing import Any, Literal, TypeVar
+from typing import Any, Literal
 
-import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-
-from tuneship.errors import ConfigError
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    field_serializer,
+    field_validator,
+    model_validator,
+)
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
@@ -59,6 +62,46 @@ class Distributed(StrictModel):
         "auto", description="Process-group backend: auto = nccl on CUDA, gloo on CPU."
     )
     fsdp_cpu_offload: bool = Field(False, description="FSDP: keep sharded parameters on CPU.")
+
+
+class DataMix(StrictModel):
+    """The settings that decide which conversations a run trains on. Export and eval rebuild a
+    run's training mix from them; read from a stored run.json through `from_stored`, which
+    ignores keys this tuneship does not know, so a run made by another version still exports."""
+
+    data: list[DataSource] = Field(min_length=1)
+    dedup: bool = True
+    eval_data: str | None = None
+    eval_fraction: float = Field(0.0, ge=0, lt=0.5)
+    limit: int | None = Field(None, ge=1)
+    seed: int = 42
+    skip_invalid: bool = False
+
+    @field_validator("data", mode="before")
+    @classmethod
+    def _paths_as_sources(cls, value: Any) -> Any:
+        return _sources(value)
+
+    @classmethod
+    def from_stored(cls, config: dict[str, Any]) -> DataMix:
+        known = {k: v for k, v in config.items() if k in cls.model_fields}
+        known["data"] = [
+            {k: v for k, v in source.items() if k in DataSource.model_fields}
+            if isinstance(source, dict)
+            else source
+            for source in _sources(known.get("data", []))
+        ]
+        return cls.model_validate(known)
+
+    @property
+    def has_eval(self) -> bool:
+        return bool(self.eval_data or self.eval_fraction)
+
+
+def _sources(value: Any) -> Any:
+    if isinstance(value, list):
+        return [{"path": item} if isinstance(item, str) else item for item in value]
+    return value
 
 
 class TrainConfig(StrictModel):
@@ -161,9 +204,7 @@ class TrainConfig(StrictModel):
     @field_validator("data", mode="before")
     @classmethod
     def _paths_as_sources(cls, value: Any) -> Any:
-        if isinstance(value, list):
-            return [{"path": item} if isinstance(item, str) else item for item in value]
-        return value
+        return _sources(value)
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
@@ -185,6 +226,9 @@ class TrainConfig(StrictModel):
     @property
     def data_paths(self) -> list[str]:
         return [source.path for source in self.data]
+
+    def data_mix(self) -> DataMix:
+        return DataMix.from_stored(self.model_dump())
 
     @property
     def has_eval(self) -> bool:
@@ -259,116 +303,64 @@ class ExportConfig(StrictModel):
     )
 
 
-M = TypeVar("M", bound=BaseModel)
+class ServeConfig(StrictModel):
+    """`tuneship serve`: from a YAML file (--config), TUNESHIP_<KEY> environment variables
+    (containers), --set KEY=VALUE and the command's options, each overriding the one before."""
 
+    host: str = Field("0.0.0.0", description="Address to listen on.")
+    port: int = Field(8000, ge=1, le=65535, description="Port to listen on.")
+    max_model_len: int | None = Field(
+        None, ge=16, description="Context length served (default: the bundle's)."
+    )
+    eager: bool | None = Field(
+        None,
+        description="true: no CUDA graphs or torch.compile (faster start); false: compile "
+        "(faster steady state); default: eager on CPU, compiled on GPU.",
+    )
+    api_keys: SecretStr | None = Field(
+        None,
+        description="API keys, comma-separated (set it as TUNESHIP_API_KEYS, never in a file "
+        "or on the command line); api_keys_file is better for rotation.",
+        json_schema_extra={"cli": False},
+    )
+    api_keys_file: str | None = Field(
+        None,
+        description="File of API keys, one per line, '#' comments (e.g. a mounted Secret); "
+        "re-read when it changes.",
+    )
+    metrics_auth: bool = Field(False, description="Require an API key for /metrics too.")
+    log_prompts: bool = Field(
+        False, description="Put request and response bodies in the request log."
+    )
+    max_running: int | None = Field(
+        None, ge=1, description="Requests generated at once (vLLM --max-num-seqs; default 256)."
+    )
+    max_waiting: int | None = Field(
+        None,
+        ge=0,
+        description="Requests waiting beyond the running ones; more get 503 + Retry-After "
+        "(default: unbounded).",
+    )
+    drain_timeout: float = Field(
+        30.0,
+        ge=0,
+        description="On SIGTERM: seconds in-flight requests get to finish before vLLM stops.",
+    )
+    retry_after: int = Field(
+        2, ge=1, description="Seconds a refused client is told to wait (Retry-After on 503)."
+    )
 
-def describe_fields(model: type[BaseModel], prefix: str = "") -> list[tuple[str, str, str]]:
-    """(dotted key, default, description) for every field, nested sections flattened."""
-    rows = []
-    for name, field in model.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            rows += describe_fields(ann, f"{prefix}{name}.")
-            continue
-        default = (
-            "required"
-            if field.is_required()
-            else repr(field.get_default(call_default_factory=True))
-        )
-        rows.append((f"{prefix}{name}", default, field.description or ""))
-    return rows
+    @field_serializer("api_keys", when_used="json")
+    def _reveal_only_when_asked(self, keys: SecretStr | None, info) -> str | None:
+        """JSON for the server process carries the keys (context reveal); any other dump
+        shows them masked."""
+        if keys is None:
+            return None
+        return keys.get_secret_value() if (info.context or {}).get("reveal") else str(keys)
 
-
-def _set_dotted(data: dict[str, Any], dotted: str, value: Any) -> None:
-    keys = dotted.split(".")
-    node = data
-    for key in keys[:-1]:
-        node = node.setdefault(key, {})
-        if not isinstance(node, dict):
-            raise ConfigError("bad --set", [f"'{dotted}': '{key}' is not a section"])
-    node[keys[-1]] = value
-
-
-def parse_overrides(pairs: tuple[str, ...] | list[str]) -> dict[str, Any]:
-    """`--set key.sub=value` pairs; values are parsed as YAML scalars (3, 1e-4, true, [a, b])."""
-    data: dict[str, Any] = {}
-    problems = []
-    for pair in pairs:
-        key, sep, raw = pair.partition("=")
-        if not sep or not key.strip():
-            problems.append(f"--set '{pair}': expected KEY=VALUE")
-            continue
-        try:
-            value = yaml.safe_load(raw) if raw.strip() else ""
-        except yaml.YAMLError:
-            value = raw
-        _set_dotted(data, key.strip(), value)
-    if problems:
-        raise ConfigError("bad --set options", problems)
-    return data
-
-
-def _merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
-    out = dict(base)
-    for key, value in extra.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
-            out[key] = _merge(out[key], value)
-        else:
-            out[key] = value
-    return out
-
-
-def _known_keys(model: type[BaseModel], loc: tuple) -> list[str]:
-    for part in loc[:-1]:
-        if isinstance(part, int):
-            continue
-        field = model.model_fields.get(str(part))
-        ann = getattr(field, "annotation", None)
-        ann = next(
-            (a for a in getattr(ann, "__args__", ()) if isinstance(a, type)),
-            ann,
-        )
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        model = ann
-    return list(model.model_fields)
-
-
-def _overridden(overrides: dict[str, Any] | None, loc: tuple) -> bool:
-    """Whether the value at `loc` (or a section above it) came from --set."""
-    node: Any = overrides or {}
-    for part in loc:
-        if not isinstance(node, dict) or part not in node:
-            return False
-        node = node[part]
-        if not isinstance(node, dict):
-            return True
-    return bool(loc)
-
-
-def describe_errors(
-    model: type[BaseModel],
-    exc: ValidationError,
-    source: str,
-    overrides: dict[str, Any] | None = None,
-) -> list[str]:
-    """One line per problem, each naming where the value came from: the file, or --set."""
-    problems = []
-    for err in exc.errors():
-        key = ".".join(str(p) for p in err["loc"]) or "(top level)"
-        source_of = "--set" if _overridden(overrides, err["loc"]) else source
-        if err["type"] == "extra_forbidden":
-            known = _known_keys(model, err["loc"])
-            close = difflib.get_close_matches(str(err["loc"][-1]), known, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            problems.append(f"{source_of}: unknown key '{key}'{hint} (known: {', '.join(known)})")
-        elif err["type"] == "value_error" and not err["loc"]:
-            problems.append(f"{source_of}: {err['msg'].removeprefix('Value error, ')}")
-        elif err["type"] == "missing":
-            problems.append(f"{source_of}: missing required key '{key}'")
-        else:
-            problems.append(f"{source_of}: '{key}': {err['msg']} (got {err.get('input')!r})")
-    return problems
+    def key_list(self) -> list[str]:
+        raw = self.api_keys.get_secret_value() if self.api_keys else ""
+        return [k.strip() for k in raw.split(",") if k.strip()]
 
 
 class EvalTargets(StrictModel):
@@ -424,34 +416,3 @@ class EvalConfig(StrictModel):
         "(a few minutes more: GPTQ and one more vLLM start-up).",
     )
     targets: EvalTargets = Field(default_factory=EvalTargets)
-
-
-def load_config(
-    model: type[M], path: str | Path | None, overrides: dict[str, Any] | None = None
-) -> M:
-    """Read a YAML config (optional), apply --set overrides, validate; raise ConfigError."""
-    data: dict[str, Any] = {}
-    source = str(path) if path else "--set"
-    if path is not None:
-        path = Path(path)
-        try:
-            loaded = yaml.safe_load(path.read_text(encoding="utf-8-sig"))
-        except OSError as exc:
-            raise ConfigError(f"cannot read config {path}", [exc.strerror or str(exc)]) from exc
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f"{path}:{mark.line + 1}" if mark else str(path)
-            raise ConfigError(f"config {path} is not valid YAML", [f"{where}: {exc}"]) from exc
-        if loaded is None:
-            loaded = {}
-        if not isinstance(loaded, dict):
-            raise ConfigError(f"config {path}", ["the top level must be a mapping of keys"])
-        data = loaded
-    if overrides:
-        data = _merge(data, overrides)
-    try:
-        return model.model_validate(data)
-    except ValidationError as exc:
-        raise ConfigError(
-            f"invalid {model.__name__}", describe_errors(model, exc, source, overrides)
-        ) from None

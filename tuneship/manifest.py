@@ -1,7 +1,10 @@
-"""Stage manifests: runs/NAME/run.json and bundles/NAME/bundle.json.
+"""Stage manifests: runs/NAME/run.json and bundles/NAME/bundle.json, typed on both sides.
 
-Strict on read for the keys a later stage relies on, tolerant of unknown (newer) keys, which
-are reported once as a warning. Written atomically.
+Every section is a pydantic model that the writer fills and every reader gets back. Reading is
+strict for the keys a later stage relies on and tolerant of keys it does not know (a newer
+tuneship's, or an older one's that were since removed): those are reported once, as a warning.
+The schema version is checked: a manifest newer than this tuneship understands is refused.
+Written atomically.
 """
 
 from __future__ import annotations
@@ -11,9 +14,9 @@ import json
 import sys
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from tuneship import __version__
 from tuneship.errors import TuneshipError
@@ -24,9 +27,25 @@ RUN_FILE = "run.json"
 BUNDLE_FILE = "bundle.json"
 
 
-class _Manifest(BaseModel):
+class Section(BaseModel):
+    """A manifest section: unknown keys are kept on read (and reported), never an error."""
+
     model_config = ConfigDict(extra="allow")
 
+    def unknown_keys(self, prefix: str = "") -> list[str]:
+        """Dotted names of the keys read that this tuneship has no field for."""
+        found = [f"{prefix}{key}" for key in self.model_extra or {}]
+        for name in type(self).model_fields:
+            value = getattr(self, name)
+            if isinstance(value, dict):
+                value = list(value.values())
+            for child in value if isinstance(value, list) else [value]:
+                if isinstance(child, Section):
+                    found += child.unknown_keys(f"{prefix}{name}.")
+        return sorted(set(found))
+
+
+class Header(Section):
     schema_version: int
     kind: str
     name: str
@@ -34,34 +53,216 @@ class _Manifest(BaseModel):
     tuneship_version: str
 
 
-class RunManifest(_Manifest):
-    base: dict[str, Any]
-    datasets: list[dict[str, Any]]
-    examples: dict[str, Any]
-    config: dict[str, Any]
-    versions: dict[str, str]
-    device: dict[str, Any]
-    metrics: dict[str, Any]
-    adapter: dict[str, str]
+# --- run.json -------------------------------------------------------------------------------
 
 
-class BundleManifest(_Manifest):
+class BaseInfo(Section):
+    """The base model a run trained on, as the export must find it again."""
+
+    ref: str = Field(description="What the config named: 'default', a folder or a hub id.")
+    path: str = Field(description="Where it was loaded from (a folder, or the hub id).")
+    weights_sha256: dict[str, str] = {}
+    chat_template_sha256: str | None = None
+    eos_token: str | None = None
+    eos_token_id: int | None = None
+
+
+class DatasetRecord(Section):
+    path: str
+    role: str = "train"
+    sha256: str
+    invalid: int = 0
+    skipped: bool = False
+
+
+class EvalSplit(Section):
+    source: str | None = None
+    conversations: int = 0
+    leaks: int = 0
+    leak_examples: list[dict[str, str]] = []
+    used: int | None = None
+    dropped_overlong: int | None = None
+    truncated: int | None = None
+    tokens: int | None = None
+    trained_tokens: int | None = None
+    trained_share: float | None = None
+
+
+class SourceShare(Section):
+    path: str
+    weight: float | None = None
+    distill: bool = False
+    conversations: int
+    in_mix: int
+    share: float
+
+
+class ExampleStats(Section):
+    """What training saw: conversations used and dropped, tokens, and the mix."""
+
+    used: int
+    dropped_overlong: int = 0
+    truncated: int = 0
+    tokens: int
+    trained_tokens: int
+    trained_share: float
+    duplicates_dropped: int = 0
+    duplicate_ids: list[str] = []
+    eval: EvalSplit = Field(default_factory=EvalSplit)
+    sources: list[SourceShare] = []
+
+
+class DeviceInfo(Section):
+    precision: str
+    qlora: bool = False
+    world_size: int = 1
+
+
+class BestEval(Section):
+    best_eval_loss: float | None = None
+    best_step: int | None = None
+    bad_evals: int = 0
+    stopped_early: bool = False
+    restored: bool = False
+
+
+class TrainMetrics(Section):
+    steps: int
+    max_steps: int | None = None
+    epochs: float | None = None
+    resumed_from_step: int | None = None
+    loss: list[tuple[int, float]] = []
+    final_loss: float | None = None
+    train_loss: float | None = None
+    eval_loss: list[tuple[int, float]] = []
+    best: BestEval | None = None
+    wall_s: float | None = None
+    tokens_per_s: float | None = None
+    peak_memory_bytes: int | None = None
+    world_size: int = 1
+    distributed: str | None = None
+    cuda: bool = False
+    plots: list[str] = []
+
+
+class RunManifest(Header):
+    kind: Literal["tuneship.run"]
+    base: BaseInfo
+    datasets: list[DatasetRecord]
+    examples: ExampleStats
+    config: dict[str, Any] = Field(
+        description="The resolved TrainConfig, verbatim. Readers take what they need through "
+        "a tolerant view (tuneship.config.DataMix), so keys a later tuneship removed or added "
+        "never stop an old run from exporting."
+    )
+    versions: dict[str, str] = {}
+    device: DeviceInfo
+    metrics: TrainMetrics
+    adapter: dict[str, str] = Field(description="sha256 of every file in adapter/.")
+
+
+# --- bundle.json ----------------------------------------------------------------------------
+
+
+class RunRef(Section):
+    name: str
+    path: str
+    run_json_sha256: str | None = None
+    datasets: list[DatasetRecord] = []
+    adapter: dict[str, str] = {}
+
+
+class MergeInfo(Section):
+    into: str
+    dtype: str | None = None
+    seconds: float | None = None
+
+
+class CalibrationInfo(Section):
+    samples: int
+    tokens: int
+    max_length: int
+    seed: int
+    ids: list[str] = []
+
+
+class QuantizationInfo(Section):
+    scheme: str
+    engine: str | None = None
+    algorithm: str | None = None
+    format: str | None = None
+    num_bits: int | None = None
+    symmetric: bool | None = None
+    group_size: int | None = None
+    ignore: list[str] = []
+    dampening_frac: float | None = None
+    calibration: CalibrationInfo | None = None
+    seconds: float | None = None
+
+
+class Check(Section):
+    """One check's verdict (None: skipped, with the reason); its figures are the other keys."""
+
+    passed: bool | None = None
+    reason: str | None = None
+
+    def figures(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+    def unknown_keys(self, prefix: str = "") -> list[str]:
+        return []  # a check's other keys are its figures
+
+
+class AdapterEntry(Section):
+    run: str
+    run_json_sha256: str
+    rank: int
+    files: dict[str, str]
+
+
+class Sizes(Section):
+    model_bytes: int
+    merged_bytes: int | None = None
+    adapters_bytes: int | None = None
+
+
+class ServingInfo(Section):
+    max_model_len: int
+    architecture: str | None = None
+    startup_s: float | None = None
+    peak_rss_bytes: int | None = None
+    max_lora_rank: int | None = None
+
+
+class BundleManifest(Header):
+    kind: Literal["tuneship.bundle"]
     served_model_name: str
-    layout: str = "merged"  # "merged" (one quantized model) or "adapters" (base + LoRA adapters)
-    config: dict[str, Any] = {}
-    adapters: dict[str, Any] = {}
-    run: dict[str, Any]
-    base: dict[str, Any]
-    merge: dict[str, Any]
-    quantization: dict[str, Any]
+    layout: Literal["merged", "adapters"] = "merged"
+    config: dict[str, Any] = Field(
+        default_factory=dict, description="The ExportConfig the bundle was made with, verbatim."
+    )
+    adapters: dict[str, AdapterEntry] = {}
+    run: RunRef
+    base: BaseInfo
+    merge: MergeInfo
+    quantization: QuantizationInfo
     files: dict[str, str]
     merged_files: dict[str, str] = {}
-    sizes: dict[str, int]
-    checks: dict[str, Any]
-    versions: dict[str, str]
-    serving: dict[str, Any]
+    sizes: Sizes
+    checks: dict[str, Check] = {}
+    versions: dict[str, str] = {}
+    serving: ServingInfo
+
+    def failed_checks(self) -> list[str]:
+        return [name for name, check in self.checks.items() if check.passed is False]
+
+    def skipped_checks(self) -> list[str]:
+        return [name for name, check in self.checks.items() if check.passed is None]
 
 
+# --- reading and writing --------------------------------------------------------------------
+
+M = TypeVar("M", bound=Section)
 _warned: set[str] = set()
 
 
@@ -89,23 +290,28 @@ def header(kind: str, name: str) -> dict[str, Any]:
     }
 
 
-def _read(path: Path, model: type[_Manifest], what: str, hint: str) -> Any:
+def read_manifest(path: Path, model: type[M], what: str, hint: str) -> M:
+    """Read and validate a manifest; errors name the file and the key."""
     if not path.is_file():
         raise TuneshipError(f"{path} not found: {hint}")
     try:
         data = json.loads(path.read_text(encoding="utf-8"))
-        manifest = model.model_validate(data)
     except json.JSONDecodeError as exc:
         raise TuneshipError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TuneshipError(f"{path} cannot be read: {exc}") from None
+    version = data.get("schema_version") if isinstance(data, dict) else None
+    if isinstance(version, int) and version > SCHEMA_VERSION:
+        raise TuneshipError(
+            f"{path} has schema_version {version}, newer than this tuneship understands "
+            f"({SCHEMA_VERSION}); upgrade tuneship"
+        )
+    try:
+        manifest = model.model_validate(data)
     except ValidationError as exc:
         problems = "; ".join(f"'{'.'.join(map(str, e['loc']))}': {e['msg']}" for e in exc.errors())
         raise TuneshipError(f"{path} is not a valid {what}: {problems}") from None
-    if manifest.schema_version > SCHEMA_VERSION:
-        raise TuneshipError(
-            f"{path} has schema_version {manifest.schema_version}, newer than this tuneship "
-            f"understands ({SCHEMA_VERSION}); upgrade tuneship"
-        )
-    extra = sorted(manifest.model_extra or {})
+    extra = manifest.unknown_keys()
     if extra and str(path) not in _warned:
         _warned.add(str(path))
         print(
@@ -115,13 +321,13 @@ def _read(path: Path, model: type[_Manifest], what: str, hint: str) -> Any:
 
 
 def read_run(run_dir: Path) -> RunManifest:
-    return _read(
+    return read_manifest(
         Path(run_dir) / RUN_FILE, RunManifest, "run manifest", "is this a `tuneship train` run?"
     )
 
 
 def read_bundle(bundle_dir: Path) -> BundleManifest:
-    return _read(
+    return read_manifest(
         Path(bundle_dir) / BUNDLE_FILE,
         BundleManifest,
         "bundle manifest",
@@ -129,8 +335,9 @@ def read_bundle(bundle_dir: Path) -> BundleManifest:
     )
 
 
-def write_manifest(path: Path, data: dict[str, Any]) -> str:
-    write_json_atomic(path, data)
+def write_manifest(path: Path, manifest: BaseModel) -> str:
+    """Write a manifest atomically; return its sha256."""
+    write_json_atomic(path, manifest.model_dump(mode="json", exclude_none=False))
     return sha256_file(path)
 
 

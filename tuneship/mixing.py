@@ -1,7 +1,8 @@
-"""Training data hygiene and mixing: duplicates, eval split, train/eval leakage, weighted mix.
+"""The training mix: duplicates, eval split, train/eval leakage, weighted mix.
 
 Everything here is deterministic given the seed, works on validated Conversations and reports
-what it did, so `tuneship data check` and run.json say the same thing.
+what it did, so `tuneship data check` and run.json say the same thing, and export and eval can
+rebuild a run's exact training conversations from its stored settings (a DataMix).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from tuneship.chats import Conversation, RecordProblem, load_files
-from tuneship.config import TrainConfig
+from tuneship.config import DataMix
 from tuneship.errors import DataError, TuneshipError
 
 
@@ -95,7 +96,7 @@ def _load(paths: list[str], skip_invalid: bool, what: str):
     return loaded
 
 
-def prepare(cfg: TrainConfig) -> PreparedData:
+def prepare(cfg: DataMix) -> PreparedData:
     """Load, validate, de-duplicate, split off the eval set, check leakage and mix."""
     per_source, problems = [], []
     for source in cfg.data:

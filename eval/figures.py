@@ -1,0 +1,180 @@
+"""The evaluation's figures: shares with what they were measured on, recall and clause citation
+per question style, retention of general knowledge, and the targets judged against them."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+from tuneship.config import EvalConfig
+from tuneship.probes import EvalItem, ProbeAnswer, ProbeResult, answered, cited
+from tuneship.reports import TUNED, BaseIn4Bit, Counts, ModelFigures, ReferenceAnswer, Tally, Target
+
+KIND = {"merged": "fine-tuned, merged 16-bit", "quantized": "fine-tuned, W4A16 bundle"}
+
+
+def share(flags: list[bool]) -> float | None:
+    return round(sum(flags) / len(flags), 4) if flags else None
+
+
+def tally(flags: list[bool]) -> Tally:
+    """(how many are true, of how many): what a share was measured on."""
+    return (sum(flags), len(flags))
+
+
+def wilson_interval(hits: int, of: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a share: on 35 questions one answer moves it 3 points."""
+    if of == 0:
+        return (0.0, 1.0)
+    p, z2 = hits / of, z * z
+    centre = (p + z2 / (2 * of)) / (1 + z2 / of)
+    half = z * math.sqrt(p * (1 - p) / of + z2 / (4 * of * of)) / (1 + z2 / of)
+    return (round(max(0.0, centre - half), 4), round(min(1.0, centre + half), 4))
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, round(q * (len(ordered) - 1)))]
+
+
+def split_by_style(items: list[EvalItem], flags: list[bool]) -> dict[str, list[bool]]:
+    """The flags of the items that have a style, grouped by it (styles in sorted order)."""
+    groups: dict[str, list[bool]] = {}
+    for item, ok in zip(items, flags, strict=True):
+        if item.style:
+            groups.setdefault(item.style, []).append(ok)
+    return dict(sorted(groups.items()))
+
+
+def model_figures(
+    heldout: list[EvalItem],
+    general: list[EvalItem],
+    result: ProbeResult,
+    ppl: float | None,
+    label: str | None = None,
+) -> ModelFigures:
+    chats = result.chats
+    held_chats, general_chats = chats[: len(heldout)], chats[len(heldout) :]
+    held_ok = [answered(i, c.text) for i, c in zip(heldout, held_chats, strict=True)]
+    general_ok = [answered(i, c.text) for i, c in zip(general, general_chats, strict=True)]
+    tokens = [c.completion_tokens for c in chats if c.completion_tokens is not None]
+    latencies = [c.latency_s for c in chats]
+    by_style = split_by_style(heldout, held_ok)
+    with_clause = [(i, c) for i, c in zip(heldout, held_chats, strict=True) if i.clause]
+    clause_ok = [bool(cited(i, c.text)) for i, c in with_clause]
+    clause_by_style = split_by_style([i for i, _ in with_clause], clause_ok)
+    return ModelFigures(
+        label=label or "",
+        perplexity=None if ppl is None else round(ppl, 4),
+        recall=share(held_ok),
+        recall_by_style={style: share(flags) for style, flags in by_style.items()},
+        clause_cited=share(clause_ok),
+        clause_cited_by_style={style: share(f) for style, f in clause_by_style.items()},
+        general_accuracy=share(general_ok),
+        counts=Counts(
+            recall=tally(held_ok),
+            recall_by_style={style: tally(flags) for style, flags in by_style.items()},
+            clause_cited=tally(clause_ok),
+            clause_cited_by_style={style: tally(f) for style, f in clause_by_style.items()},
+            general=tally(general_ok),
+        ),
+        stop_rate=share([c.finish_reason == "stop" for c in chats]),
+        mean_answer_tokens=round(statistics.mean(tokens), 1) if tokens else None,
+        latency_mean_s=round(statistics.mean(latencies), 3),
+        latency_p95_s=percentile(latencies, 0.95),
+        output_tokens_per_s=round(sum(tokens) / result.chat_s, 1) if tokens else None,
+        load_s=result.load_s,
+        peak_rss_bytes=result.peak_rss_bytes,
+    )
+
+
+def retained(
+    general: list[EvalItem], base: list[ProbeAnswer], tuned: list[ProbeAnswer]
+) -> list[bool]:
+    """For each general question the base model answers correctly: still answered?"""
+    return [
+        answered(item, mine.text)
+        for item, theirs, mine in zip(general, base, tuned, strict=True)
+        if answered(item, theirs.text)
+    ]
+
+
+def retention(
+    general: list[EvalItem], base: list[ProbeAnswer], tuned: list[ProbeAnswer]
+) -> float | None:
+    """Of the general questions the base model answers correctly, the share still answered."""
+    return share(retained(general, base, tuned))
+
+
+def base_in_4bit(
+    general: list[EvalItem],
+    base: list[ProbeAnswer],
+    bundle: list[ProbeAnswer],
+    base_4bit: list[ProbeAnswer],
+) -> BaseIn4Bit:
+    """The base model quantized with the bundle's recipe: the general knowledge 4-bit weights
+    alone cost it, and the bundle's retention measured against it instead of the 16-bit base."""
+    ok = [answered(i, c.text) for i, c in zip(general, base_4bit, strict=True)]
+    kept = retained(general, base, base_4bit)
+    bundle_kept = retained(general, base_4bit, bundle)
+    return BaseIn4Bit(
+        general_accuracy=share(ok),
+        retention=share(kept),
+        bundle_retention=share(bundle_kept),
+        counts={
+            "general": tally(ok),
+            "retention": tally(kept),
+            "bundle_retention": tally(bundle_kept),
+        },
+        answers=[
+            ReferenceAnswer(id=i.id, text=c.text, ok=flag)
+            for i, c, flag in zip(general, base_4bit, ok, strict=True)
+        ],
+    )
+
+
+def judge(figures: dict[str, ModelFigures], cfg: EvalConfig) -> list[Target]:
+    """The targets, each with the measured value and whether it is met."""
+    t = cfg.targets
+
+    def recall(model: str) -> float | None:
+        if t.recall_style is None:
+            return figures[model].recall
+        return figures[model].recall_by_style.get(t.recall_style)
+
+    def count(model: str, figure: str) -> Tally | None:
+        counts = figures[model].counts
+        if figure == "recall" and t.recall_style is not None:
+            return counts.recall_by_style.get(t.recall_style)
+        return getattr(counts, figure)
+
+    on = f", held-out questions ({t.recall_style})" if t.recall_style else ", held-out questions"
+    merged, quantized, base = recall("merged"), recall("quantized"), recall("base")
+    drop = None if merged is None or quantized is None else round(100 * (merged - quantized), 1)
+    rows = [  # name, goal, measured, unit, (hits, of) it was measured on, test
+        ("base model fact recall" + on, f"< {t.max_base_recall:.0%}", base, "share",
+         count("base", "recall"), lambda v: v < t.max_base_recall),
+        ("fine-tuned fact recall" + on, f">= {t.min_recall:.0%}", merged, "share",
+         count("merged", "recall"), lambda v: v >= t.min_recall),
+        ("quantized recall drop (points)" + on, f"<= {t.max_quantized_drop:g}", drop, "points",
+         None, lambda v: v <= t.max_quantized_drop),
+    ] + [
+        (f"general knowledge retained ({KIND[model]})", f">= {t.min_retention:.0%}",
+         figures[model].retention, "share", count(model, "retention"),
+         lambda v: v >= t.min_retention)
+        for model in TUNED
+    ]  # fmt: skip
+    return [
+        Target(
+            target=name,
+            goal=goal,
+            value=value,
+            unit=unit,
+            met=value is not None and bool(test(value)),
+            count=counted,
+            interval=wilson_interval(*counted) if counted else None,
+        )
+        for name, goal, value, unit, counted, test in rows
+    ]

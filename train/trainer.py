@@ -1,0 +1,189 @@
+"""The Trainer a run trains with, and its settings.
+
+TuneshipTrainer is the transformers Trainer with atomic checkpoints (checkpoints.py) and
+distillation on `distill: true` rows (distill.py). A `Training` holds it with the callbacks
+whose state the run reads back when it ends: the observer (throughput, metrics rows), the
+SIGTERM handler and the best adapter.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PrinterCallback, TrainingArguments
+
+from tuneship.config import TrainConfig
+from tuneship.errors import Preempted
+from tuneship.manifest import BestEval, TrainMetrics
+
+from . import checkpoints as ckpt
+from .best import BestAdapter
+from .distill import DistillingTrainer
+from .examples import TrainingRows, packed_collate, pad_collate
+from .model import backend_for
+from .observe import (
+    METRICS_JSONL,
+    Reporter,
+    RunObserver,
+    peak_memory_bytes,
+    read_rows,
+    start_metrics_server,
+)
+
+
+class TuneshipTrainer(ckpt.CheckpointingTrainer, DistillingTrainer):
+    """Atomic checkpoints and distillation in one Trainer."""
+
+
+@dataclass(frozen=True)
+class Context:
+    """What every step of a run needs to know about it."""
+
+    cfg: TrainConfig
+    work: Path
+    world: int
+    reporter: Reporter
+
+    @property
+    def is_main(self) -> bool:
+        return self.reporter.is_main
+
+
+@dataclass
+class Training:
+    trainer: TuneshipTrainer
+    observer: RunObserver
+    sigterm: ckpt.SaveOnSigterm
+    best: BestAdapter | None
+    metrics_server: Any = None
+
+
+def training_arguments(ctx: Context, precision: str, model: Any) -> TrainingArguments:
+    cfg, world = ctx.cfg, ctx.world
+    fsdp: dict[str, Any] = {}
+    if world > 1 and cfg.distributed.strategy == "fsdp":
+        fsdp = {
+            "fsdp": True,
+            "fsdp_config": {
+                "version": 2,
+                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+                "cpu_offload": cfg.distributed.fsdp_cpu_offload,
+                "transformer_layer_cls_to_wrap": list(model.base_model.model._no_split_modules),
+                "cpu_ram_efficient_loading": False,
+                "activation_checkpointing": cfg.gradient_checkpointing,
+            },
+        }
+    has_eval = cfg.has_eval
+    return TrainingArguments(
+        output_dir=str(ctx.work / ckpt.INCOMING),
+        num_train_epochs=cfg.epochs,
+        max_steps=cfg.max_steps or -1,
+        learning_rate=cfg.learning_rate,
+        lr_scheduler_type="linear",
+        warmup_steps=cfg.warmup_steps,
+        weight_decay=cfg.weight_decay,
+        per_device_train_batch_size=cfg.batch_size,
+        per_device_eval_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        gradient_checkpointing=cfg.gradient_checkpointing and not fsdp,
+        gradient_checkpointing_kwargs={"use_reentrant": False},
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        use_cpu=not torch.cuda.is_available(),
+        ddp_backend=backend_for(cfg) if world > 1 else None,
+        ddp_find_unused_parameters=False if world > 1 else None,
+        train_sampling_strategy="group_by_length"
+        if cfg.batching == "group_by_length"
+        else "random",
+        include_num_input_tokens_seen="non_padding" if cfg.batching != "packed" else "all",
+        logging_steps=cfg.logging_steps,
+        eval_strategy="steps" if has_eval else "no",
+        eval_steps=cfg.eval_steps if has_eval else None,
+        save_strategy="steps" if cfg.checkpoint_steps else "no",
+        save_steps=cfg.checkpoint_steps or 500,
+        save_total_limit=None,
+        report_to="none",
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        remove_unused_columns=False,
+        dataloader_num_workers=0,
+        disable_tqdm=True,
+        **fsdp,
+    )
+
+
+def build_training(
+    ctx: Context, model: Any, rows: TrainingRows, precision: str, pad_id: int
+) -> Training:
+    cfg = ctx.cfg
+    server, gauges = None, None
+    if cfg.metrics_port and ctx.is_main:
+        server, gauges = start_metrics_server(cfg.metrics_port)
+    flash = getattr(model.config, "_attn_implementation", "") == "flash_attention_2"
+    collate = packed_collate(flash) if cfg.batching == "packed" else pad_collate(pad_id)
+    best = BestAdapter(model, cfg.early_stopping_patience) if cfg.has_eval else None
+    observer = RunObserver(ctx.reporter, ctx.work / METRICS_JSONL, gauges, ctx.is_main)
+    sigterm = ckpt.SaveOnSigterm()
+    trainer = TuneshipTrainer(
+        model=model,
+        args=training_arguments(ctx, precision, model),
+        train_dataset=rows.train_dataset(),
+        eval_dataset=rows.eval_dataset(),
+        data_collator=collate,
+        callbacks=[observer, *([best] if best else []), sigterm],
+        work=ctx.work,
+        keep_checkpoints=cfg.keep_checkpoints,
+        extra_state=best,
+    )
+    trainer.remove_callback(PrinterCallback)  # RunObserver reports instead
+    return Training(trainer, observer, sigterm, best, server)
+
+
+def fit(ctx: Context, training: Training, resume_from: Path | None) -> TrainMetrics:
+    """Train to the end (or until SIGTERM: checkpoint, then Preempted); the run's figures."""
+    trainer, best = training.trainer, training.best
+    if best is not None and resume_from is not None:
+        best.load(resume_from)
+    try:
+        result = trainer.train(resume_from_checkpoint=str(resume_from) if resume_from else None)
+    finally:
+        if training.metrics_server is not None:
+            training.metrics_server.shutdown()
+    if training.sigterm.received:
+        step = trainer.state.global_step
+        ctx.reporter.event(
+            "preempted",
+            f"SIGTERM: checkpoint written at step {step}; run the same command to resume",
+            step=step,
+        )
+        raise Preempted(
+            f"stopped by SIGTERM at step {step} (checkpoint in {ctx.work}); "
+            "run the same command to resume"
+        )
+    cfg = ctx.cfg
+    restored = (
+        best.restore_best() if best and (cfg.keep_best or cfg.early_stopping_patience) else False
+    )
+    rows = read_rows(ctx.work / METRICS_JSONL)
+    losses = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    session_s = result.metrics.get("train_runtime") or 0
+    return TrainMetrics(
+        steps=trainer.state.global_step,
+        max_steps=trainer.state.max_steps,
+        epochs=round(trainer.state.epoch or 0, 3),
+        resumed_from_step=ckpt.checkpoint_step(resume_from) if resume_from else None,
+        loss=losses,
+        final_loss=losses[-1][1] if losses else None,
+        train_loss=round(result.training_loss, 4),
+        eval_loss=[(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r],
+        best=BestEval(**best.summary(), restored=restored) if best else None,
+        wall_s=round(session_s, 1),
+        tokens_per_s=round(training.observer.session_tokens / session_s, 1) if session_s else None,
+        peak_memory_bytes=peak_memory_bytes(),
+        world_size=ctx.world,
+        distributed=cfg.distributed.strategy if ctx.world > 1 else None,
+        cuda=torch.cuda.is_available(),
+    )

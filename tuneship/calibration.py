@@ -1,0 +1,29 @@
+"""GPTQ calibration data: a seeded sample of the training conversations, rendered with the chat
+template the model was trained on (never generic text: the calibration sees what serving sees)."""
+
+from __future__ import annotations
+
+import random
+from typing import Any
+
+from tuneship.chats import Conversation
+
+
+def calibration_sample(
+    conversations: list[Conversation], samples: int, seed: int
+) -> list[Conversation]:
+    """The training conversations GPTQ calibrates on: a seeded sample."""
+    return random.Random(seed).sample(conversations, min(samples, len(conversations)))
+
+
+def calibration_rows(
+    tokenizer: Any, sample: list[Conversation], max_length: int
+) -> list[dict[str, list[int]]]:
+    """Each conversation rendered with the chat template and tokenized (the template writes any
+    BOS itself), cut to max_length tokens."""
+    rows = []
+    for conv in sample:
+        text = tokenizer.apply_chat_template(list(conv.messages), tokenize=False)
+        ids = tokenizer(text, add_special_tokens=False).input_ids[:max_length]
+        rows.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
+    return rows

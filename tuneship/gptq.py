@@ -1,0 +1,142 @@
+"""GPTQ W4A16 with llm-compressor: the export's quantization, also used by eval to put the base
+model through a bundle's own recipe. Writes a compressed-tensors checkpoint vLLM loads."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+from pathlib import Path
+from typing import Any
+
+from tuneship.calibration import calibration_rows
+from tuneship.chats import Conversation
+from tuneship.config import ExportConfig
+from tuneship.errors import TuneshipError
+from tuneship.manifest import CalibrationInfo, QuantizationInfo
+
+GROUP_SIZES = (128, 64, 32)
+
+
+def pick_group_size(model: Any, requested: int | None) -> int:
+    """The requested group size if it divides every quantized layer's input width, else the
+    largest of GROUP_SIZES that does."""
+    import torch
+
+    widths = {
+        module.in_features
+        for name, module in model.named_modules()
+        if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
+    }
+    if requested is not None:
+        bad = sorted(w for w in widths if w % requested)
+        if bad:
+            raise TuneshipError(
+                f"group_size {requested} does not divide the input width of every layer "
+                f"(widths {sorted(widths)}; {bad} are not multiples)"
+            )
+        return requested
+    for size in GROUP_SIZES:
+        if all(w % size == 0 for w in widths):
+            return size
+    raise TuneshipError(f"no group size in {GROUP_SIZES} divides the layer widths {sorted(widths)}")
+
+
+def linear_names(model: Any) -> list[str]:
+    import torch
+
+    return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+
+
+def check_keep_16bit(names: list[str], patterns: list[str]) -> None:
+    """Every keep_16bit entry names a linear layer (exactly, or as a 're:' pattern matched
+    from the start of the name, as llm-compressor matches it): a typo would otherwise be
+    quantized silently."""
+    for pattern in patterns:
+        regex = pattern[3:] if pattern.startswith("re:") else None
+        try:
+            hit = any(re.match(regex, n) for n in names) if regex else pattern in names
+        except re.error as err:
+            raise TuneshipError(f"keep_16bit: {pattern!r} is not a valid pattern: {err}") from err
+        if not hit:
+            raise TuneshipError(
+                f"keep_16bit: {pattern!r} matches no linear layer of the model "
+                f"(e.g. {names[0]!r}; patterns start with 're:')"
+            )
+
+
+def quiet_llmcompressor() -> None:
+    """llm-compressor logs lines per layer (loguru), some at its own METRIC level (38, above
+    WARNING); keep only warnings and errors unless TUNESHIP_LLMCOMPRESSOR_LOG asks for more
+    (e.g. INFO, which shows the METRIC lines too)."""
+    from loguru import logger
+
+    level = os.environ.get("TUNESHIP_LLMCOMPRESSOR_LOG", "WARNING")
+    logger.remove()
+    logger.add(
+        sys.stderr,
+        level=level,
+        filter=lambda record: level != "WARNING" or record["level"].name != "METRIC",
+    )
+
+
+def quantize(
+    merged_dir: Path, tokenizer: Any, sample: list[Conversation], cfg: ExportConfig, out_dir: Path
+) -> QuantizationInfo:
+    """GPTQ the 16-bit checkpoint in merged_dir, calibrated on `sample`; save to out_dir."""
+    import torch
+    from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
+    from datasets import Dataset
+    from llmcompressor import oneshot
+    from llmcompressor.modifiers.quantization import GPTQModifier
+    from transformers import AutoModelForCausalLM
+
+    quiet_llmcompressor()
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16)
+    check_keep_16bit(linear_names(model), cfg.keep_16bit)
+    group_size = pick_group_size(model, cfg.group_size)
+    symmetric = cfg.scheme == "W4A16"
+    rows = calibration_rows(tokenizer, sample, cfg.calibration_max_length)
+    scheme = QuantizationScheme(
+        targets=["Linear"],
+        weights=QuantizationArgs(
+            num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=group_size
+        ),
+    )
+    ignore = ["lm_head", *cfg.keep_16bit]
+    recipe = GPTQModifier(
+        config_groups={"group_0": scheme}, ignore=ignore, dampening_frac=cfg.dampening_frac
+    )
+    oneshot(
+        model=model,
+        dataset=Dataset.from_list(rows),
+        recipe=recipe,
+        max_seq_length=cfg.calibration_max_length,
+        num_calibration_samples=len(rows),
+        shuffle_calibration_samples=False,
+        log_dir=None,
+    )
+    model.save_pretrained(out_dir, save_compressed=True)
+    tokenizer.save_pretrained(out_dir)
+    shutil.copy(
+        Path(merged_dir) / "generation_config.json", Path(out_dir) / "generation_config.json"
+    )
+    return QuantizationInfo(
+        engine="llmcompressor",
+        algorithm="GPTQ",
+        format="compressed-tensors",
+        scheme=cfg.scheme,
+        num_bits=4,
+        symmetric=symmetric,
+        group_size=group_size,
+        ignore=ignore,
+        dampening_frac=cfg.dampening_frac,
+        calibration=CalibrationInfo(
+            samples=len(rows),
+            tokens=sum(len(r["input_ids"]) for r in rows),
+            max_length=cfg.calibration_max_length,
+            seed=cfg.seed,
+            ids=[c.id for c in sample],
+        ),
+    )

@@ -1,0 +1,24 @@
+"""Merging a LoRA adapter into its base, always in 16-bit (never into a quantized base: merging
+into 4-bit weights loses the adapter's effect). Used by export and by eval."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from tuneship.template import align_eos
+
+
+def merge(base: str, adapter_dir: Path, out_dir: Path) -> Any:
+    """Merge the LoRA adapter into the base loaded in bfloat16; save; return the tokenizer."""
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
+    align_eos(tokenizer, model.config, model.generation_config)
+    model.save_pretrained(out_dir)
+    tokenizer.save_pretrained(out_dir)
+    return tokenizer
