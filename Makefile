@@ -7,7 +7,7 @@ LINT := .venv/lint
 LMEVAL := .venv/lmeval
 PIP_FLAGS := --quiet --disable-pip-version-check --no-deps
 
-.PHONY: demo test lint format unit e2e envs lock clean bench-train bench-serve
+.PHONY: demo test lint format unit e2e envs lock clean bench-train bench-serve images
 
 # The installs wait mostly on the network and the disk: build them side by side.
 envs:
@@ -71,6 +71,12 @@ test: envs lint
 
 demo: envs
 	$(TRAIN)/bin/python scripts/demo.py
+
+# Both images, CPU variants (tuneship-serve:cpu, tuneship-train:cpu), on a machine with a Docker
+# engine and no registry: scripts/docker/images.sh says which settings it takes (a proxy's CA
+# bundle, a private index, a wheel folder) and makes a local Debian base where none can be pulled.
+images:
+	scripts/docker/images.sh
 
 # Training throughput against the article's recipe (needs `tuneship base fetch`; ~4 min on 2 cores)
 bench-train: envs

@@ -102,7 +102,7 @@ def run(bundle_dir: Path, out_dir: Path, cfg: EvalConfig, force: bool = False) -
     bundle_dir, out_dir = Path(bundle_dir), Path(out_dir)
     started = time.monotonic()
     check_output_free(out_dir, force)
-    bundle = verify(bundle_dir)
+    bundle = verify(bundle_dir, require_checked=False)  # eval serves it itself
     if bundle.layout != "merged":
         raise TuneshipError(f"{bundle_dir}: eval compares merged bundles (this one is adapters)")
     run_dir = Path(bundle.run.path)

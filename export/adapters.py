@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from tuneship.bundles import lora_arguments, show
+from tuneship.checks import stop_rate
 from tuneship.config import ExportConfig
 from tuneship.errors import TuneshipError
 from tuneship.fsutil import check_output_free, hash_tree, sha256_file, staged_dir, tree_size
@@ -37,7 +38,6 @@ from tuneship.probes import (
     ProbeChat,
     ProbeRequest,
     fact_recall,
-    find_serve_bin,
     load_eval_items,
     probe,
     serving_max_len,
@@ -45,7 +45,7 @@ from tuneship.probes import (
 from tuneship.runs import check_run
 
 from . import checks
-from .run import LIBRARIES, SKIPPED, refuse_failed
+from .run import LIBRARIES, refuse_failed, serve_environment
 
 EMBEDDING_MODULES = {"lm_head", "embed_tokens", "wte", "wpe", "embed_in", "embed_out"}
 BASE_FILES = ("config.json", "generation_config.json")
@@ -111,7 +111,7 @@ def run(run_dirs: list[Path], out_dir: Path, cfg: ExportConfig, force: bool = Fa
         raise TuneshipError("adapter lint failed:\n" + "\n".join(f"  - {p}" for p in problems))
     for run_dir, manifest in zip(run_dirs, manifests, strict=True):
         check_run(run_dir, manifest)
-    serve_bin = find_serve_bin(cfg.serve_bin) if cfg.checks else None
+    serve_bin = serve_environment(cfg)
     items = load_eval_items(Path(cfg.eval_data))[: cfg.check_samples] if cfg.eval_data else []
     served_name = cfg.served_name or out_dir.name
     ranks = {}
@@ -145,7 +145,12 @@ def run(run_dirs: list[Path], out_dir: Path, cfg: ExportConfig, force: bool = Fa
                 cfg, serve_bin, model_dir, stage, list(adapters), items, lora_args
             )
         else:
-            results["preflight"] = SKIPPED
+            reason = (
+                "checks=off: no vLLM run at export"
+                if cfg.checks == "off"
+                else "no serve environment at export (adapters-only bundles are checked there)"
+            )
+            results["preflight"] = Check(passed=None, reason=reason)
         shutil.rmtree(stage / ".probe", ignore_errors=True)
         config = json.loads((model_dir / "config.json").read_text())
         bundle = BundleManifest(
@@ -201,7 +206,7 @@ def preflight_adapters(
         ],
     )
     result = probe(serve_bin, model_dir, stage / ".probe", "adapters", request)
-    rate = checks.stop_rate(result.chats, cfg.min_stop_rate, cfg.check_max_tokens)
+    rate = stop_rate(result.chats, cfg.min_stop_rate, cfg.check_max_tokens)
     recalls = {
         name: fact_recall(prompts, [c.text for c in result.chats if c.model == name])
         for name in names

@@ -1,15 +1,12 @@
-"""The export's checks: each proves one way the bundle could misbehave in vLLM does not happen.
+"""The export's part of the checks (train environment): what can be known without vLLM, and the
+CheckPlan that whoever runs vLLM judges (tuneship/checks.py).
 
-- template parity: vLLM's token ids for chat messages equal the ids training used (one BOS,
-  identical generation prompt);
-- stop tokens: greedy replies through vLLM end with finish_reason "stop";
-- quality gate: perplexity (assistant tokens) and fact recall of the quantized model against the
-  merged 16-bit model;
-- preflight: vLLM loads the bundle with the production arguments and answers; load time and
-  peak memory are recorded.
-
-vLLM runs in the serve environment: `tuneship bundle probe` there does the serving (see
-tuneship.probes), these functions judge what it returns.
+- stop tokens, statically: tokenizer eos, generation_config eos and the template's end-of-turn
+  token agree;
+- the plan: each check prompt with the token ids training used for it, and the perplexity of the
+  merged and the quantized model on the reference answers (transformers);
+- the merged model's greedy answers (the recall baseline) with transformers, for a bundle whose
+  vLLM checks run later, in the serve image.
 """
 
 from __future__ import annotations
@@ -18,10 +15,12 @@ import json
 from pathlib import Path
 from typing import Any
 
+from tuneship.chat_tokens import ChatTokenizer
 from tuneship.chats import Conversation
+from tuneship.checks import CheckPlan, CheckPrompt
 from tuneship.config import ExportConfig
 from tuneship.manifest import Check
-from tuneship.probes import EvalItem, ProbeAnswer
+from tuneship.probes import EvalItem, perplexity
 from tuneship.template import end_of_turn
 
 
@@ -43,71 +42,85 @@ def check_stop_tokens(model_dir: Path) -> Check:
     )
 
 
-def template_parity(
-    tokenizer: Any, chat_tokenizer: Any, items: list[EvalItem], served: list[list[int]]
-) -> Check:
-    """Training token ids for each prompt + reply must start with vLLM's prompt ids exactly."""
-    mismatches, bos_problems = [], []
-    bos = tokenizer.bos_token_id
-    for item, served_ids in zip(items, served, strict=True):
-        reply = {"role": "assistant", "content": item.answer or "ok"}
-        trained = chat_tokenizer(Conversation(item.id, "openai", (*item.messages, reply)))
-        if trained.input_ids[: len(served_ids)] != served_ids:
-            mismatches.append(item.id)
-        # (ChatML tokenizers call <|im_start|> their BOS: many per prompt is normal there)
-        if bos is not None and (
-            served_ids[:2] == [bos, bos] or served_ids.count(bos) != trained.input_ids.count(bos)
-        ):
-            bos_problems.append(item.id)
-    return Check(
-        passed=not mismatches and not bos_problems,
-        conversations=len(items),
-        mismatched=len(mismatches),
-        mismatched_ids=mismatches[:10],
-        double_bos_ids=bos_problems[:10],
-    )
+def check_plan(
+    cfg: ExportConfig, items: list[EvalItem], label: str, merged_dir: Path, model_dir: Path
+) -> CheckPlan:
+    """The prompts with their training token ids, the perplexity figures and the thresholds."""
+    from transformers import AutoTokenizer
 
-
-def stop_rate(chats: list[ProbeAnswer], minimum: float, max_tokens: int) -> Check:
-    """Share of greedy replies that ended on the end-of-turn token (finish_reason "stop")."""
-    stopped = sum(c.finish_reason == "stop" for c in chats)
-    rate = stopped / len(chats)
-    return Check(
-        passed=rate >= minimum,
-        rate=round(rate, 3),
-        minimum=minimum,
-        prompts=len(chats),
-        max_tokens=max_tokens,
-        not_stopped_ids=[c.id for c in chats if c.finish_reason != "stop"][:10],
-    )
-
-
-def quality_gate(
-    cfg: ExportConfig,
-    ppl_merged: float | None,
-    ppl_quantized: float | None,
-    recall_merged: float | None,
-    recall_quantized: float | None,
-    data: str,
-) -> Check:
-    ratio = None if ppl_merged is None or ppl_quantized is None else ppl_quantized / ppl_merged
-    drop = None if recall_merged is None else 100 * (recall_merged - (recall_quantized or 0.0))
-    passed = (ratio is None or ratio <= cfg.max_perplexity_ratio) and (
-        drop is None or drop <= cfg.max_recall_drop
-    )
-    return Check(
-        passed=passed,
-        data=data,
-        perplexity_merged=_rounded(ppl_merged),
-        perplexity_quantized=_rounded(ppl_quantized),
-        perplexity_ratio=_rounded(ratio),
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    chat_tokenizer = ChatTokenizer(tokenizer)
+    print("quality gate: perplexity of the merged and the quantized model ...", flush=True)
+    return CheckPlan(
+        data=label,
+        prompts=[
+            CheckPrompt(
+                id=item.id,
+                messages=list(item.messages),
+                facts=list(item.facts),
+                trained_ids=trained_ids(chat_tokenizer, item),
+            )
+            for item in items
+        ],
+        bos_token_id=tokenizer.bos_token_id,
+        max_tokens=cfg.check_max_tokens,
+        min_stop_rate=cfg.min_stop_rate,
+        max_recall_drop=cfg.max_recall_drop,
         max_perplexity_ratio=cfg.max_perplexity_ratio,
-        recall_merged=_rounded(recall_merged),
-        recall_quantized=_rounded(recall_quantized),
-        recall_drop_points=_rounded(drop, 2),
-        max_recall_drop_points=cfg.max_recall_drop,
+        perplexity_merged=perplexity(merged_dir, chat_tokenizer, items),
+        perplexity_quantized=perplexity(model_dir, chat_tokenizer, items),
+        stop_tokens=check_stop_tokens(model_dir),
     )
 
 
-def _rounded(value: float | None, digits: int = 4) -> float | None:
-    return None if value is None else round(value, digits)
+def trained_ids(chat_tokenizer: ChatTokenizer, item: EvalItem) -> list[int]:
+    """The ids training feeds the model for the prompt and a reply (the reference, or "ok")."""
+    reply = {"role": "assistant", "content": item.answer or "ok"}
+    return chat_tokenizer(Conversation(item.id, "openai", (*item.messages, reply))).input_ids
+
+
+def greedy_answers(
+    model_dir: Path, items: list[EvalItem], max_tokens: int, batch: int = 16
+) -> list[str]:
+    """The model's greedy replies with transformers (the recall baseline when vLLM is not here)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    answers: list[str] = []
+    for start in range(0, len(items), batch):
+        prompts = [
+            tokenizer.apply_chat_template(
+                list(item.messages), tokenize=False, add_generation_prompt=True
+            )
+            for item in items[start : start + batch]
+        ]
+        inputs = tokenizer(prompts, return_tensors="pt", padding=True, add_special_tokens=False)
+        with torch.no_grad():
+            out = model.generate(
+                **inputs,
+                max_new_tokens=max_tokens,
+                do_sample=False,
+                pad_token_id=tokenizer.pad_token_id,
+            )
+        new = out[:, inputs["input_ids"].shape[1] :]
+        answers += tokenizer.batch_decode(new, skip_special_tokens=True)
+    return answers
+
+
+def any_facts(plan: CheckPlan) -> bool:
+    return any(p.facts for p in plan.prompts)
+
+
+def skipped_checks(plan: CheckPlan, reason: str) -> dict[str, Any]:
+    """checks: off: the static stop-token check and the perplexity part of the gate only."""
+    from tuneship.checks import quality_gate
+
+    skipped = Check(passed=None, reason=reason)
+    return {
+        "stop_tokens": plan.stop_tokens.model_copy(update={"generation": f"skipped ({reason})"}),
+        "template_parity": skipped,
+        "preflight": skipped,
+        "quality_gate": quality_gate(plan, None, None),
+    }

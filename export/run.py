@@ -19,8 +19,8 @@ from pathlib import Path
 
 from tuneship.bundles import show, verify
 from tuneship.calibration import calibration_sample
-from tuneship.chat_tokens import ChatTokenizer
 from tuneship.chats import Conversation
+from tuneship.checks import judge, pending_checks
 from tuneship.config import ExportConfig
 from tuneship.errors import TuneshipError
 from tuneship.fsutil import check_output_free, hash_tree, sha256_file, staged_dir, tree_size
@@ -30,6 +30,7 @@ from tuneship.manifest import (
     RUN_FILE,
     BundleManifest,
     Check,
+    CheckPlan,
     MergeInfo,
     RunRef,
     ServingInfo,
@@ -42,12 +43,9 @@ from tuneship.manifest import (
 from tuneship.merging import merge
 from tuneship.probes import (
     EvalItem,
-    ProbeRequest,
-    fact_recall,
     find_serve_bin,
     items_from_training,
     load_eval_items,
-    perplexity,
     probe,
     serving_max_len,
 )
@@ -56,7 +54,6 @@ from tuneship.runs import check_run, training_conversations
 from . import checks
 
 LIBRARIES = ("torch", "transformers", "peft", "llmcompressor", "compressed-tensors")
-SKIPPED = Check(passed=None, reason="checks=false: no vLLM run at export")
 
 
 @dataclass(frozen=True)
@@ -76,7 +73,7 @@ def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) ->
         return out_dir
     check_output_free(out_dir, force)
     check_run(run_dir, manifest)
-    serve_bin = find_serve_bin(cfg.serve_bin) if cfg.checks else None
+    serve_bin = serve_environment(cfg)
     conversations = training_conversations(manifest)
     prompts = check_prompts(cfg, conversations)
     started = time.monotonic()
@@ -89,7 +86,8 @@ def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) ->
         print(f"GPTQ {cfg.scheme} with llm-compressor on {len(sample)} training chats ...")
         quantization = quantize(merged_dir, tokenizer, sample, cfg, model_dir)
         quantization.seconds = round(time.monotonic() - started - merge_s, 1)
-        results = run_checks(cfg, serve_bin, merged_dir, model_dir, prompts, stage / ".probe")
+        plan = checks.check_plan(cfg, prompts.items, prompts.label, merged_dir, model_dir)
+        results = vllm_checks(cfg, plan, serve_bin, stage)
         shutil.rmtree(stage / ".probe", ignore_errors=True)
         sizes = Sizes(merged_bytes=tree_size(merged_dir), model_bytes=tree_size(model_dir))
         merged_files = hash_tree(merged_dir)  # provenance, also when merged/ is not kept
@@ -114,6 +112,7 @@ def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) ->
             merged_files=merged_files,
             sizes=sizes,
             checks=results,
+            check_plan=plan,
             versions=versions(*LIBRARIES),
             serving=serving_info(model_dir, results.get("preflight")),
         )
@@ -131,62 +130,47 @@ def check_prompts(cfg: ExportConfig, conversations: list[Conversation]) -> Check
     return CheckPrompts(items, f"{len(items)} sampled training conversations (no eval_data given)")
 
 
-def run_checks(
-    cfg: ExportConfig,
-    serve_bin: Path | None,
-    merged_dir: Path,
-    model_dir: Path,
-    prompts: CheckPrompts,
-    work: Path,
-) -> dict[str, Check]:
-    """Stop tokens, the quality gate and, with vLLM, template parity and the preflight."""
-    from transformers import AutoTokenizer
+def serve_environment(cfg: ExportConfig) -> Path | None:
+    """The serve environment's tuneship when the vLLM checks run now; None for later or off."""
+    if cfg.checks in ("later", "off"):
+        return None
+    if cfg.checks == "now":
+        return find_serve_bin(cfg.serve_bin, hint="or set checks=later (or off)")
+    try:
+        return find_serve_bin(cfg.serve_bin)
+    except TuneshipError:
+        print(
+            "no serve environment here: the vLLM checks are recorded for `tuneship bundle "
+            "check`, run where vLLM is (the serve image)",
+            flush=True,
+        )
+        return None
 
-    items = prompts.items
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
-    chat_tokenizer = ChatTokenizer(tokenizer)
-    stop_tokens = checks.check_stop_tokens(model_dir)
-    print("quality gate: perplexity of the merged and the quantized model ...", flush=True)
-    ppl_merged = perplexity(merged_dir, chat_tokenizer, items)
-    ppl_quantized = perplexity(model_dir, chat_tokenizer, items)
+
+def vllm_checks(
+    cfg: ExportConfig, plan: CheckPlan, serve_bin: Path | None, bundle: Path
+) -> dict[str, Check]:
+    """The checks' verdicts: judged now through vLLM, pending for `bundle check`, or skipped.
+    Fills in the plan's recall baseline (the merged model's answers)."""
+    merged_dir, model_dir, work = bundle / "merged", bundle / "model", bundle / ".probe"
+    if cfg.checks == "off":
+        return checks.skipped_checks(plan, "checks=off: no vLLM run at export")
     if serve_bin is None:
-        stop_tokens.generation = "skipped (checks=false)"
-        gate = checks.quality_gate(cfg, ppl_merged, ppl_quantized, None, None, prompts.label)
-        return {
-            "stop_tokens": stop_tokens,
-            "template_parity": SKIPPED,
-            "preflight": SKIPPED,
-            "quality_gate": gate,
-        }
-    recall_merged = None
-    ask = ProbeRequest.asking(items, model_dir, cfg.check_max_tokens)
-    if any(i.facts for i in items):
+        if checks.any_facts(plan):
+            print("recall baseline: the merged model's answers (transformers) ...", flush=True)
+            items = [p.item() for p in plan.prompts]
+            plan.merged_answers = checks.greedy_answers(merged_dir, items, plan.max_tokens)
+        return pending_checks(plan)
+    if checks.any_facts(plan):
         print("preflight: vLLM on the merged 16-bit model (recall baseline) ...", flush=True)
-        recall_merged = fact_recall(items, probe(serve_bin, merged_dir, work, "merged", ask).texts)
+        ask = plan.request(serving_max_len(model_dir))
+        ask.tokenize = []
+        plan.merged_answers = probe(serve_bin, merged_dir, work, "merged", ask).texts
     print("preflight: vLLM on the quantized bundle with the production arguments ...", flush=True)
-    ask.tokenize = [list(i.messages) for i in items]
-    served = probe(serve_bin, model_dir, work, "quantized", ask)
-    rate = checks.stop_rate(served.chats, cfg.min_stop_rate, cfg.check_max_tokens)
-    stop_tokens.passed = bool(stop_tokens.passed and rate.passed)
-    stop_tokens.stop_rate = rate.model_dump()
-    recall_quantized = fact_recall(items, served.texts)
-    return {
-        "stop_tokens": stop_tokens,
-        "template_parity": checks.template_parity(
-            tokenizer, chat_tokenizer, items, served.tokenize
-        ),
-        "preflight": Check(
-            passed=bool((served.chats[0].text or "").strip()),
-            flavour=served.flavour,
-            load_s=served.load_s,
-            peak_rss_bytes=served.peak_rss_bytes,
-            chat_s=served.chat_s,
-            args=served.argv,
-        ),
-        "quality_gate": checks.quality_gate(
-            cfg, ppl_merged, ppl_quantized, recall_merged, recall_quantized, prompts.label
-        ),
-    }
+    served = probe(
+        serve_bin, model_dir, work, "quantized", plan.request(serving_max_len(model_dir))
+    )
+    return judge(plan, served)
 
 
 def serving_info(model_dir: Path, preflight: Check | None) -> ServingInfo:
@@ -205,7 +189,7 @@ def up_to_date(out_dir: Path, run_dir: Path, cfg: ExportConfig) -> bool:
     if not (out_dir / BUNDLE_FILE).is_file():
         return False
     try:
-        bundle = verify(out_dir)
+        bundle = verify(out_dir, require_checked=False)
     except TuneshipError:
         return False
     same_run = bundle.run.run_json_sha256 == sha256_file(run_dir / RUN_FILE)

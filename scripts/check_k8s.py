@@ -116,6 +116,10 @@ def check_training(where: str, job: dict) -> list[str]:
     return problems
 
 
+def component(doc: dict) -> str | None:
+    return doc["metadata"].get("labels", {}).get("app.kubernetes.io/component")
+
+
 def check_overlay(overlay: Path) -> dict:
     report = {"overlay": overlay.name, "path": f"k8s/overlays/{overlay.name}", "objects": [],
               "problems": [], "not_schema_checked": []}  # fmt: skip
@@ -141,8 +145,10 @@ def check_overlay(overlay: Path) -> dict:
                 report["problems"].append(f"{where}: no schema for {doc['apiVersion']} {kind}")
         if kind == "Deployment":
             report["problems"] += check_serving(where, doc)
-        elif kind == "Job":
+        elif kind == "Job" and component(doc) == "training":
             report["problems"] += check_training(where, doc)
+        elif kind == "Job":  # export, check: one-off pods, the same pod rules
+            report["problems"] += check_pod(where, doc["spec"]["template"]["spec"])
     checked = validate_custom(custom)
     for doc in custom:
         key = f"{doc['kind']}/{doc['metadata']['name']}"

@@ -34,7 +34,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 
 from tuneship.config import ServeConfig
 from tuneship.errors import TuneshipError
@@ -56,6 +56,11 @@ class MiddlewareSettings(BaseModel):
 
     serve: ServeConfig
     bundle_dir: str | None = None
+    self_test_token: str | None = Field(
+        None,
+        description="Set when `tuneship serve` runs its start-up self-test: /ready stays 503 "
+        "until it passes (SIGUSR2), and its loopback requests carrying this token need no key.",
+    )
 
     def to_env(self) -> str:
         return self.model_dump_json(context={"reveal": True})
@@ -259,6 +264,8 @@ class TuneshipMiddleware:
         self.keys = KeyRing(cfg.key_list(), cfg.api_keys_file)
         self.retry_after = str(cfg.retry_after)
         self.draining = False
+        self.self_test_token = settings.self_test_token
+        self.verified = self.self_test_token is None
         self.inflight = 0
         self.m = metrics()
         self.m["bundle"].labels(**bundle_labels(settings.bundle_dir)).set(1)
@@ -272,9 +279,13 @@ class TuneshipMiddleware:
         # outside the main thread (a test harness) there is no drain signal
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGUSR1, self._start_draining)
+            signal.signal(signal.SIGUSR2, self._self_test_passed)
 
     def _start_draining(self, signum: int, frame: Any) -> None:
         self.draining = True
+
+    def _self_test_passed(self, signum: int, frame: Any) -> None:
+        self.verified = True
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] != "http" or scope.get("method") == "OPTIONS":
@@ -291,9 +302,10 @@ class TuneshipMiddleware:
             await self._api_request(scope, receive, send)
 
     async def _readiness(self, send: Any) -> None:
-        status = 503 if self.draining else 200
-        body = json.dumps({"status": "draining" if self.draining else "ready"}).encode()
-        await _respond(send, status, body)
+        state = "draining" if self.draining else "ready" if self.verified else "self-testing"
+        await _respond(
+            send, 200 if state == "ready" else 503, json.dumps({"status": state}).encode()
+        )
 
     async def _inflight_report(self, scope: dict, send: Any) -> None:
         """How many requests are in flight, for the supervisor's drain: it asks from the same
@@ -308,7 +320,11 @@ class TuneshipMiddleware:
     async def _api_request(self, scope: dict, receive: Any, send: Any) -> None:
         """Authenticate, refuse while draining, then pass through, observing the exchange."""
         exchange = Exchange(scope)
-        refusal = self._authenticate(scope, exchange) if self.keys.configured else None
+        refusal = None
+        if self._is_self_test(scope):
+            exchange.key_id = "self-test"
+        elif self.keys.configured:
+            refusal = self._authenticate(scope, exchange)
         if refusal is not None:
             await self._refuse_unauthenticated(send, exchange, refusal)
         elif self.draining:
@@ -379,6 +395,15 @@ class TuneshipMiddleware:
             headers.append((b"retry-after", self.retry_after.encode()))
             self.m["rejected"].labels(reason="overload").inc()
         return headers
+
+    def _is_self_test(self, scope: dict) -> bool:
+        """A request of the start-up self-test: from loopback, with this run's token."""
+        if self.self_test_token is None or self.verified:
+            return False
+        client = (scope.get("client") or ("",))[0]
+        presented = dict(scope.get("headers") or []).get(b"x-tuneship-self-test", b"")
+        token = self.self_test_token.encode()
+        return client in LOOPBACK and hmac.compare_digest(presented, token)
 
     def _authenticate(self, scope: dict, exchange: Exchange) -> str | None:
         """None when a valid key was presented, else the reason: missing or invalid."""

@@ -37,6 +37,13 @@ def _post(url: str, body: dict) -> dict:
 
 def run(model_dir: Path, input_path: Path, output_path: Path) -> ProbeResult:
     spec = ProbeRequest.model_validate_json(Path(input_path).read_text(encoding="utf-8"))
+    result = ask(Path(model_dir), spec, Path(output_path).with_suffix(".log"))
+    write_json_atomic(Path(output_path), result.model_dump(mode="json"))
+    return result
+
+
+def ask(model_dir: Path, spec: ProbeRequest, log: Path) -> ProbeResult:
+    """Serve model_dir with the production arguments and ask it what spec asks."""
     flavour = vllm_flavour()
     port = free_port()
     argv, env = build_command(
@@ -48,7 +55,6 @@ def run(model_dir: Path, input_path: Path, output_path: Path) -> ProbeResult:
         spec.max_model_len,
         extra=tuple(spec.extra_args),
     )
-    log = Path(output_path).with_suffix(".log")
     started = time.monotonic()
     with Server(argv, port, log, env=env) as server:
         load_s = time.monotonic() - started
@@ -83,7 +89,7 @@ def run(model_dir: Path, input_path: Path, output_path: Path) -> ProbeResult:
             chats = list(pool.map(chat, spec.chats))
             chat_s = time.monotonic() - chat_started
         peak = server.peak_rss_bytes()
-    result = ProbeResult(
+    return ProbeResult(
         flavour=flavour,
         argv=argv[1:],
         load_s=round(load_s, 1),
@@ -92,5 +98,3 @@ def run(model_dir: Path, input_path: Path, output_path: Path) -> ProbeResult:
         tokenize=tokens,
         chats=chats,
     )
-    write_json_atomic(Path(output_path), result.model_dump(mode="json"))
-    return result

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import secrets
 import shlex
 import signal
 import subprocess
@@ -27,6 +28,7 @@ from tuneship.config import ServeConfig
 from tuneship.errors import TuneshipError
 
 from .middleware import SETTINGS_ENV, MiddlewareSettings
+from .selftest import SelfTest
 
 API_SERVER = "vllm.entrypoints.openai.api_server"
 MIDDLEWARE = "tuneship.serve.middleware.TuneshipMiddleware"
@@ -136,21 +138,37 @@ def run(
         return 0
     if cfg.api_keys_file:
         cfg = cfg.model_copy(update={"api_keys_file": str(Path(cfg.api_keys_file).resolve())})
-    env[SETTINGS_ENV] = MiddlewareSettings(serve=cfg, bundle_dir=str(bundle_dir)).to_env()
-    return supervise(argv, os.environ | env, cfg.host, cfg.port, cfg.drain_timeout)
+    token = secrets.token_urlsafe(24) if cfg.self_test and manifest.check_plan else None
+    settings = MiddlewareSettings(serve=cfg, bundle_dir=str(bundle_dir), self_test_token=token)
+    env[SETTINGS_ENV] = settings.to_env()
+    self_test = SelfTest(manifest, local_url(cfg.host, cfg.port), token) if token else None
+    return supervise(argv, os.environ | env, cfg.host, cfg.port, cfg.drain_timeout, self_test)
 
 
 def _log(event: str, **fields) -> None:
     print(json.dumps({"time": round(time.time(), 3), "event": event, **fields}), flush=True)
 
 
+def local_url(host: str, port: int) -> str:
+    """This server, as seen from the machine it runs on."""
+    local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    local = f"[{local}]" if ":" in local else local
+    return f"http://{local}:{port}"
+
+
+def _serving(host: str, port: int) -> bool:
+    try:
+        with urllib.request.urlopen(f"{local_url(host, port)}/health", timeout=2) as reply:
+            return reply.status == 200
+    except (OSError, ValueError):
+        return False
+
+
 def _inflight(host: str, port: int) -> int | None:
     """Requests in flight; 0 when nothing listens (vLLM not serving yet, or gone); None when
     the server did not answer in time (busy: keep waiting, never take silence for zero)."""
     try:
-        local = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
-        local = f"[{local}]" if ":" in local else local
-        url = f"http://{local}:{port}/tuneship/inflight"
+        url = f"{local_url(host, port)}/tuneship/inflight"
         with urllib.request.urlopen(url, timeout=5) as reply:
             return int(json.loads(reply.read())["inflight"])
     except urllib.error.URLError as exc:
@@ -181,11 +199,17 @@ def drain(child: subprocess.Popen, host: str, port: int, timeout_s: float) -> No
 
 
 def supervise(
-    argv: list[str], env: dict[str, str], host: str, port: int, drain_timeout_s: float
+    argv: list[str],
+    env: dict[str, str],
+    host: str,
+    port: int,
+    drain_timeout_s: float,
+    self_test: SelfTest | None = None,
 ) -> int:
-    # The child inherits SIGUSR1 ignored, so a drain signal that comes before the middleware
-    # handles it (vLLM still loading) cannot kill it with the signal's default action.
+    # The child inherits SIGUSR1 and SIGUSR2 ignored, so a drain or self-test signal that comes
+    # before the middleware handles it (vLLM still loading) cannot kill it.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
+    signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     child = subprocess.Popen(argv, env=env)
     terminating = []
     signal.signal(signal.SIGTERM, lambda *_: terminating.append(True))
@@ -194,14 +218,42 @@ def supervise(
         try:
             return child.wait(timeout=0.2)  # vLLM ended by itself: pass its code on
         except subprocess.TimeoutExpired:
-            continue
+            pass
+        if self_test is not None and not terminating and _serving(host, port):
+            if not run_self_test(self_test, child):
+                return stop(child, "self_test_failed", 1)
+            self_test = None
     _log("sigterm", drain_timeout_s=drain_timeout_s)
     drain(child, host, port, drain_timeout_s)
+    return stop(child, "stopped", 0)
+
+
+def run_self_test(self_test: SelfTest, child: subprocess.Popen) -> bool:
+    """Readiness on (SIGUSR2 to the middleware) when the self-test passes; False otherwise."""
+    try:
+        result = self_test.run()
+    except (OSError, ValueError, KeyError) as exc:
+        result = {"passed": False, "reason": f"the self-test's requests failed: {exc}"}
+    _log("self_test", **result)
+    if result["passed"]:
+        os.kill(child.pid, signal.SIGUSR2)
+        return True
+    print(
+        f"error: start-up self-test failed: {result['reason']}; this serving image does not "
+        "serve the bundle as it was checked (compare versions in bundle.json and checks.json)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return False
+
+
+def stop(child: subprocess.Popen, event: str, code_when_stopped: int) -> int:
+    """SIGTERM to vLLM (SIGKILL after 60 s); code_when_stopped, or vLLM's own failure code."""
     child.send_signal(signal.SIGTERM)
     try:
         code = child.wait(timeout=60)
     except subprocess.TimeoutExpired:
         child.kill()
         code = child.wait()
-    _log("stopped", vllm_exit_code=code)
-    return 0 if code in (0, -signal.SIGTERM, 128 + signal.SIGTERM) else code
+    _log(event, vllm_exit_code=code)
+    return code_when_stopped if code in (0, -signal.SIGTERM, 128 + signal.SIGTERM) else code

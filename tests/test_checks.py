@@ -1,4 +1,5 @@
-"""The export's judging logic: template parity, stop rate, recall, quality gate, eval data."""
+"""The checks' judging logic (tuneship/checks.py): template parity, stop rate, recall, quality
+gate; the check plan's training ids (export/checks.py); held-out question files."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import json
 
 import pytest
 
-from tuneship import probes
+from tuneship import checks, probes
 from tuneship.chat_tokens import ChatTokenizer
 from tuneship.config import ExportConfig
 from tuneship.errors import TuneshipError
-from tuneship.export import checks
+from tuneship.export.checks import trained_ids
 from tuneship.facts import cites_clause, contains_fact, recall
+from tuneship.manifest import Check, CheckPlan, CheckPrompt
 from tuneship.probes import ProbeAnswer
 
 ITEM = probes.EvalItem("q1", ({"role": "user", "content": "Meal allowance?"},), "It is $62.", "$62")
@@ -22,14 +24,20 @@ def served_prompt(tokenizer, item):
     return list(getattr(ids, "input_ids", ids))
 
 
+def check_prompt(tokenizer, item) -> CheckPrompt:
+    """What the export records for a prompt: the ids training uses for it and a reply."""
+    ids = trained_ids(ChatTokenizer(tokenizer), item)
+    return CheckPrompt(id=item.id, messages=list(item.messages), trained_ids=ids)
+
+
 def test_template_parity_passes_on_identical_ids_and_names_mismatches(chatml_tokenizer):
-    chat_tokenizer = ChatTokenizer(chatml_tokenizer)
+    prompt = check_prompt(chatml_tokenizer, ITEM)
     good = served_prompt(chatml_tokenizer, ITEM)
-    result = checks.template_parity(chatml_tokenizer, chat_tokenizer, [ITEM], [good])
+    result = checks.template_parity([prompt], [good], chatml_tokenizer.bos_token_id)
     assert result.passed and result.mismatched == 0
     # a server rendering a different system prompt (another template) is caught
     other = [*good[:3], good[3] + 1, *good[4:]]
-    result = checks.template_parity(chatml_tokenizer, chat_tokenizer, [ITEM], [other])
+    result = checks.template_parity([prompt], [other], chatml_tokenizer.bos_token_id)
     assert not result.passed and result.mismatched_ids == ["q1"]
 
 
@@ -37,11 +45,10 @@ def test_template_parity_catches_a_double_bos():
     from tests.support import LLAMA3, build_tokenizer
 
     tokenizer = build_tokenizer(LLAMA3, eos="<|eot_id|>", bos="<|begin_of_text|>")
-    chat_tokenizer = ChatTokenizer(tokenizer)
+    prompt, bos = check_prompt(tokenizer, ITEM), tokenizer.bos_token_id
     served = served_prompt(tokenizer, ITEM)
-    assert checks.template_parity(tokenizer, chat_tokenizer, [ITEM], [served]).passed
-    doubled = [tokenizer.bos_token_id, *served]
-    result = checks.template_parity(tokenizer, chat_tokenizer, [ITEM], [doubled])
+    assert checks.template_parity([prompt], [served], bos).passed
+    result = checks.template_parity([prompt], [[bos, *served]], bos)
     assert not result.passed and result.double_bos_ids == ["q1"]
 
 
@@ -73,24 +80,34 @@ def test_a_clause_is_cited_by_its_exact_id():
     assert not cites_clause("Under Policy T-4.3, the allowance is $62.", "T-4.2")
 
 
+def plan(ppl_merged: float | None, ppl_quantized: float | None) -> CheckPlan:
+    cfg = ExportConfig()
+    return CheckPlan(
+        data="held-out", prompts=[], max_tokens=cfg.check_max_tokens,
+        min_stop_rate=cfg.min_stop_rate, max_recall_drop=cfg.max_recall_drop,
+        max_perplexity_ratio=cfg.max_perplexity_ratio, perplexity_merged=ppl_merged,
+        perplexity_quantized=ppl_quantized, stop_tokens=Check(passed=True),
+    )  # fmt: skip
+
+
 @pytest.mark.parametrize(
     ("ppl_q", "recall_q", "passed"),
     [(1.05, 0.90, True), (1.2, 0.90, False), (1.05, 0.80, False), (1.10, 0.86, True)],
 )
 def test_quality_gate(ppl_q, recall_q, passed):
-    gate = checks.quality_gate(ExportConfig(), 1.0, ppl_q, 0.90, recall_q, "held-out")
+    gate = checks.quality_gate(plan(1.0, ppl_q), 0.90, recall_q)
     assert gate.passed is passed
     assert gate.perplexity_ratio == pytest.approx(ppl_q)
 
 
 def test_quality_gate_without_reference_answers_judges_recall_only():
-    gate = checks.quality_gate(ExportConfig(), None, None, 0.9, 0.8, "questions and facts")
+    gate = checks.quality_gate(plan(None, None), 0.9, 0.8)
     assert not gate.passed and gate.perplexity_ratio is None
-    assert checks.quality_gate(ExportConfig(), None, None, 0.9, 0.88, "q").passed
+    assert checks.quality_gate(plan(None, None), 0.9, 0.88).passed
 
 
 def test_quality_gate_without_facts_judges_perplexity_only():
-    gate = checks.quality_gate(ExportConfig(), 2.0, 2.1, None, None, "training sample")
+    gate = checks.quality_gate(plan(2.0, 2.1), None, None)
     assert gate.passed and gate.recall_drop_points is None
 
 

@@ -227,3 +227,32 @@ def test_lm_eval_scores_the_served_endpoint(server, bundle, client, tmp_path):
         )
         assert reply.strip() == direct.choices[0].message.content.strip()
     assert score == pytest.approx(sum(s["fact_recall"] for s in samples) / len(samples))
+
+
+def test_a_bundle_exported_without_vllm_is_checked_by_bundle_check(bundle, tmp_path):
+    """checks=later (the train image has no vLLM): the export records the check plan, serving
+    is refused until `tuneship bundle check` (serve environment) has run and recorded
+    checks.json, which then makes `bundle verify` accept it."""
+    run_dir = bundle.parent.parent / "runs" / "e2e"
+    later = tmp_path / "later"
+    tuneship(
+        "export", str(run_dir), "--out", str(later), "--set", "checks=later",
+        "--set", "calibration_samples=8", "--set", "check_samples=12",
+        "--set", f"eval_data={REPO / 'data' / 'demo' / 'heldout.jsonl'}",
+        "--set", "min_stop_rate=0.5", "--set", "max_perplexity_ratio=2.0",
+        "--set", "max_recall_drop=100", cwd=tmp_path,
+    )  # fmt: skip
+    plan = json.loads((later / "bundle.json").read_text())["check_plan"]
+    assert len(plan["merged_answers"]) == 12  # the recall baseline, from transformers
+    refused = subprocess.run(
+        [str(SERVE_BIN), "serve", str(later), "--dry-run"], capture_output=True, text=True
+    )
+    assert refused.returncode == 1 and "checks not run yet" in refused.stderr
+    done = subprocess.run(
+        [str(SERVE_BIN), "bundle", "check", str(later)], capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    record = json.loads((later / "checks.json").read_text())
+    assert record["checks"]["template_parity"]["passed"]
+    assert record["checks"]["quality_gate"]["recall_merged"] is not None
+    assert subprocess.run([str(SERVE_BIN), "bundle", "verify", str(later)]).returncode == 0

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -183,3 +184,118 @@ def test_merged_checkpoint_is_hashed_and_verified_when_kept(tmp_path, tiny_run):
     (out / "merged" / "config.json").write_text("{}")
     with pytest.raises(TuneshipError, match=r"merged/config\.json: sha256 differs"):
         verify(out)
+
+
+def test_checks_later_record_a_plan_and_the_bundle_waits_for_bundle_check(tmp_path, tiny_run):
+    """The train image has no vLLM: the export records what the vLLM checks need, and
+    `bundle verify` refuses the bundle until `tuneship bundle check` has run."""
+    from tuneship.bundles import verify
+
+    out = export(
+        tiny_run,
+        tmp_path / "b",
+        ExportConfig(calibration_samples=2, checks="later", check_samples=3),
+    )
+    bundle = read_bundle(out)
+    plan = bundle.check_plan
+    assert len(plan.prompts) == 3 and all(p.trained_ids for p in plan.prompts)
+    assert plan.merged_answers is None  # training samples name no fact: no recall baseline
+    assert plan.perplexity_merged > 1 and plan.stop_tokens.passed
+    assert set(bundle.pending_checks()) == {
+        "stop_tokens", "template_parity", "preflight", "quality_gate"
+    }  # fmt: skip
+    with pytest.raises(TuneshipError, match=r"checks not run yet: .* run `tuneship bundle check"):
+        verify(out)
+    assert verify(out, require_checked=False).name == "b"
+
+
+def test_a_check_record_for_another_bundle_json_is_refused(tmp_path, tiny_run):
+    from tuneship.bundles import verify
+    from tuneship.checks import judge
+    from tuneship.fsutil import sha256_file, write_json_atomic
+    from tuneship.manifest import CheckRecord, header
+    from tuneship.probes import ProbeAnswer, ProbeResult
+
+    out = export(tiny_run, tmp_path / "b", ExportConfig(calibration_samples=2, checks="later"))
+    plan = read_bundle(out).check_plan
+    served = ProbeResult(
+        flavour="cpu", argv=[], load_s=1.0, peak_rss_bytes=1, chat_s=1.0,
+        tokenize=[p.trained_ids[:5] for p in plan.prompts],
+        chats=[ProbeAnswer(id=p.id, model="m", text="ok", finish_reason="stop", latency_s=0.1)
+               for p in plan.prompts],
+    )  # fmt: skip
+    record = CheckRecord(
+        **header("tuneship.checks", "b"),
+        bundle_json_sha256=sha256_file(out / "bundle.json"),
+        checks=judge(plan, served),
+    )
+    write_json_atomic(out / "checks.json", record.model_dump(mode="json"))
+    assert verify(out).checks["template_parity"].passed  # checked: accepted
+    manifest = json.loads((out / "bundle.json").read_text()) | {"served_model_name": "edited"}
+    (out / "bundle.json").write_text(json.dumps(manifest))
+    with pytest.raises(TuneshipError, match=r"checks\.json was written for another bundle\.json"):
+        verify(out)
+
+
+def test_bundles_are_world_readable_whatever_the_umask(tmp_path, tiny_run):
+    import os
+    import stat
+
+    old = os.umask(0o077)
+    try:
+        out = export(tiny_run, tmp_path / "b", ExportConfig(calibration_samples=2, checks="off"))
+    finally:
+        os.umask(old)
+    modes = {p.relative_to(out).as_posix(): stat.S_IMODE(p.stat().st_mode) for p in out.rglob("*")}
+    assert modes["model/model.safetensors"] == 0o644 and modes["bundle.json"] == 0o644
+    assert {m for p, m in modes.items() if (out / p).is_dir()} == {0o755}
+    assert all(m & 0o444 == 0o444 for m in modes.values()), modes
+
+
+def test_verify_names_a_file_the_serving_user_cannot_read(tmp_path, tiny_run):
+    """A bundle copied with a private file mode: verify, as the serving user, names the file.
+    As root (which reads anything) the check runs in a forked child as uid 65534."""
+    import os
+    import shutil
+    import tempfile
+
+    from tuneship.bundles import verify
+
+    out = export(tiny_run, tmp_path / "b", ExportConfig(calibration_samples=2, checks="off"))
+    shared = Path(tempfile.mkdtemp(prefix="tuneship-modes-"))
+    try:
+        shared.chmod(0o755)  # reachable by the other user, as a mounted volume is
+        bundle = shutil.copytree(out, shared / "b")
+        weights = bundle / "model" / "model.safetensors"
+        weights.chmod(0o600 if os.geteuid() == 0 else 0o000)
+        assert f"{weights}: not readable by this user" in verify_as_another_user(verify, bundle)
+    finally:
+        shutil.rmtree(shared)
+
+
+def verify_as_another_user(verify, bundle: Path) -> str:
+    """verify's error message, run as uid 65534 when we are root (else as ourselves)."""
+    import os
+
+    if os.geteuid() != 0:
+        with pytest.raises(TuneshipError) as info:
+            verify(bundle)
+        return str(info.value)
+    read, write = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # the child: drop to nobody, verify, report, exit without pytest's cleanup
+        os.close(read)
+        os.setgid(65534)
+        os.setuid(65534)
+        try:
+            verify(bundle)
+            message = "verified"
+        except TuneshipError as exc:
+            message = str(exc)
+        os.write(write, message.encode())
+        os._exit(0)
+    os.close(write)
+    with os.fdopen(read) as fh:
+        message = fh.read()
+    os.waitpid(pid, 0)
+    return message

@@ -157,3 +157,29 @@ def test_no_keys_configured_warns(capsys):
     app = middleware()
     assert "warning: no API keys configured" in capsys.readouterr().err
     assert call(app, "GET", "/v1/models").status_code == 200
+
+
+def test_ready_waits_for_the_self_test_whose_loopback_requests_need_no_key():
+    app = TuneshipMiddleware(
+        fake_vllm,
+        MiddlewareSettings(serve=ServeConfig(api_keys="sk-1"), self_test_token="tok"),
+    )
+    assert call(app, "GET", "/ready").json() == {"status": "self-testing"}
+    token = {"X-Tuneship-Self-Test": "tok"}
+    assert call_from(app, "127.0.0.1", "/v1/models", token).status_code == 200
+    assert call_from(app, "10.0.0.9", "/v1/models", token).status_code == 401  # not loopback
+    assert (
+        call_from(app, "127.0.0.1", "/v1/models", {"X-Tuneship-Self-Test": "x"}).status_code == 401
+    )
+    os.kill(os.getpid(), signal.SIGUSR2)  # what the supervisor sends when the self-test passed
+    assert call(app, "GET", "/ready").json() == {"status": "ready"}
+    assert call_from(app, "127.0.0.1", "/v1/models", token).status_code == 401  # spent
+
+
+def call_from(app, client: str, path: str, headers: dict) -> httpx.Response:
+    async def go():
+        transport = httpx.ASGITransport(app=app, client=(client, 1234))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            return await http.get(path, headers=headers)
+
+    return asyncio.run(go())

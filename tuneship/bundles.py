@@ -6,28 +6,80 @@ what `tuneship serve` runs before it starts vLLM.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from tuneship.errors import TuneshipError
-from tuneship.manifest import BundleManifest, Check, read_bundle, verify_files
+from tuneship.fsutil import sha256_file
+from tuneship.manifest import (
+    BUNDLE_FILE,
+    CHECKS_FILE,
+    BundleManifest,
+    Check,
+    CheckRecord,
+    read_bundle,
+    read_manifest,
+    verify_files,
+)
 
 
-def verify(bundle_dir: Path) -> BundleManifest:
-    """Raise TuneshipError naming every file that is missing, changed or unlisted."""
+def verify(bundle_dir: Path, require_checked: bool = True) -> BundleManifest:
+    """Raise TuneshipError naming every file that is missing, changed, unlisted or unreadable,
+    and every check that failed (or, with require_checked, has not run yet). The manifest
+    returned carries the verdicts of `tuneship bundle check` (checks.json) where it ran."""
     bundle_dir = Path(bundle_dir)
+    problems = unreadable(bundle_dir)
+    if problems:  # nothing can be hashed before these are fixed
+        raise TuneshipError(
+            f"bundle {bundle_dir} cannot be read:\n" + "\n".join(f"  - {p}" for p in problems)
+        )
     manifest = read_bundle(bundle_dir)
-    problems = verify_files(bundle_dir / "model", manifest.files)
+    problems = with_recorded_checks(bundle_dir, manifest)
+    problems += verify_files(bundle_dir / "model", manifest.files)
     if (bundle_dir / "merged").is_dir():
         problems += verify_files(bundle_dir / "merged", manifest.merged_files)
     for name, adapter in manifest.adapters.items():
         problems += verify_files(bundle_dir / "adapters" / name, adapter.files)
-    problems += [f"check '{name}' failed at export" for name in manifest.failed_checks()]
+    problems += [f"check '{name}' failed" for name in manifest.failed_checks()]
+    if require_checked and manifest.pending_checks():
+        problems.append(
+            f"checks not run yet: {', '.join(manifest.pending_checks())} (the bundle was exported "
+            f"without vLLM): run `tuneship bundle check {bundle_dir}` where vLLM is installed"
+        )
     if problems:
         raise TuneshipError(
             f"bundle {bundle_dir} failed verification:\n" + "\n".join(f"  - {p}" for p in problems)
         )
     return manifest
+
+
+def with_recorded_checks(bundle_dir: Path, manifest: BundleManifest) -> list[str]:
+    """Put checks.json's verdicts into the manifest (in memory); problems if it is not this
+    bundle's."""
+    path = bundle_dir / CHECKS_FILE
+    if not path.is_file():
+        return []
+    record = read_manifest(path, CheckRecord, "check record", "written by `tuneship bundle check`")
+    if record.bundle_json_sha256 != sha256_file(bundle_dir / BUNDLE_FILE):
+        return [
+            f"{path} was written for another bundle.json (edited since the check?): run "
+            f"`tuneship bundle check {bundle_dir}` again"
+        ]
+    manifest.checks = manifest.checks | record.checks
+    return []
+
+
+def unreadable(bundle_dir: Path) -> list[str]:
+    """Files and folders the serving user could not read (vLLM would fail on them later)."""
+    problems = []
+    for path in sorted([bundle_dir, *bundle_dir.rglob("*")]):
+        if not os.access(path, os.R_OK | (os.X_OK if path.is_dir() else 0)):
+            problems.append(
+                f"{path}: not readable by this user (uid {os.getuid()}); bundles are "
+                "written world-readable, so its mode was changed (chmod -R a+rX)"
+            )
+    return problems
 
 
 def vllm_rank(rank: int) -> int:

@@ -303,6 +303,16 @@ def bundle_verify(bundle_dir: Path) -> None:
     click.echo(f"bundle {bundle_dir} verified: {len(manifest.files)} files match bundle.json")
 
 
+@bundle.command("check")
+@click.argument("bundle_dir", type=click.Path(path_type=Path))
+def bundle_check(bundle_dir: Path) -> None:
+    """Run the export's vLLM checks on a bundle exported with checks=later (serve environment,
+    e.g. the serve image); record them in BUNDLE/checks.json; exit 1 if one fails."""
+    from tuneship.serve.check import run
+
+    run(bundle_dir)
+
+
 @bundle.command("show")
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 def bundle_show(bundle_dir: Path) -> None:

@@ -273,10 +273,13 @@ class ExportConfig(StrictModel):
         description="Held-out questions (JSONL: question, fact, answer) for the quality gate "
         "and the vLLM checks; default: a seeded sample of the training conversations.",
     )
-    checks: bool = Field(
-        True,
-        description="Run the vLLM checks (template parity, stop tokens, recall, preflight) in "
-        "the serve environment; false records them as skipped.",
+    checks: Literal["auto", "now", "later", "off"] = Field(
+        "auto",
+        description="The vLLM checks (template parity, stop tokens, recall, preflight): now "
+        "runs them through the serve environment's vLLM; later records what they need in "
+        "bundle.json for `tuneship bundle check` (the serve image), and serving refuses the "
+        "bundle until it has run; auto: now where the serve environment is found, else later; "
+        "off records them as skipped. (true/false: now/off.)",
     )
     serve_bin: str | None = Field(
         None,
@@ -301,6 +304,12 @@ class ExportConfig(StrictModel):
     max_recall_drop: float = Field(
         5.0, ge=0, description="Quality gate: fact recall may drop at most this many points."
     )
+
+    @field_validator("checks", mode="before")
+    @classmethod
+    def _checks_as_words(cls, value: Any) -> Any:
+        """true/false, as older configs and bundles have them: now/off."""
+        return {True: "now", False: "off"}.get(value, value) if isinstance(value, bool) else value
 
 
 class ServeConfig(StrictModel):
@@ -348,6 +357,12 @@ class ServeConfig(StrictModel):
     )
     retry_after: int = Field(
         2, ge=1, description="Seconds a refused client is told to wait (Retry-After on 503)."
+    )
+    self_test: bool = Field(
+        True,
+        description="Stay not-ready until a few of the bundle's check prompts give, through "
+        "this server, the token ids training used and stop on the end-of-turn token (seconds); "
+        "a failure stops the server with the reason.",
     )
 
     @field_serializer("api_keys", when_used="json")

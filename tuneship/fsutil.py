@@ -46,6 +46,20 @@ def fsync_tree(root: Path) -> None:
                 os.fsync(fh.fileno())
 
 
+def make_readable(root: Path) -> None:
+    """Folders 0755, files 0644 (0755 if executable), whatever the umask or a library's
+    temporary-file mode left: whoever serves a bundle or exports a run (another uid, a container
+    user) must be able to read it."""
+    for path in [root, *root.rglob("*")] if root.is_dir() else [root]:
+        if path.is_symlink():
+            continue
+        mode = path.stat().st_mode
+        if path.is_dir():
+            os.chmod(path, 0o755)
+        else:
+            os.chmod(path, 0o755 if mode & 0o111 else 0o644)
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -54,6 +68,7 @@ def write_json_atomic(path: Path, data: Any) -> None:
         fh.write("\n")
         fh.flush()
         os.fsync(fh.fileno())
+    os.chmod(tmp, 0o644)
     os.replace(tmp, path)
 
 
@@ -67,7 +82,8 @@ def check_output_free(target: Path, force: bool) -> None:
 
 @contextlib.contextmanager
 def staged_dir(target: Path) -> Iterator[Path]:
-    """Yield a temporary folder beside target; on success it replaces target in one rename.
+    """Yield a temporary folder beside target; on success it replaces target in one rename,
+    world-readable (make_readable).
 
     On any exception the temporary folder is removed and target is left as it was.
     """
@@ -79,6 +95,7 @@ def staged_dir(target: Path) -> Iterator[Path]:
     tmp.mkdir()
     try:
         yield tmp
+        make_readable(tmp)
         fsync_tree(tmp)
         if target.exists():
             old = target.with_name(f".{target.name}.old-{os.getpid()}")

@@ -38,11 +38,18 @@ class Server:
         return f"http://127.0.0.1:{self.port}"
 
     def healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.base_url}/health", timeout=2) as resp:
-                return resp.status == 200
-        except (urllib.error.URLError, ConnectionError, TimeoutError):
-            return False
+        """Ready for traffic: /ready answers 200 (tuneship serve, after its self-test), or,
+        where there is no /ready (a plain vLLM server), /health does."""
+        for path in ("/ready", "/health"):
+            try:
+                with urllib.request.urlopen(f"{self.base_url}{path}", timeout=2) as resp:
+                    return resp.status == 200
+            except urllib.error.HTTPError as exc:
+                if exc.code != 404:
+                    return False
+            except (urllib.error.URLError, ConnectionError, TimeoutError):
+                return False
+        return False
 
     def log_tail(self, lines: int = 40) -> str:
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""

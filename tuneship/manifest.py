@@ -21,10 +21,13 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from tuneship import __version__
 from tuneship.errors import TuneshipError
 from tuneship.fsutil import hash_tree, sha256_file, write_json_atomic
+from tuneship.probes import EvalItem, ProbeChat, ProbeRequest
 
 SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
 BUNDLE_FILE = "bundle.json"
+CHECKS_FILE = "checks.json"
+PENDING = "pending: run `tuneship bundle check BUNDLE` where vLLM is installed (the serve image)"
 
 
 class Section(BaseModel):
@@ -213,6 +216,44 @@ class Check(Section):
         return []  # a check's other keys are its figures
 
 
+class CheckPrompt(Section):
+    id: str
+    messages: list[dict[str, str]]
+    facts: list[str] = []
+    trained_ids: list[int] = Field(description="Token ids training used for prompt + reply.")
+
+    def item(self) -> EvalItem:
+        facts = tuple(self.facts)
+        return EvalItem(self.id, tuple(self.messages), None, facts[0] if facts else None, facts[1:])
+
+
+class CheckPlan(Section):
+    """What the vLLM checks need, recorded by the export in bundle.json."""
+
+    data: str = Field(description="Where the prompts came from.")
+    prompts: list[CheckPrompt]
+    bos_token_id: int | None = None
+    max_tokens: int
+    min_stop_rate: float
+    max_recall_drop: float
+    max_perplexity_ratio: float
+    perplexity_merged: float | None = None
+    perplexity_quantized: float | None = None
+    merged_answers: list[str | None] | None = Field(
+        None, description="The merged 16-bit model's greedy answers: the recall baseline."
+    )
+    stop_tokens: Check = Field(description="Tokenizer, generation_config and template agree.")
+
+    def request(self, max_model_len: int, extra_args: list[str] | None = None) -> ProbeRequest:
+        return ProbeRequest(
+            max_model_len=max_model_len,
+            max_tokens=self.max_tokens,
+            extra_args=extra_args or [],
+            tokenize=[p.messages for p in self.prompts],
+            chats=[ProbeChat(id=p.id, messages=p.messages) for p in self.prompts],
+        )
+
+
 class AdapterEntry(Section):
     run: str
     run_json_sha256: str
@@ -250,14 +291,32 @@ class BundleManifest(Header):
     merged_files: dict[str, str] = {}
     sizes: Sizes
     checks: dict[str, Check] = {}
+    check_plan: CheckPlan | None = Field(
+        None, description="What the vLLM checks ask and compare (also the serve self-test)."
+    )
     versions: dict[str, str] = {}
     serving: ServingInfo
 
     def failed_checks(self) -> list[str]:
         return [name for name, check in self.checks.items() if check.passed is False]
 
+    def pending_checks(self) -> list[str]:
+        return [name for name, c in self.checks.items() if c.passed is None and c.reason == PENDING]
+
     def skipped_checks(self) -> list[str]:
-        return [name for name, check in self.checks.items() if check.passed is None]
+        pending = self.pending_checks()
+        return [n for n, c in self.checks.items() if c.passed is None and n not in pending]
+
+
+class CheckRecord(Header):
+    """checks.json: the vLLM checks `tuneship bundle check` ran on a bundle exported with
+    checks=later, bound to that bundle.json by its sha256."""
+
+    kind: Literal["tuneship.checks"]
+    bundle_json_sha256: str
+    checks: dict[str, Check]
+    versions: dict[str, str] = {}
+    seconds: float | None = None
 
 
 # --- reading and writing --------------------------------------------------------------------

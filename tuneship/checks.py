@@ -1,0 +1,119 @@
+"""The vLLM checks of a bundle, judged from what vLLM answered.
+
+The export (train environment) records a CheckPlan: the check prompts with the token ids
+training used for each, the merged 16-bit model's answers (the recall baseline), the perplexity
+figures and the thresholds. Whoever has vLLM then serves the bundle, asks the plan's prompts and
+judges the answers with the functions here: the export itself when the serve environment is at
+hand, or `tuneship bundle check` in the serve image, which records the verdicts in checks.json.
+
+- template parity: vLLM's token ids for each prompt are a prefix of the ids training used (one
+  BOS, the same generation prompt);
+- stop tokens: greedy replies through vLLM end with finish_reason "stop";
+- quality gate: the quantized model's fact recall against the merged model's, and perplexity;
+- preflight: vLLM loads the bundle with the production arguments and answers.
+"""
+
+from __future__ import annotations
+
+from tuneship.manifest import PENDING, Check, CheckPlan, CheckPrompt
+from tuneship.probes import ProbeAnswer, ProbeResult, fact_recall
+
+
+def judge(plan: CheckPlan, served: ProbeResult) -> dict[str, Check]:
+    """Every vLLM check's verdict from the quantized bundle's answers to the plan."""
+    items = [p.item() for p in plan.prompts]
+    rate = stop_rate(served.chats, plan.min_stop_rate, plan.max_tokens)
+    static = plan.stop_tokens
+    recall_merged = None if plan.merged_answers is None else fact_recall(items, plan.merged_answers)
+    return {
+        "stop_tokens": static.model_copy(
+            update={"passed": bool(static.passed and rate.passed), "stop_rate": rate.model_dump()}
+        ),
+        "template_parity": template_parity(plan.prompts, served.tokenize, plan.bos_token_id),
+        "preflight": Check(
+            passed=bool(served.chats and (served.chats[0].text or "").strip()),
+            flavour=served.flavour,
+            load_s=served.load_s,
+            peak_rss_bytes=served.peak_rss_bytes,
+            chat_s=served.chat_s,
+            args=served.argv,
+        ),
+        "quality_gate": quality_gate(
+            plan, recall_merged, fact_recall(items, [c.text for c in served.chats])
+        ),
+    }
+
+
+def template_parity(prompts: list[CheckPrompt], served: list[list[int]], bos: int | None) -> Check:
+    """Training token ids for each prompt + reply must start with vLLM's prompt ids exactly."""
+    mismatches, bos_problems = [], []
+    for prompt, served_ids in zip(prompts, served, strict=True):
+        trained = prompt.trained_ids
+        if trained[: len(served_ids)] != served_ids:
+            mismatches.append(prompt.id)
+        # (ChatML tokenizers call <|im_start|> their BOS: many per prompt is normal there)
+        if bos is not None and (
+            served_ids[:2] == [bos, bos] or served_ids.count(bos) != trained.count(bos)
+        ):
+            bos_problems.append(prompt.id)
+    return Check(
+        passed=not mismatches and not bos_problems,
+        conversations=len(prompts),
+        mismatched=len(mismatches),
+        mismatched_ids=mismatches[:10],
+        double_bos_ids=bos_problems[:10],
+    )
+
+
+def stop_rate(chats: list[ProbeAnswer], minimum: float, max_tokens: int) -> Check:
+    """Share of greedy replies that ended on the end-of-turn token (finish_reason "stop")."""
+    stopped = sum(c.finish_reason == "stop" for c in chats)
+    rate = stopped / len(chats) if chats else 0.0
+    return Check(
+        passed=rate >= minimum,
+        rate=round(rate, 3),
+        minimum=minimum,
+        prompts=len(chats),
+        max_tokens=max_tokens,
+        not_stopped_ids=[c.id for c in chats if c.finish_reason != "stop"][:10],
+        stopped_ids=[c.id for c in chats if c.finish_reason == "stop"],  # the self-test's
+    )
+
+
+def quality_gate(
+    plan: CheckPlan, recall_merged: float | None, recall_quantized: float | None
+) -> Check:
+    merged, quantized = plan.perplexity_merged, plan.perplexity_quantized
+    ratio = None if merged is None or quantized is None else quantized / merged
+    drop = None if recall_merged is None else 100 * (recall_merged - (recall_quantized or 0.0))
+    passed = (ratio is None or ratio <= plan.max_perplexity_ratio) and (
+        drop is None or drop <= plan.max_recall_drop
+    )
+    return Check(
+        passed=passed,
+        data=plan.data,
+        perplexity_merged=_rounded(merged),
+        perplexity_quantized=_rounded(quantized),
+        perplexity_ratio=_rounded(ratio),
+        max_perplexity_ratio=plan.max_perplexity_ratio,
+        recall_merged=_rounded(recall_merged),
+        recall_quantized=_rounded(recall_quantized),
+        recall_drop_points=_rounded(drop, 2),
+        max_recall_drop_points=plan.max_recall_drop,
+    )
+
+
+def _rounded(value: float | None, digits: int = 4) -> float | None:
+    return None if value is None else round(value, digits)
+
+
+def pending_checks(plan: CheckPlan) -> dict[str, Check]:
+    """The verdicts a bundle carries until `tuneship bundle check` has run."""
+    return {
+        "stop_tokens": plan.stop_tokens.model_copy(update={"passed": None, "reason": PENDING}),
+        "template_parity": Check(passed=None, reason=PENDING),
+        "preflight": Check(passed=None, reason=PENDING),
+        "quality_gate": quality_gate(plan, None, None).model_copy(
+            update={"passed": None, "reason": PENDING}
+        ),
+    }
