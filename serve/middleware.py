@@ -1,10 +1,11 @@
 """What tuneship adds inside vLLM's API server (loaded with vLLM's `--middleware` hook).
 
 A pure ASGI middleware, so streamed responses pass through chunk by chunk:
-- API keys: several at once, from the api_keys setting and/or the api_keys_file (one per line,
-  re-read when it changes); compared in constant time; never logged: each key is known by a
-  short id (sha256 prefix). Every route except the probes needs a key when keys are configured;
-  /metrics too with metrics_auth. Failures get 401 in OpenAI's error shape.
+- API keys (keys.py): several at once, from the api_keys setting and/or the api_keys_file (one
+  per line, re-read every second through its links, the last good keys kept while it cannot be
+  read); compared in constant time; never logged: each key is known by a short id. Every route
+  except the probes needs a key when keys are configured; /metrics too with metrics_auth.
+  Failures get 401 in OpenAI's error shape.
 - Probes: /health is vLLM's liveness; /ready is readiness: 200 once the engine serves (this code
   only runs then) and 503 while draining.
 - Draining: SIGUSR1 (sent by `tuneship serve` on SIGTERM) makes new API requests get 503 with
@@ -23,8 +24,6 @@ one piece: a MiddlewareSettings, JSON in the TUNESHIP_SERVE_SETTINGS variable.
 from __future__ import annotations
 
 import contextlib
-import hashlib
-import hmac
 import json
 import os
 import signal
@@ -40,15 +39,13 @@ from tuneship.config import ServeConfig
 from tuneship.errors import TuneshipError
 from tuneship.manifest import read_bundle
 
+from .keys import KeyRing
+
 SETTINGS_ENV = "TUNESHIP_SERVE_SETTINGS"
 PROBES = ("/health", "/ready", "/ping")
 INFLIGHT_PATH = "/tuneship/inflight"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 MAX_CAPTURED_BODY = 1 << 20
-
-
-def key_id(key: str) -> str:
-    return "k-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:8]
 
 
 class MiddlewareSettings(BaseModel):
@@ -64,56 +61,6 @@ class MiddlewareSettings(BaseModel):
     def from_env(cls) -> MiddlewareSettings:
         raw = os.environ.get(SETTINGS_ENV)
         return cls.model_validate_json(raw) if raw else cls(serve=ServeConfig())
-
-
-class KeyRing:
-    """The accepted keys: the configured ones plus the file's, the file re-read when it
-    changes."""
-
-    def __init__(self, keys: list[str], path: str | None, recheck_s: float = 1.0):
-        self.env_keys = list(keys)
-        self.path = Path(path) if path else None
-        self.recheck_s = recheck_s
-        self._stamp: tuple[float, int] | None = None
-        self._checked = 0.0
-        self._file_keys: list[str] = []
-        self._load()
-
-    def _load(self) -> None:
-        if self.path is None:
-            return
-        try:
-            stat = self.path.stat()
-        except OSError:
-            # a missing file (Secret not mounted yet, or removed) accepts no file keys
-            self._stamp, self._file_keys = None, []
-            return
-        stamp = (stat.st_mtime, stat.st_size)
-        if stamp != self._stamp:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            self._file_keys = [x.strip() for x in lines if x.strip() and not x.startswith("#")]
-            self._stamp = stamp
-
-    @property
-    def keys(self) -> list[str]:
-        now = time.monotonic()
-        if now - self._checked >= self.recheck_s:
-            self._checked = now
-            self._load()
-        return self.env_keys + self._file_keys
-
-    @property
-    def configured(self) -> bool:
-        return bool(self.env_keys) or self.path is not None
-
-    def match(self, presented: str) -> str | None:
-        """The id of the key presented, or None; every key is compared (constant time)."""
-        found = None
-        digest = hashlib.sha256(presented.encode("utf-8")).digest()
-        for key in self.keys:
-            if hmac.compare_digest(digest, hashlib.sha256(key.encode("utf-8")).digest()):
-                found = key
-        return key_id(found) if found is not None else None
 
 
 def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
@@ -143,6 +90,11 @@ def metrics() -> dict[str, Any]:
         ),
         tokens=Counter(
             "tuneship_tokens", "Tokens by key id and kind (prompt, completion).", ["key_id", "kind"]
+        ),
+        keys_file_errors=Counter(
+            "tuneship_keys_file_errors",
+            "Failed reads of the keys file (missing, unreadable); the last good keys stay.",
+            ["reason"],
         ),
         auth_failures=Counter(
             "tuneship_auth_failures", "Requests refused for a missing or wrong key.", ["reason"]
@@ -256,11 +208,15 @@ class TuneshipMiddleware:
         self.app = app
         settings = settings or MiddlewareSettings.from_env()
         cfg = self.cfg = settings.serve
-        self.keys = KeyRing(cfg.key_list(), cfg.api_keys_file)
+        self.m = metrics()
+        self.keys = KeyRing(
+            cfg.key_list(),
+            cfg.api_keys_file,
+            on_error=lambda reason: self.m["keys_file_errors"].labels(reason=reason).inc(),
+        )
         self.retry_after = str(cfg.retry_after)
         self.draining = False
         self.inflight = 0
-        self.m = metrics()
         self.m["bundle"].labels(**bundle_labels(settings.bundle_dir)).set(1)
         if not self.keys.configured:
             print(

@@ -26,6 +26,7 @@ from tuneship.bundles import lora_arguments, verify
 from tuneship.config import ServeConfig
 from tuneship.errors import TuneshipError
 
+from .keys import read_keys_file
 from .middleware import SETTINGS_ENV, MiddlewareSettings
 
 API_SERVER = "vllm.entrypoints.openai.api_server"
@@ -134,10 +135,30 @@ def run(
     )
     if dry_run:
         return 0
-    if cfg.api_keys_file:
-        cfg = cfg.model_copy(update={"api_keys_file": str(Path(cfg.api_keys_file).resolve())})
+    check_keys_file(cfg)
     env[SETTINGS_ENV] = MiddlewareSettings(serve=cfg, bundle_dir=str(bundle_dir)).to_env()
     return supervise(argv, os.environ | env, cfg.host, cfg.port, cfg.drain_timeout)
+
+
+def check_keys_file(cfg: ServeConfig) -> None:
+    """Refuse to start on a keys file that cannot be read. Its path goes to the server as
+    given, never resolved: a Kubernetes Secret update replaces the folder the links point to."""
+    if not cfg.api_keys_file:
+        return
+    try:
+        keys = read_keys_file(Path(cfg.api_keys_file))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TuneshipError(
+            f"api_keys_file {cfg.api_keys_file} cannot be read ({exc.__class__.__name__}): "
+            "mount the keys Secret there or fix the path"
+        ) from None
+    if not keys and not cfg.key_list():
+        print(
+            f"warning: api_keys_file {cfg.api_keys_file} holds no keys: every request gets "
+            "401 until keys are added",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _log(event: str, **fields) -> None:

@@ -2,37 +2,13 @@
 
 from __future__ import annotations
 
-import json
-from pathlib import Path
-
 import pytest
 
+from tests.support import fake_bundle
 from tuneship.bundles import verify as verify_bundle
 from tuneship.errors import TuneshipError
-from tuneship.fsutil import hash_tree
-from tuneship.manifest import BUNDLE_FILE, header
+from tuneship.manifest import BUNDLE_FILE
 from tuneship.serve.run import build_command
-
-
-def fake_bundle(root: Path) -> Path:
-    model = root / "model"
-    model.mkdir(parents=True)
-    (model / "model.safetensors").write_bytes(b"weights" * 100)
-    (model / "config.json").write_text("{}")
-    manifest = header("tuneship.bundle", root.name) | {
-        "served_model_name": "handbook",
-        "run": {"name": "r", "path": "runs/r"},
-        "base": {"ref": "default", "path": "base"},
-        "merge": {"into": "16-bit base"},
-        "quantization": {"scheme": "W4A16"},
-        "sizes": {"model_bytes": 1},
-        "checks": {},
-        "versions": {},
-        "serving": {"max_model_len": 2048},
-        "files": hash_tree(model),
-    }
-    (root / BUNDLE_FILE).write_text(json.dumps(manifest))
-    return root
 
 
 def test_a_flipped_byte_in_a_weight_file_is_refused_naming_the_file(tmp_path):

@@ -11,8 +11,11 @@ import httpx
 import pytest
 from prometheus_client import REGISTRY
 
+from tests.support import fake_bundle, mount_secret
 from tuneship.config import ServeConfig
-from tuneship.serve.middleware import KeyRing, MiddlewareSettings, TuneshipMiddleware, key_id
+from tuneship.errors import TuneshipError
+from tuneship.serve.keys import KeyRing, key_id
+from tuneship.serve.middleware import SETTINGS_ENV, MiddlewareSettings, TuneshipMiddleware
 
 USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
 
@@ -95,15 +98,51 @@ def test_probes_are_open_and_metrics_follow_the_setting(keyed):
     assert call(guarded, "GET", "/metrics", "sk-env-1").status_code == 200
 
 
-def test_rotated_key_file_is_picked_up_and_a_removed_file_accepts_no_file_keys(keyed):
-    app, keys = keyed
-    keys.write_text("sk-file-2\n")
-    os.utime(keys, (1, 1))  # a different mtime even within the same second
+def served_settings(monkeypatch, bundle, cfg: ServeConfig) -> MiddlewareSettings:
+    """What `tuneship serve` hands the middleware, caught where it would start vLLM."""
+    import tuneship.serve.run as serve_run
+
+    seen: dict[str, str] = {}
+    monkeypatch.setattr(serve_run, "vllm_flavour", lambda: "cpu")
+    monkeypatch.setattr(serve_run, "supervise", lambda argv, env, *a, **k: seen.update(env) or 0)
+    assert serve_run.run(bundle, cfg) == 0
+    return MiddlewareSettings.model_validate_json(seen[SETTINGS_ENV])
+
+
+def test_a_kubelet_secret_update_rotates_the_keys_and_a_gap_keeps_the_last_good_ones(
+    tmp_path, monkeypatch, capsys
+):
+    secret = mount_secret(tmp_path / "secret", {"api-keys": "sk-file-1\n"})
+    cfg = ServeConfig(api_keys_file=str(secret / "api-keys"))
+    app = TuneshipMiddleware(
+        fake_vllm, served_settings(monkeypatch, fake_bundle(tmp_path / "b"), cfg)
+    )
+    app.keys.recheck_s = 0
+    assert call(app, "GET", "/v1/models", "sk-file-1").status_code == 200
+    mount_secret(secret, {"api-keys": "sk-file-2\n"})  # kubelet swaps ..data, deletes the old
     assert call(app, "GET", "/v1/models", "sk-file-2").status_code == 200
     assert call(app, "GET", "/v1/models", "sk-file-1").status_code == 401
-    keys.unlink()
+    before = sample("tuneship_keys_file_errors_total", reason="missing")
+    (secret / "..data").unlink()  # briefly missing
+    assert call(app, "GET", "/v1/models", "sk-file-2").status_code == 200
+    assert sample("tuneship_keys_file_errors_total", reason="missing") > before
+    assert "warning: keys file" in capsys.readouterr().err
+    (secret / "..data").symlink_to(tmp_path / "unreadable")
+    (tmp_path / "unreadable").mkdir()
+    (tmp_path / "unreadable" / "api-keys").write_bytes(b"\xff\xfe not text")
+    assert call(app, "GET", "/v1/models", "sk-file-2").status_code == 200
+    assert sample("tuneship_keys_file_errors_total", reason="unreadable") >= 1
+    (secret / "..data").unlink()
+    mount_secret(secret, {"api-keys": "sk-file-3\n"})
+    assert call(app, "GET", "/v1/models", "sk-file-3").status_code == 200
     assert call(app, "GET", "/v1/models", "sk-file-2").status_code == 401
-    assert call(app, "GET", "/v1/models", "sk-env-1").status_code == 200
+    assert "keys file readable again" in capsys.readouterr().err
+
+
+def test_serve_refuses_a_keys_file_it_cannot_read(tmp_path, monkeypatch):
+    cfg = ServeConfig(api_keys_file=str(tmp_path / "nothing-here"))
+    with pytest.raises(TuneshipError, match=r"api_keys_file .*nothing-here.* cannot be read"):
+        served_settings(monkeypatch, fake_bundle(tmp_path / "b"), cfg)
 
 
 def test_key_ring_compares_every_key():
