@@ -39,6 +39,7 @@ from tuneship.config import ServeConfig
 from tuneship.errors import TuneshipError
 from tuneship.manifest import read_bundle
 
+from .admission import OVERLOAD, TOO_LARGE, Admission, request_slots
 from .keys import KeyRing
 
 SETTINGS_ENV = "TUNESHIP_SERVE_SETTINGS"
@@ -215,6 +216,7 @@ class TuneshipMiddleware:
             on_error=lambda reason: self.m["keys_file_errors"].labels(reason=reason).inc(),
         )
         self.retry_after = str(cfg.retry_after)
+        self.admission = Admission(cfg.capacity)
         self.draining = False
         self.inflight = 0
         self.m["bundle"].labels(**bundle_labels(settings.bundle_dir)).set(1)
@@ -236,7 +238,7 @@ class TuneshipMiddleware:
         if scope["type"] != "http" or scope.get("method") == "OPTIONS":
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
+        path = route_path(scope)
         if path == "/ready":
             await self._readiness(send)
         elif path == INFLIGHT_PATH:
@@ -262,15 +264,51 @@ class TuneshipMiddleware:
         await _respond(send, 200, body)
 
     async def _api_request(self, scope: dict, receive: Any, send: Any) -> None:
-        """Authenticate, refuse while draining, then pass through, observing the exchange."""
+        """Authenticate, refuse while draining, admit (or refuse: overload), then pass
+        through, observing the exchange."""
         exchange = Exchange(scope)
         refusal = self._authenticate(scope, exchange) if self.keys.configured else None
         if refusal is not None:
             await self._refuse_unauthenticated(send, exchange, refusal)
-        elif self.draining:
+            return
+        if self.draining:
             await self._refuse_draining(send, exchange)
-        else:
+            return
+        body, receive = await read_body(receive)
+        if body is None:
+            return  # the client left before it sent its request
+        slots = request_slots(route_path(scope), body)
+        verdict = self.admission.admit(exchange.key_id, slots)
+        if verdict is not None:
+            await self._refuse_admission(send, exchange, verdict, slots)
+            return
+        try:
             await self._pass_through(scope, receive, send, exchange)
+        finally:
+            self.admission.release(exchange.key_id, slots)
+
+    async def _refuse_admission(
+        self, send: Any, exchange: Exchange, verdict: str, slots: int
+    ) -> None:
+        """Refused before the response starts: a clean status the SDK retries (503), or 400
+        for a request that could never fit."""
+        if verdict == TOO_LARGE:
+            status, headers = 400, {}
+            body = error_body(
+                f"This request needs {slots} sequences (n times the prompts); this server "
+                f"runs at most {self.admission.capacity} at once. Lower n or send fewer prompts.",
+                "invalid_request_error", "too_many_sequences", param="n",
+            )  # fmt: skip
+        else:
+            status, headers = 503, {"retry-after": self.retry_after}
+            body = error_body(
+                f"The server is at capacity; retry after {self.retry_after} s.",
+                "server_error", "overloaded",
+            )  # fmt: skip
+            self.m["rejected"].labels(reason=OVERLOAD).inc()
+        exchange.status = status
+        await _respond(send, status, body, headers)
+        self._record(exchange)
 
     async def _refuse_unauthenticated(self, send: Any, exchange: Exchange, reason: str) -> None:
         self.m["auth_failures"].labels(reason=reason).inc()
@@ -357,6 +395,35 @@ class TuneshipMiddleware:
             if count:
                 self.m["tokens"].labels(key_id=exchange.key_id, kind=kind).inc(count)
         print(exchange.log_line(self.cfg.log_prompts), flush=True)
+
+
+def route_path(scope: dict) -> str:
+    """The path the router matches (as Starlette computes it: without the root path)."""
+    path, root = scope.get("path", ""), scope.get("root_path", "")
+    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
+        return path[len(root) :]
+    return path
+
+
+async def read_body(receive: Any) -> tuple[bytes | None, Any]:
+    """The whole request body (None if the client left first) and a receive that hands it
+    over again, then goes on to the client's own messages (vLLM watches those for a
+    disconnect, to abort the generation)."""
+    chunks = []
+    while True:
+        message = await receive()
+        if message["type"] == "http.disconnect":
+            return None, receive
+        chunks.append(message.get("body", b""))
+        if not message.get("more_body"):
+            break
+    body = b"".join(chunks)
+    pending = [{"type": "http.request", "body": body, "more_body": False}]
+
+    async def replay() -> dict:
+        return pending.pop() if pending else await receive()
+
+    return body, replay
 
 
 async def _respond(send: Any, status: int, body: bytes, headers: dict | None = None) -> None:

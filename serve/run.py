@@ -40,9 +40,12 @@ def limit_args(cfg: ServeConfig) -> list[str]:
     args = []
     if cfg.max_running:
         args += ["--max-num-seqs", str(cfg.max_running)]
-    if cfg.max_waiting is not None:
-        # vLLM caps waiting + running; its running default is 256 sequences
-        args += ["--max-num-queued-reqs", str((cfg.max_running or 256) + cfg.max_waiting)]
+    if cfg.capacity is not None:
+        # The middleware admits up to cfg.capacity sequences before a response starts
+        # (admission.py). vLLM's own bound stays as a backstop above it: at the same value it
+        # could still refuse, inside a stream already answered 200, a request the middleware
+        # let in while vLLM had not yet let go of one that finished.
+        args += ["--max-num-queued-reqs", str(2 * cfg.capacity)]
     return args
 
 

@@ -85,8 +85,9 @@ def test_serve_settings_become_vllm_limits_and_reach_the_middleware_in_one_piece
         api_keys="sk-a, sk-b", api_keys_file="keys.txt", max_running=4, max_waiting=8,
         metrics_auth=True,
     )  # fmt: skip
-    assert limit_args(cfg) == ["--max-num-seqs", "4", "--max-num-queued-reqs", "12"]
-    assert limit_args(ServeConfig(max_waiting=0)) == ["--max-num-queued-reqs", "256"]
+    assert cfg.capacity == 12 and ServeConfig(max_waiting=0).capacity == 256
+    assert limit_args(cfg) == ["--max-num-seqs", "4", "--max-num-queued-reqs", "24"]
+    assert limit_args(ServeConfig(max_waiting=0)) == ["--max-num-queued-reqs", "512"]
     assert limit_args(ServeConfig()) == []
     sent = MiddlewareSettings(serve=cfg, bundle_dir="bundles/b").to_env()
     received = MiddlewareSettings.model_validate_json(sent)

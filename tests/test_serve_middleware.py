@@ -196,3 +196,81 @@ def test_no_keys_configured_warns(capsys):
     app = middleware()
     assert "warning: no API keys configured" in capsys.readouterr().err
     assert call(app, "GET", "/v1/models").status_code == 200
+
+
+class SlowStreams:
+    """A stand-in for vLLM's streaming chat: 200 and headers at once, then a few chunks, slowly;
+    it records how many streams ran at the same time."""
+
+    def __init__(self):
+        self.now = self.peak = 0
+
+    async def __call__(self, scope, receive, send):
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        try:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"text/event-stream")]})  # fmt: skip
+            for i in range(3):
+                await asyncio.sleep(0.05)
+                chunk = f'data: {{"choices": [{{"delta": {{"content": "t{i}"}}}}]}}\n\n'
+                await send(
+                    {"type": "http.response.body", "body": chunk.encode(), "more_body": True}
+                )
+            await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+        finally:
+            self.now -= 1
+
+
+def burst(app, bodies: list[dict], key: str | list[str] = "sk-a", path="/v1/chat/completions"):
+    keys = key if isinstance(key, list) else [key] * len(bodies)
+
+    async def go():
+        transport = httpx.ASGITransport(app=app, client=("10.0.0.9", 1234))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            return await asyncio.gather(*(
+                http.post(path, json=body, headers={"Authorization": f"Bearer {k}"})
+                for body, k in zip(bodies, keys, strict=True)
+            ))  # fmt: skip
+
+    return asyncio.run(go())
+
+
+def test_a_burst_of_streams_beyond_the_bound_gets_503_before_any_stream_starts():
+    vllm = SlowStreams()
+    app = TuneshipMiddleware(
+        vllm, MiddlewareSettings(serve=ServeConfig(api_keys="sk-a", max_running=1, max_waiting=1))
+    )
+    before = sample("tuneship_rejected_total", reason="overload")
+    replies = burst(app, [{"model": "m", "stream": True, "messages": []}] * 6)
+    streamed = [r for r in replies if r.status_code == 200]
+    refused = [r for r in replies if r.status_code != 200]
+    assert len(streamed) == 2 and all(r.text.endswith("data: [DONE]\n\n") for r in streamed)
+    assert vllm.peak == 2  # never more in flight than max_running + max_waiting
+    assert len(refused) == 4
+    for reply in refused:
+        assert reply.status_code == 503 and reply.headers["retry-after"] == "2"
+        assert reply.json()["error"]["code"] == "overloaded"
+        assert reply.json()["error"]["type"] == "server_error"
+    assert sample("tuneship_rejected_total", reason="overload") == before + 4
+    # the slots are given back: a later request is admitted
+    assert burst(app, [{"model": "m", "stream": True}])[0].status_code == 200
+
+
+def test_a_request_takes_one_slot_per_sequence_it_asks_for():
+    from tuneship.serve.admission import request_slots
+
+    chat, completions = "/v1/chat/completions", "/v1/completions"
+    assert request_slots(chat, b'{"n": 3, "messages": []}') == 3
+    assert request_slots(completions, b'{"prompt": ["a", "b"], "n": 2}') == 4
+    assert request_slots(completions, b'{"prompt": [1, 2, 3]}') == 1  # token ids: one prompt
+    assert request_slots(completions, b'{"prompt": [[1], [2]]}') == 2
+    assert request_slots(chat, b"{not json") == 1 and request_slots("/tokenize", b"{}") == 0
+    vllm = SlowStreams()
+    app = TuneshipMiddleware(
+        vllm, MiddlewareSettings(serve=ServeConfig(api_keys="sk-a", max_running=2, max_waiting=1))
+    )
+    replies = burst(app, [{"stream": True, "n": 2}, {"stream": True, "n": 2}])
+    assert sorted(r.status_code for r in replies) == [200, 503]
+    too_many = burst(app, [{"stream": True, "n": 4}])[0]
+    assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "n"

@@ -19,6 +19,7 @@ from pydantic import (
 )
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VLLM_DEFAULT_MAX_NUM_SEQS = 256
 
 
 class StrictModel(BaseModel):
@@ -338,8 +339,9 @@ class ServeConfig(StrictModel):
     max_waiting: int | None = Field(
         None,
         ge=0,
-        description="Requests waiting beyond the running ones; more get 503 + Retry-After "
-        "(default: unbounded).",
+        description="Requests waiting beyond the running ones; more get 503 + Retry-After, "
+        "before their response starts, streams too (default: unbounded). A request counts "
+        "once per sequence it asks for (n, a list of prompts).",
     )
     drain_timeout: float = Field(
         30.0,
@@ -357,6 +359,13 @@ class ServeConfig(StrictModel):
         if keys is None:
             return None
         return keys.get_secret_value() if (info.context or {}).get("reveal") else str(keys)
+
+    @property
+    def capacity(self) -> int | None:
+        """Sequences admitted at once (running + waiting); None: unbounded."""
+        if self.max_waiting is None:
+            return None
+        return (self.max_running or VLLM_DEFAULT_MAX_NUM_SEQS) + self.max_waiting
 
     def key_list(self) -> list[str]:
         raw = self.api_keys.get_secret_value() if self.api_keys else ""
