@@ -235,7 +235,11 @@ class TuneshipMiddleware:
         self.draining = True
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("method") == "OPTIONS":
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
+        if scope["type"] != "http" or is_cors_preflight(scope):
+            # lifespan; a CORS preflight is answered by vLLM's CORS middleware, no route runs
             await self.app(scope, receive, send)
             return
         path = route_path(scope)
@@ -247,6 +251,20 @@ class TuneshipMiddleware:
             await self.app(scope, receive, send)
         else:
             await self._api_request(scope, receive, send)
+
+    async def _websocket(self, scope: dict, receive: Any, send: Any) -> None:
+        """Websockets need a key like any request; refused ones are closed before accepting
+        (the client sees 403)."""
+        exchange = Exchange(scope)
+        refusal = self._authenticate(scope, exchange) if self.keys.configured else None
+        if refusal is None:
+            await self.app(scope, receive, send)
+            return
+        self.m["auth_failures"].labels(reason=refusal).inc()
+        await receive()  # websocket.connect
+        await send({"type": "websocket.close", "code": 1008, "reason": "API key required"})
+        exchange.status = 403
+        self._record(exchange)
 
     async def _readiness(self, send: Any) -> None:
         status = 503 if self.draining else 200
@@ -395,6 +413,15 @@ class TuneshipMiddleware:
             if count:
                 self.m["tokens"].labels(key_id=exchange.key_id, kind=kind).inc(count)
         print(exchange.log_line(self.cfg.log_prompts), flush=True)
+
+
+def is_cors_preflight(scope: dict) -> bool:
+    """OPTIONS with both Origin and Access-Control-Request-Method, as a browser sends it;
+    any other OPTIONS request is an ordinary request and needs a key."""
+    if scope.get("method") != "OPTIONS":
+        return False
+    names = {name.lower() for name, _ in scope.get("headers") or []}
+    return {b"origin", b"access-control-request-method"} <= names
 
 
 def route_path(scope: dict) -> str:

@@ -274,3 +274,56 @@ def test_a_request_takes_one_slot_per_sequence_it_asks_for():
     assert sorted(r.status_code for r in replies) == [200, 503]
     too_many = burst(app, [{"stream": True, "n": 4}])[0]
     assert too_many.status_code == 400 and too_many.json()["error"]["param"] == "n"
+
+
+def test_options_needs_a_key_unless_it_is_a_genuine_cors_preflight():
+    app = middleware(api_keys="sk-a", metrics_auth=True)
+
+    def options(path: str, **headers: str) -> httpx.Response:
+        async def go():
+            transport = httpx.ASGITransport(app=app, client=("10.0.0.9", 1234))
+            async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+                return await http.request("OPTIONS", path, headers=headers)
+
+        return asyncio.run(go())
+
+    assert options("/metrics").status_code == 401
+    assert options("/metrics", Origin="https://a.example").status_code == 401
+    assert options("/metrics", **{"Access-Control-Request-Method": "GET"}).status_code == 401
+    preflight = options(
+        "/v1/chat/completions", Origin="https://a.example",
+        **{"Access-Control-Request-Method": "POST"},
+    )  # fmt: skip
+    assert preflight.status_code == 200  # vLLM's CORS middleware answers it
+
+
+def websocket(app, headers: list[tuple[bytes, bytes]]) -> list[dict]:
+    """Open a websocket through the middleware; what it sent back."""
+    sent: list[dict] = []
+    incoming = [{"type": "websocket.disconnect", "code": 1000}, {"type": "websocket.connect"}]
+
+    async def receive():
+        return incoming.pop()
+
+    async def send(message):
+        sent.append(message)
+
+    scope = {"type": "websocket", "path": "/v1/realtime", "root_path": "", "headers": headers,
+             "client": ("10.0.0.9", 1), "server": ("t", 80), "query_string": b""}  # fmt: skip
+    asyncio.run(app(scope, receive, send))
+    return sent
+
+
+def test_a_websocket_without_a_key_is_refused_before_the_app_sees_it():
+    seen = []
+
+    async def realtime(scope, receive, send):
+        seen.append(scope["type"])
+        await receive()
+        await send({"type": "websocket.accept"})
+
+    app = TuneshipMiddleware(realtime, MiddlewareSettings(serve=ServeConfig(api_keys="sk-a")))
+    before = sample("tuneship_auth_failures_total", reason="missing")
+    sent = websocket(app, [])
+    assert sent[0]["type"] == "websocket.close" and seen == []
+    assert sample("tuneship_auth_failures_total", reason="missing") == before + 1
