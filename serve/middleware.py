@@ -41,9 +41,9 @@ from tuneship.manifest import read_bundle
 
 from .admission import OVERLOAD, TOO_LARGE, Admission, request_slots
 from .keys import KeyRing
+from .routes import OPEN, access, refusal_for_dev_variables
 
 SETTINGS_ENV = "TUNESHIP_SERVE_SETTINGS"
-PROBES = ("/health", "/ready", "/ping")
 INFLIGHT_PATH = "/tuneship/inflight"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
 MAX_CAPTURED_BODY = 1 << 20
@@ -69,6 +69,12 @@ def error_body(message: str, type_: str, code: str | None, param: str | None = N
     return json.dumps(payload).encode("utf-8")
 
 
+NOT_FOUND = error_body(
+    "Not Found: this server serves /v1/chat/completions, /v1/completions, /v1/models, "
+    "/tokenize, /detokenize, /health, /ready and /metrics.",
+    "not_found_error",
+    None,
+)
 _METRICS: dict[str, Any] = {}
 
 
@@ -220,6 +226,9 @@ class TuneshipMiddleware:
         self.draining = False
         self.inflight = 0
         self.m["bundle"].labels(**bundle_labels(settings.bundle_dir)).set(1)
+        refusal = refusal_for_dev_variables(os.environ, cfg)
+        if refusal is not None:
+            raise TuneshipError(refusal)  # vLLM loaded the middleware by hand, not by serve
         if not self.keys.configured:
             print(
                 "warning: no API keys configured (api_keys, api_keys_file): anyone who "
@@ -243,11 +252,14 @@ class TuneshipMiddleware:
             await self.app(scope, receive, send)
             return
         path = route_path(scope)
+        allowed = access(path, self.cfg)
         if path == "/ready":
             await self._readiness(send)
         elif path == INFLIGHT_PATH:
             await self._inflight_report(scope, send)
-        elif path in PROBES or (path == "/metrics" and not self.cfg.metrics_auth):
+        elif allowed is None:
+            await _respond(send, 404, NOT_FOUND)
+        elif allowed == OPEN:
             await self.app(scope, receive, send)
         else:
             await self._api_request(scope, receive, send)
@@ -257,12 +269,14 @@ class TuneshipMiddleware:
         (the client sees 403)."""
         exchange = Exchange(scope)
         refusal = self._authenticate(scope, exchange) if self.keys.configured else None
-        if refusal is None:
+        if refusal is None and access(route_path(scope), self.cfg) is not None:
             await self.app(scope, receive, send)
             return
-        self.m["auth_failures"].labels(reason=refusal).inc()
+        if refusal is not None:
+            self.m["auth_failures"].labels(reason=refusal).inc()
         await receive()  # websocket.connect
-        await send({"type": "websocket.close", "code": 1008, "reason": "API key required"})
+        reason = "API key required" if refusal else "Not Found"
+        await send({"type": "websocket.close", "code": 1008, "reason": reason})
         exchange.status = 403
         self._record(exchange)
 
@@ -276,7 +290,7 @@ class TuneshipMiddleware:
         machine, over loopback or to the address the server is bound to."""
         client = (scope.get("client") or ("",))[0]
         if client not in (*LOOPBACK, (scope.get("server") or ("",))[0]):
-            await _respond(send, 404, error_body("Not Found", "not_found_error", None))
+            await _respond(send, 404, NOT_FOUND)
             return
         body = json.dumps({"inflight": self.inflight, "draining": self.draining}).encode()
         await _respond(send, 200, body)

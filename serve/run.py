@@ -28,6 +28,7 @@ from tuneship.errors import TuneshipError
 
 from .keys import read_keys_file
 from .middleware import SETTINGS_ENV, MiddlewareSettings
+from .routes import refusal_for_dev_variables
 
 API_SERVER = "vllm.entrypoints.openai.api_server"
 MIDDLEWARE = "tuneship.serve.middleware.TuneshipMiddleware"
@@ -106,6 +107,9 @@ def run(
     bundle_dir: Path, cfg: ServeConfig, vllm_args: tuple[str, ...] = (), dry_run: bool = False
 ) -> int:
     bundle_dir = Path(bundle_dir)
+    refusal = refusal_for_dev_variables(os.environ, cfg)
+    if refusal is not None:
+        raise TuneshipError(refusal)
     flavour = vllm_flavour()
     try:
         manifest = verify(bundle_dir)
@@ -127,6 +131,7 @@ def run(
         (
             *lora_arguments(bundle_dir, {n: a.rank for n, a in manifest.adapters.items()}),
             *limit_args(cfg),
+            *([] if cfg.api_docs else ["--disable-fastapi-docs"]),
             *vllm_args,
         ),
     )

@@ -21,11 +21,11 @@ USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
 
 
 async def fake_vllm(scope, receive, send):
-    """Answers like vLLM: JSON with usage, an SSE stream, or 503 when 'busy' is asked."""
-    path = scope["path"]
-    if path == "/busy":
+    """Answers like vLLM: JSON with usage, an SSE stream (?fake=stream), or 503 (?fake=busy)."""
+    path, asked = scope["path"], scope.get("query_string", b"")
+    if asked == b"fake=busy":
         status, ctype, chunks = 503, b"application/json", [b'{"error": {"message": "busy"}}']
-    elif path == "/stream":
+    elif asked == b"fake=stream":
         status, ctype = 200, b"text/event-stream"
         chunks = [f'data: {{"choices": [{{"delta": {{"content": "t{i}"}}}}]}}\n\n'.encode()
                   for i in range(5)] + [b"data: [DONE]\n\n"]  # fmt: skip
@@ -157,7 +157,7 @@ def test_tokens_and_requests_are_counted_per_key_and_logged_as_json(keyed, capsy
     before = sample("tuneship_tokens_total", key_id=kid, kind="completion")
     reply = call(app, "POST", "/v1/chat/completions", "sk-env-2")
     assert reply.json()["usage"] == USAGE and reply.headers["x-request-id"]
-    streamed = call(app, "POST", "/stream", "sk-env-2")
+    streamed = call(app, "POST", "/v1/chat/completions?fake=stream", "sk-env-2")
     assert streamed.text.count("data:") == 6
     assert sample("tuneship_tokens_total", key_id=kid, kind="completion") == before + 7 + 5
     assert sample("tuneship_requests_total", key_id=kid, status="200") >= 2
@@ -171,7 +171,7 @@ def test_tokens_and_requests_are_counted_per_key_and_logged_as_json(keyed, capsy
 def test_overload_503_gets_retry_after_and_is_counted(keyed):
     app, _ = keyed
     before = sample("tuneship_rejected_total", reason="overload")
-    reply = call(app, "POST", "/busy", "sk-env-1")
+    reply = call(app, "POST", "/v1/completions?fake=busy", "sk-env-1")
     assert reply.status_code == 503 and reply.headers["retry-after"] == "2"
     assert sample("tuneship_rejected_total", reason="overload") == before + 1
 
@@ -327,3 +327,62 @@ def test_a_websocket_without_a_key_is_refused_before_the_app_sees_it():
     sent = websocket(app, [])
     assert sent[0]["type"] == "websocket.close" and seen == []
     assert sample("tuneship_auth_failures_total", reason="missing") == before + 1
+
+
+HIDDEN = ["/docs", "/openapi.json", "/redoc", "/load", "/version", "/kv_event_sources",
+          "/scale_elastic_ep", "/collective_rpc", "/sleep", "/v1/load_lora_adapter",
+          "/v1/unload_lora_adapter", "/server_info", "/pause", "/v1/responses",
+          "/v1/chat/completions/render", "/metrics/x", "/metricsx", "/v1/models/"]  # fmt: skip
+SERVED = ["/v1/chat/completions", "/v1/completions", "/v1/models", "/tokenize", "/detokenize"]
+
+
+def test_only_the_allowlisted_routes_reach_vllm_and_the_docs_need_a_setting():
+    app = middleware(api_keys="sk-a", metrics_auth=True)
+    for path in HIDDEN:
+        for method in ("GET", "POST"):
+            reply = call(app, method, path, "sk-a")
+            assert reply.status_code == 404, (method, path)
+            assert reply.json()["error"]["type"] == "not_found_error"
+    for path in SERVED:
+        assert call(app, "POST", path, "sk-a").status_code == 200, path
+        assert call(app, "POST", path).status_code == 401, path
+    for path in ("/health", "/ready", "/ping"):
+        assert call(app, "GET", path).status_code == 200, path
+    assert call(app, "GET", "/metrics", "sk-a").status_code == 200
+    documented = middleware(api_keys="sk-a", api_docs=True)
+    for path in ("/docs", "/openapi.json"):
+        assert call(documented, "GET", path).status_code == 200, path  # docs load in a browser
+    assert call(documented, "GET", "/load", "sk-a").status_code == 404
+
+
+def test_a_root_path_is_taken_off_before_the_allowlist():
+    app = middleware(api_keys="sk-a")
+
+    async def go():
+        transport = httpx.ASGITransport(app=app, client=("10.0.0.9", 1), root_path="/api")
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            h = {"Authorization": "Bearer sk-a"}
+            return [await http.get(p, headers=h) for p in ("/api/v1/models", "/api/load")]
+
+    assert [r.status_code for r in asyncio.run(go())] == [200, 404]
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [("VLLM_SERVER_DEV_MODE", "1"), ("VLLM_ALLOW_RUNTIME_LORA_UPDATING", "True")],
+)
+def test_serve_refuses_vllm_dev_variables_unless_a_setting_allows_them(
+    tmp_path, monkeypatch, name, value
+):
+    bundle = fake_bundle(tmp_path / "b")
+    monkeypatch.setenv(name, value)
+    with pytest.raises(TuneshipError, match=f"{name} is set"):
+        served_settings(monkeypatch, bundle, ServeConfig(api_keys="sk-a"))
+    settings = served_settings(
+        monkeypatch, bundle, ServeConfig(api_keys="sk-a", vllm_dev_mode=True)
+    )
+    app = TuneshipMiddleware(fake_vllm, settings)
+    assert call(app, "POST", "/sleep", "sk-a").status_code == 200  # the operator asked for it
+    assert call(app, "POST", "/sleep").status_code == 401
+    monkeypatch.setenv(name, "0")
+    served_settings(monkeypatch, bundle, ServeConfig(api_keys="sk-a"))  # off: nothing to refuse

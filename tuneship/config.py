@@ -330,6 +330,15 @@ class ServeConfig(StrictModel):
         "re-read when it changes.",
     )
     metrics_auth: bool = Field(False, description="Require an API key for /metrics too.")
+    api_docs: bool = Field(
+        False, description="Serve vLLM's API docs (/docs, /openapi.json), without a key."
+    )
+    vllm_dev_mode: bool = Field(
+        False,
+        description="Allow VLLM_SERVER_DEV_MODE / VLLM_ALLOW_RUNTIME_LORA_UPDATING in the "
+        "environment and let key holders reach every route vLLM serves (sleep, RPCs, "
+        "adapter loading): development only; otherwise serve refuses to start with them set.",
+    )
     log_prompts: bool = Field(
         False, description="Put request and response bodies in the request log."
     )
