@@ -23,7 +23,8 @@ def key_id(key: str) -> str:
 
 
 def parse_keys(text: str) -> list[str]:
-    return [x.strip() for x in text.splitlines() if x.strip() and not x.startswith("#")]
+    lines = (line.strip() for line in text.splitlines())
+    return [line for line in lines if line and not line.startswith("#")]
 
 
 def read_keys_file(path: Path) -> list[str]:

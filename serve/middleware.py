@@ -1,21 +1,22 @@
 """What tuneship adds inside vLLM's API server (loaded with vLLM's `--middleware` hook).
 
-A pure ASGI middleware, so streamed responses pass through chunk by chunk:
-- API keys (keys.py): several at once, from the api_keys setting and/or the api_keys_file (one
-  per line, re-read every second through its links, the last good keys kept while it cannot be
-  read); compared in constant time; never logged: each key is known by a short id. Every route
-  except the probes needs a key when keys are configured; /metrics too with metrics_auth.
-  Failures get 401 in OpenAI's error shape.
+A pure ASGI middleware, so streamed responses pass through chunk by chunk. In the order a
+request meets them:
+- Routes (routes.py): an allowlist; any other path gets 404 before vLLM sees it. An OPTIONS
+  request passes without a key only as a genuine CORS preflight.
 - Probes: /health is vLLM's liveness; /ready is readiness: 200 once the engine serves (this code
   only runs then) and 503 while draining.
+- API keys (keys.py): every allowlisted route but the probes needs one when keys are configured
+  (/metrics only with metrics_auth; websockets too). Failures get 401 in OpenAI's error shape.
 - Draining: SIGUSR1 (sent by `tuneship serve` on SIGTERM) makes new API requests get 503 with
   Retry-After while in-flight ones finish; /tuneship/inflight (loopback only) reports how many.
-- Overload: vLLM's own bounded queue (--max-num-queued-reqs) answers 503; Retry-After is added
-  and the rejection counted.
-- Metrics in vLLM's Prometheus registry: bundle info, requests and tokens per key id, auth
-  failures, rejections, in-flight requests.
-- One JSON log line per request: request id, key id, status, tokens, latency; prompts and
-  replies only with log_prompts.
+- The body is read whole, up to max_request_bytes (413 past it), then handed to vLLM as sent.
+- Admission (admission.py): over max_running + max_waiting sequences, 503 + Retry-After before
+  the response starts (streams too); vLLM's own 503 gets Retry-After as well.
+- Metrics (metrics.py) in vLLM's Prometheus registry: bundle info, requests and tokens per key
+  id, auth failures, rejections, in-flight requests.
+- One JSON log line per request (exchange.py): request id, key id, status, tokens, latency;
+  prompts and replies only with log_prompts.
 
 vLLM constructs the middleware with the app alone, so `tuneship serve` hands it its settings in
 one piece: a MiddlewareSettings, JSON in the TUNESHIP_SERVE_SETTINGS variable.
@@ -28,25 +29,23 @@ import json
 import os
 import signal
 import sys
-import time
-import uuid
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel
 
 from tuneship.config import ServeConfig
 from tuneship.errors import TuneshipError
-from tuneship.manifest import read_bundle
 
 from .admission import OVERLOAD, TOO_LARGE, Admission, request_slots
+from .asgi import BodyTooLarge, error_body, is_cors_preflight, read_body, respond, route_path
+from .exchange import Exchange
 from .keys import KeyRing
+from .metrics import bundle_labels, metrics
 from .routes import OPEN, access, refusal_for_dev_variables
 
 SETTINGS_ENV = "TUNESHIP_SERVE_SETTINGS"
 INFLIGHT_PATH = "/tuneship/inflight"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
-MAX_CAPTURED_BODY = 1 << 20
 
 
 class MiddlewareSettings(BaseModel):
@@ -64,150 +63,12 @@ class MiddlewareSettings(BaseModel):
         return cls.model_validate_json(raw) if raw else cls(serve=ServeConfig())
 
 
-def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
-    payload = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return json.dumps(payload).encode("utf-8")
-
-
 NOT_FOUND = error_body(
     "Not Found: this server serves /v1/chat/completions, /v1/completions, /v1/models, "
     "/tokenize, /detokenize, /health, /ready and /metrics.",
     "not_found_error",
     None,
 )
-_METRICS: dict[str, Any] = {}
-
-
-def metrics() -> dict[str, Any]:
-    """Created once per process, in the default registry vLLM's /metrics serves (also in its
-    multiprocess mode: these classes then write to PROMETHEUS_MULTIPROC_DIR)."""
-    if _METRICS:
-        return _METRICS
-    from prometheus_client import Counter, Gauge
-
-    _METRICS.update(
-        bundle=Gauge(
-            "tuneship_bundle_info",
-            "The bundle being served (value 1).",
-            ["bundle", "base_model", "adapter_sha256", "quantization", "tuneship_version"],
-            multiprocess_mode="max",
-        ),
-        requests=Counter(
-            "tuneship_requests", "API requests by key id and status.", ["key_id", "status"]
-        ),
-        tokens=Counter(
-            "tuneship_tokens", "Tokens by key id and kind (prompt, completion).", ["key_id", "kind"]
-        ),
-        keys_file_errors=Counter(
-            "tuneship_keys_file_errors",
-            "Failed reads of the keys file (missing, unreadable); the last good keys stay.",
-            ["reason"],
-        ),
-        auth_failures=Counter(
-            "tuneship_auth_failures", "Requests refused for a missing or wrong key.", ["reason"]
-        ),
-        rejected=Counter(
-            "tuneship_rejected", "Requests refused with 503 (overload, draining).", ["reason"]
-        ),
-        inflight=Gauge(
-            "tuneship_inflight_requests", "API requests in progress.", multiprocess_mode="livesum"
-        ),
-    )
-    return _METRICS
-
-
-def bundle_labels(bundle_dir: str | None) -> dict[str, str]:
-    """Labels of tuneship_bundle_info, from the served bundle's bundle.json."""
-    from tuneship import __version__
-
-    labels = {
-        "bundle": "unknown",
-        "base_model": "unknown",
-        "adapter_sha256": "",
-        "quantization": "",
-        "tuneship_version": __version__,
-    }
-    if bundle_dir is None:
-        return labels
-    try:
-        manifest = read_bundle(Path(bundle_dir))
-    except TuneshipError:
-        return labels
-    return labels | {
-        "bundle": manifest.served_model_name,
-        "base_model": Path(manifest.base.path or manifest.base.ref).name,
-        "adapter_sha256": manifest.run.adapter.get("adapter_model.safetensors", "")[:16],
-        "quantization": manifest.quantization.scheme,
-    }
-
-
-class Exchange:
-    """What one request did, collected while it runs, for the log line and the metrics."""
-
-    def __init__(self, scope: dict):
-        headers = dict(scope.get("headers") or [])
-        self.request_id = headers.get(b"x-request-id", b"").decode() or uuid.uuid4().hex
-        self.path = scope.get("path", "")
-        self.method = scope.get("method", "")
-        self.key_id = "-"
-        self.status = 0
-        self.stream = False
-        self.body = bytearray()
-        self.request_body = bytearray()
-        self.prompt_tokens: int | None = None
-        self.completion_tokens: int | None = None
-        self.chunks = 0
-        self.started = time.monotonic()
-
-    def saw_response_chunk(self, chunk: bytes) -> None:
-        if self.stream:
-            for line in chunk.split(b"\n"):
-                if line.startswith(b"data: {"):
-                    self._stream_event(line[6:])
-        elif len(self.body) + len(chunk) <= MAX_CAPTURED_BODY:
-            self.body += chunk
-
-    def _stream_event(self, raw: bytes) -> None:
-        try:
-            event = json.loads(raw)
-        except ValueError:
-            return
-        self._usage(event.get("usage"))
-        for choice in event.get("choices") or []:
-            delta = choice.get("delta") or {}
-            if delta.get("content") or choice.get("text"):
-                self.chunks += 1  # vLLM streams about one token per content chunk
-
-    def _usage(self, usage: Any) -> None:
-        if isinstance(usage, dict):
-            self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
-            self.completion_tokens = usage.get("completion_tokens", self.completion_tokens)
-
-    def finish(self) -> None:
-        if not self.stream and self.body:
-            with contextlib.suppress(ValueError, AttributeError):
-                self._usage(json.loads(self.body).get("usage"))
-        if self.stream and self.completion_tokens is None:
-            self.completion_tokens = self.chunks  # no usage chunk was asked for
-
-    def log_line(self, log_prompts: bool) -> str:
-        record = {
-            "time": round(time.time(), 3),
-            "event": "request",
-            "request_id": self.request_id,
-            "key_id": self.key_id,
-            "method": self.method,
-            "path": self.path,
-            "status": self.status,
-            "stream": self.stream,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "latency_ms": round((time.monotonic() - self.started) * 1000, 1),
-        }
-        if log_prompts:
-            record["request"] = self.request_body[:4000].decode("utf-8", "replace")
-            record["response"] = self.body[:4000].decode("utf-8", "replace")
-        return json.dumps(record, ensure_ascii=False)
 
 
 class TuneshipMiddleware:
@@ -258,7 +119,7 @@ class TuneshipMiddleware:
         elif path == INFLIGHT_PATH:
             await self._inflight_report(scope, send)
         elif allowed is None:
-            await _respond(send, 404, NOT_FOUND)
+            await respond(send, 404, NOT_FOUND)
         elif allowed == OPEN:
             await self.app(scope, receive, send)
         else:
@@ -283,17 +144,17 @@ class TuneshipMiddleware:
     async def _readiness(self, send: Any) -> None:
         status = 503 if self.draining else 200
         body = json.dumps({"status": "draining" if self.draining else "ready"}).encode()
-        await _respond(send, status, body)
+        await respond(send, status, body)
 
     async def _inflight_report(self, scope: dict, send: Any) -> None:
         """How many requests are in flight, for the supervisor's drain: it asks from the same
         machine, over loopback or to the address the server is bound to."""
         client = (scope.get("client") or ("",))[0]
         if client not in (*LOOPBACK, (scope.get("server") or ("",))[0]):
-            await _respond(send, 404, NOT_FOUND)
+            await respond(send, 404, NOT_FOUND)
             return
         body = json.dumps({"inflight": self.inflight, "draining": self.draining}).encode()
-        await _respond(send, 200, body)
+        await respond(send, 200, body)
 
     async def _api_request(self, scope: dict, receive: Any, send: Any) -> None:
         """Authenticate, refuse while draining, admit (or refuse: overload), then pass
@@ -306,9 +167,15 @@ class TuneshipMiddleware:
         if self.draining:
             await self._refuse_draining(send, exchange)
             return
-        body, receive = await read_body(receive)
+        try:
+            body, receive = await read_body(scope, receive, self.cfg.max_request_bytes)
+        except BodyTooLarge as exc:
+            await self._refuse_too_large(send, exchange, exc.args[0])
+            return
         if body is None:
             return  # the client left before it sent its request
+        if self.cfg.log_prompts:
+            exchange.saw_request(body)
         slots = request_slots(route_path(scope), body)
         verdict = self.admission.admit(exchange.key_id, slots)
         if verdict is not None:
@@ -318,6 +185,17 @@ class TuneshipMiddleware:
             await self._pass_through(scope, receive, send, exchange)
         finally:
             self.admission.release(exchange.key_id, slots)
+
+    async def _refuse_too_large(self, send: Any, exchange: Exchange, size: int) -> None:
+        limit = self.cfg.max_request_bytes
+        exchange.status = 413
+        body = error_body(
+            f"The request body ({size} bytes or more) is over this server's limit of {limit} "
+            "bytes (max_request_bytes).",
+            "invalid_request_error", "request_too_large",
+        )  # fmt: skip
+        await respond(send, 413, body, {"connection": "close"})
+        self._record(exchange)
 
     async def _refuse_admission(
         self, send: Any, exchange: Exchange, verdict: str, slots: int
@@ -339,7 +217,7 @@ class TuneshipMiddleware:
             )  # fmt: skip
             self.m["rejected"].labels(reason=OVERLOAD).inc()
         exchange.status = status
-        await _respond(send, status, body, headers)
+        await respond(send, status, body, headers)
         self._record(exchange)
 
     async def _refuse_unauthenticated(self, send: Any, exchange: Exchange, reason: str) -> None:
@@ -350,7 +228,7 @@ class TuneshipMiddleware:
             else "Incorrect API key provided."
         )
         exchange.status = 401
-        await _respond(
+        await respond(
             send,
             401,
             error_body(message, "invalid_request_error", "invalid_api_key"),
@@ -361,7 +239,7 @@ class TuneshipMiddleware:
     async def _refuse_draining(self, send: Any, exchange: Exchange) -> None:
         self.m["rejected"].labels(reason="draining").inc()
         exchange.status = 503
-        await _respond(
+        await respond(
             send,
             503,
             error_body("The server is shutting down; retry on another instance.",
@@ -371,12 +249,6 @@ class TuneshipMiddleware:
         self._record(exchange)
 
     async def _pass_through(self, scope: dict, receive: Any, send: Any, exchange: Exchange):
-        async def capture_receive() -> dict:
-            message = await receive()
-            if self.cfg.log_prompts and message.get("type") == "http.request":
-                exchange.request_body += message.get("body", b"")[:MAX_CAPTURED_BODY]
-            return message
-
         async def observe_send(message: dict) -> None:
             if message["type"] == "http.response.start":
                 message = message | {"headers": self._response_headers(message, exchange)}
@@ -387,7 +259,7 @@ class TuneshipMiddleware:
         self.inflight += 1
         self.m["inflight"].inc()
         try:
-            await self.app(scope, capture_receive, observe_send)
+            await self.app(scope, receive, observe_send)
         finally:
             self.inflight -= 1
             self.m["inflight"].dec()
@@ -427,48 +299,3 @@ class TuneshipMiddleware:
             if count:
                 self.m["tokens"].labels(key_id=exchange.key_id, kind=kind).inc(count)
         print(exchange.log_line(self.cfg.log_prompts), flush=True)
-
-
-def is_cors_preflight(scope: dict) -> bool:
-    """OPTIONS with both Origin and Access-Control-Request-Method, as a browser sends it;
-    any other OPTIONS request is an ordinary request and needs a key."""
-    if scope.get("method") != "OPTIONS":
-        return False
-    names = {name.lower() for name, _ in scope.get("headers") or []}
-    return {b"origin", b"access-control-request-method"} <= names
-
-
-def route_path(scope: dict) -> str:
-    """The path the router matches (as Starlette computes it: without the root path)."""
-    path, root = scope.get("path", ""), scope.get("root_path", "")
-    if root and path.startswith(root) and path[len(root) : len(root) + 1] in ("", "/"):
-        return path[len(root) :]
-    return path
-
-
-async def read_body(receive: Any) -> tuple[bytes | None, Any]:
-    """The whole request body (None if the client left first) and a receive that hands it
-    over again, then goes on to the client's own messages (vLLM watches those for a
-    disconnect, to abort the generation)."""
-    chunks = []
-    while True:
-        message = await receive()
-        if message["type"] == "http.disconnect":
-            return None, receive
-        chunks.append(message.get("body", b""))
-        if not message.get("more_body"):
-            break
-    body = b"".join(chunks)
-    pending = [{"type": "http.request", "body": body, "more_body": False}]
-
-    async def replay() -> dict:
-        return pending.pop() if pending else await receive()
-
-    return body, replay
-
-
-async def _respond(send: Any, status: int, body: bytes, headers: dict | None = None) -> None:
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import re
 import signal
 
 import httpx
@@ -386,3 +387,94 @@ def test_serve_refuses_vllm_dev_variables_unless_a_setting_allows_them(
     assert call(app, "POST", "/sleep").status_code == 401
     monkeypatch.setenv(name, "0")
     served_settings(monkeypatch, bundle, ServeConfig(api_keys="sk-a"))  # off: nothing to refuse
+
+
+def request(app, method: str, path: str, headers: dict | None = None, content=None):
+    async def go():
+        transport = httpx.ASGITransport(app=app, client=("10.0.0.9", 1234))
+        async with httpx.AsyncClient(transport=transport, base_url="http://t") as http:
+            return await http.request(method, path, headers=headers or {}, content=content)
+
+    return asyncio.run(go())
+
+
+@pytest.mark.parametrize(
+    ("sent", "kept"),
+    [(b"\xff\xfe-not-utf8", False), (b"a" * 129, False), (b"a b", False), (b"x\r", False),
+     (b"req-42_a.b:c", True), (b"A" * 128, True)],
+)  # fmt: skip
+def test_a_request_id_is_kept_only_when_short_and_plain(sent, kept):
+    app = middleware(api_keys="sk-a")
+    reply = request(
+        app, "GET", "/v1/models", {"Authorization": "Bearer sk-a", "X-Request-Id": sent}
+    )
+    assert reply.status_code == 200
+    echoed = reply.headers["x-request-id"].encode()
+    assert (echoed == sent) is kept and len(echoed) <= 128
+    assert re.fullmatch(rb"[A-Za-z0-9._:-]+", echoed)
+
+
+def test_an_oversized_body_gets_413_in_openai_shape_declared_or_chunked():
+    seen = []
+
+    async def app_(scope, receive, send):
+        seen.append(scope["path"])
+        await fake_vllm(scope, receive, send)
+
+    app = TuneshipMiddleware(app_, MiddlewareSettings(serve=ServeConfig(api_keys="sk-a")))
+    headers = {"Authorization": "Bearer sk-a", "Content-Type": "application/json"}
+    big = b'{"messages": [{"role": "user", "content": "' + b"x" * (16 << 20) + b'"}]}'
+    declared = request(app, "POST", "/v1/chat/completions", headers, big)
+
+    async def pieces():
+        for start in range(0, len(big), 1 << 20):
+            yield big[start : start + (1 << 20)]
+
+    chunked = request(app, "POST", "/v1/chat/completions", headers, pieces())
+    for reply in (declared, chunked):
+        assert reply.status_code == 413
+        assert reply.json()["error"]["code"] == "request_too_large"
+        assert set(reply.json()["error"]) == {"message", "type", "param", "code"}
+    assert seen == []
+    small = middleware(api_keys="sk-a", max_request_bytes=1024)
+    assert (
+        request(small, "POST", "/v1/completions", headers, b"{}" + b" " * 1100).status_code == 413
+    )
+    assert request(small, "POST", "/v1/completions", headers, b"{}").status_code == 200
+
+
+def test_only_what_is_logged_of_a_prompt_is_kept(monkeypatch, capsys):
+    from tuneship.serve import middleware as mw
+
+    kept = []
+    log_line = mw.Exchange.log_line
+    monkeypatch.setattr(
+        mw.Exchange, "log_line", lambda self, *a: kept.append(self) or log_line(self, *a)
+    )
+    app = middleware(api_keys="sk-a", log_prompts=True)
+
+    async def pieces():
+        for _ in range(8):
+            yield b"y" * (256 << 10)
+
+    headers = {"Authorization": "Bearer sk-a"}
+    assert request(app, "POST", "/v1/completions", headers, pieces()).status_code == 200
+    logged = json.loads(capsys.readouterr().out.splitlines()[-1])
+    assert logged["request"] == "y" * 4000
+    assert len(kept[0].request_body) <= 4000 and len(kept[0].body) <= 4000
+
+
+def test_the_keys_file_parser_and_a_file_gone_between_stat_and_read(tmp_path):
+    keys = tmp_path / "keys"
+    keys.write_text("  # sk-commented\n\tsk-real  \n#sk-other\n")
+    ring = KeyRing([], str(keys))
+    assert ring.match("sk-real") and ring.match("# sk-commented") is None
+    assert ring.match("#sk-other") is None
+    ring.recheck_s = 0
+    keys.unlink()
+    keys.mkdir()  # stat works, reading fails: what a file deleted between the two looks like
+    app = TuneshipMiddleware(
+        fake_vllm, MiddlewareSettings(serve=ServeConfig(api_keys_file=str(keys)))
+    )
+    app.keys = ring
+    assert call(app, "GET", "/v1/models", "sk-real").status_code == 200

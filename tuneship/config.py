@@ -352,6 +352,12 @@ class ServeConfig(StrictModel):
         "before their response starts, streams too (default: unbounded). A request counts "
         "once per sequence it asks for (n, a list of prompts).",
     )
+    max_request_bytes: int = Field(
+        4 << 20,
+        ge=1024,
+        description="Largest request body accepted (bytes); larger ones get 413 before vLLM "
+        "reads them.",
+    )
     drain_timeout: float = Field(
         30.0,
         ge=0,
