@@ -89,12 +89,7 @@ def check_serving(where: str, deployment: dict) -> list[str]:
         problems.append(f"{where}: probes should be startup /health, readiness /ready, "
                         f"liveness /health; found {probes}")  # fmt: skip
     env = env_of(container)
-    drain = float(env.get("TUNESHIP_DRAIN_TIMEOUT") or 30)
-    pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
-    grace = spec.get("terminationGracePeriodSeconds", 30)
-    if grace <= drain + pre_stop:
-        problems.append(f"{where}: terminationGracePeriodSeconds {grace} <= drain {drain} + "
-                        f"preStop {pre_stop}")  # fmt: skip
+    problems += check_stop_budget(where, spec, container, env)
     keys_dir = str(Path(env.get("TUNESHIP_API_KEYS_FILE") or "/missing").parent)
     mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
@@ -103,6 +98,22 @@ def check_serving(where: str, deployment: dict) -> list[str]:
     if "/models/bundle" not in mounts:
         problems.append(f"{where}: the bundle is not mounted at /models/bundle")
     return problems
+
+
+def check_stop_budget(where: str, spec: dict, container: dict, env: dict) -> list[str]:
+    """The worst-case stop (preStop, then the drain, then vLLM's stop wait) must fit inside
+    terminationGracePeriodSeconds, or the kubelet kills vLLM mid-drain. Both timeouts must be
+    set explicitly (the defaults live in tuneship.config, which this environment lacks)."""
+    missing = [n for n in ("TUNESHIP_DRAIN_TIMEOUT", "TUNESHIP_STOP_TIMEOUT") if n not in env]
+    if missing:
+        return [f"{where}: set {', '.join(missing)} (the stop budget is checked against them)"]
+    drain, stop = float(env["TUNESHIP_DRAIN_TIMEOUT"]), float(env["TUNESHIP_STOP_TIMEOUT"])
+    pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    grace = spec.get("terminationGracePeriodSeconds", 30)
+    if grace <= pre_stop + drain + stop:
+        return [f"{where}: terminationGracePeriodSeconds {grace} <= preStop {pre_stop} + drain "
+                f"{drain:g} + vLLM stop {stop:g}"]  # fmt: skip
+    return []
 
 
 def check_training(where: str, job: dict) -> list[str]:

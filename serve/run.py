@@ -21,6 +21,7 @@ import urllib.error
 import urllib.request
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
 from tuneship.bundles import lora_arguments, verify
 from tuneship.config import ServeConfig
@@ -106,7 +107,24 @@ def build_command(
 def run(
     bundle_dir: Path, cfg: ServeConfig, vllm_args: tuple[str, ...] = (), dry_run: bool = False
 ) -> int:
-    bundle_dir = Path(bundle_dir)
+    signals = Signals()  # first of all: a SIGTERM during the checks or the hashing stops at once
+    try:
+        argv, env = prepare(Path(bundle_dir), cfg, vllm_args)
+    except StopBeforeStart as stop:
+        _log(signal.Signals(stop.signum).name.lower(), before="vllm_started")
+        return 0 if stop.signum == signal.SIGTERM else 128 + stop.signum
+    if dry_run:
+        return 0
+    return supervise(
+        argv, os.environ | env, cfg.host, cfg.port, cfg.drain_timeout, cfg.stop_timeout, signals
+    )
+
+
+def prepare(
+    bundle_dir: Path, cfg: ServeConfig, vllm_args: tuple[str, ...]
+) -> tuple[list[str], dict[str, str]]:
+    """Everything before vLLM starts: the refusals, the bundle's verification (hashing), the
+    command; printed (keys masked)."""
     refusal = refusal_for_dev_variables(os.environ, cfg)
     if refusal is not None:
         raise TuneshipError(refusal)
@@ -141,11 +159,9 @@ def run(
         f"settings: {cfg.model_dump_json()}",
         flush=True,
     )
-    if dry_run:
-        return 0
     check_keys_file(cfg)
     env[SETTINGS_ENV] = MiddlewareSettings(serve=cfg, bundle_dir=str(bundle_dir)).to_env()
-    return supervise(argv, os.environ | env, cfg.host, cfg.port, cfg.drain_timeout)
+    return argv, env
 
 
 def check_keys_file(cfg: ServeConfig) -> None:
@@ -209,28 +225,70 @@ def drain(child: subprocess.Popen, host: str, port: int, timeout_s: float) -> No
     )
 
 
+class StopBeforeStart(Exception):
+    """SIGTERM or SIGINT before vLLM was started."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class Signals:
+    """SIGTERM and SIGINT, handled from the first instant of `tuneship serve`. Until vLLM is
+    about to start they stop everything at once: StopBeforeStart is raised from whatever runs
+    (hashing a big bundle takes minutes, and Kubernetes kills what does not stop). From then on
+    they are only noted (SIGINT passed on to vLLM) for supervise(), so that no exception can
+    leave a started vLLM behind."""
+
+    def __init__(self) -> None:
+        self.child: subprocess.Popen | None = None
+        self.starting = False
+        self.terminating = False
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if not self.starting:
+            raise StopBeforeStart(signum)
+        if signum == signal.SIGINT and self.child is not None:
+            self.child.send_signal(signal.SIGINT)  # Ctrl-C: vLLM stops its own way
+        else:
+            self.terminating = True
+
+
+def exit_code(code: int) -> int:
+    """A child's status as a shell reports it: 128 + N for a death by signal N."""
+    return 128 - code if code < 0 else code
+
+
 def supervise(
-    argv: list[str], env: dict[str, str], host: str, port: int, drain_timeout_s: float
+    argv: list[str],
+    env: dict[str, str],
+    host: str,
+    port: int,
+    drain_timeout_s: float,
+    stop_timeout_s: float = 15.0,
+    signals: Signals | None = None,
 ) -> int:
+    signals = signals or Signals()
     # The child inherits SIGUSR1 ignored, so a drain signal that comes before the middleware
     # handles it (vLLM still loading) cannot kill it with the signal's default action.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
-    child = subprocess.Popen(argv, env=env)
-    terminating = []
-    signal.signal(signal.SIGTERM, lambda *_: terminating.append(True))
-    signal.signal(signal.SIGINT, lambda *_: child.send_signal(signal.SIGINT))
-    while not terminating:
+    signals.starting = True
+    child = signals.child = subprocess.Popen(argv, env=env)
+    while not signals.terminating:
         try:
-            return child.wait(timeout=0.2)  # vLLM ended by itself: pass its code on
+            return exit_code(child.wait(timeout=0.2))  # vLLM ended by itself: pass it on
         except subprocess.TimeoutExpired:
             continue
     _log("sigterm", drain_timeout_s=drain_timeout_s)
     drain(child, host, port, drain_timeout_s)
     child.send_signal(signal.SIGTERM)
     try:
-        code = child.wait(timeout=60)
+        code = child.wait(timeout=stop_timeout_s)
     except subprocess.TimeoutExpired:
+        _log("stop_timeout", stop_timeout_s=stop_timeout_s)
         child.kill()
         code = child.wait()
     _log("stopped", vllm_exit_code=code)
-    return 0 if code in (0, -signal.SIGTERM, 128 + signal.SIGTERM) else code
+    return 0 if code in (0, -signal.SIGTERM, 128 + signal.SIGTERM) else exit_code(code)

@@ -104,6 +104,7 @@ def served_settings(monkeypatch, bundle, cfg: ServeConfig) -> MiddlewareSettings
     import tuneship.serve.run as serve_run
 
     seen: dict[str, str] = {}
+    monkeypatch.setattr(serve_run.signal, "signal", lambda *a: None)  # pytest keeps its own
     monkeypatch.setattr(serve_run, "vllm_flavour", lambda: "cpu")
     monkeypatch.setattr(serve_run, "supervise", lambda argv, env, *a, **k: seen.update(env) or 0)
     assert serve_run.run(bundle, cfg) == 0

@@ -363,6 +363,12 @@ class ServeConfig(StrictModel):
         ge=0,
         description="On SIGTERM: seconds in-flight requests get to finish before vLLM stops.",
     )
+    stop_timeout: float = Field(
+        15.0,
+        ge=1,
+        description="After the drain: seconds vLLM gets to stop before it is killed. A pod's "
+        "terminationGracePeriodSeconds must exceed preStop + drain_timeout + stop_timeout.",
+    )
     retry_after: int = Field(
         2, ge=1, description="Seconds a refused client is told to wait (Retry-After on 503)."
     )
