@@ -7,7 +7,9 @@
   Kubernetes 1.32 OpenAPI schema shipped in kubernetes-validate;
 - the serving and training objects must keep the promises README.md makes (non-root, read-only
   root filesystem, no capabilities, separate readiness and liveness, grace period longer than
-  the drain, /dev/shm, the keys Secret where TUNESHIP_API_KEYS_FILE points, resumable Jobs).
+  preStop + drain + stop, /dev/shm, the keys Secret where TUNESHIP_API_KEYS_FILE points, a
+  versioned bundle folder mounted read-only and pinned by TUNESHIP_BUNDLE_SHA256, resumable
+  Jobs).
 Custom resources (ServiceMonitor, PrometheusRule) are validated against their CRDs' schemas by
 scripts/check_crds.mjs (node, @kubernetes-models/prometheus-operator).
 Exit 1 with every problem named by overlay, kind and name.
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -95,8 +98,27 @@ def check_serving(where: str, deployment: dict) -> list[str]:
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
     if "secret" not in volumes.get(mounts.get(keys_dir, ""), {}):
         problems.append(f"{where}: TUNESHIP_API_KEYS_FILE is not in a mounted Secret")
-    if "/models/bundle" not in mounts:
-        problems.append(f"{where}: the bundle is not mounted at /models/bundle")
+    problems += check_bundle_mount(where, container, volumes, env)
+    return problems
+
+
+def check_bundle_mount(where: str, container: dict, volumes: dict, env: dict) -> list[str]:
+    """Serving reads its volumes only, mounts a versioned bundle folder (bundles/NAME/VERSION,
+    written once, never replaced under a running pod) and pins its bundle.json."""
+    problems = []
+    mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+    bundle = mounts.get("/models/bundle")
+    if bundle is None:
+        return [f"{where}: the bundle is not mounted at /models/bundle"]
+    if not re.fullmatch(r"bundles/[^/]+/[^/]+", bundle.get("subPath", "")):
+        problems.append(f"{where}: the bundle subPath {bundle.get('subPath')!r} is not a "
+                        "versioned bundle folder (bundles/NAME/VERSION)")  # fmt: skip
+    for mount in mounts.values():
+        claim = volumes.get(mount["name"], {}).get("persistentVolumeClaim")
+        if claim is not None and not (mount.get("readOnly") and claim.get("readOnly")):
+            problems.append(f"{where}: volume {mount['name']} is not mounted read-only")
+    if not re.fullmatch(r"[0-9a-f]{64}", env.get("TUNESHIP_BUNDLE_SHA256") or ""):
+        problems.append(f"{where}: TUNESHIP_BUNDLE_SHA256 does not pin bundle.json (64 hex)")
     return problems
 
 

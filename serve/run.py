@@ -130,7 +130,7 @@ def prepare(
         raise TuneshipError(refusal)
     flavour = vllm_flavour()
     try:
-        manifest = verify(bundle_dir)
+        manifest = verify(bundle_dir, cfg.bundle_sha256)
     except TuneshipError as exc:
         raise TuneshipError(f"{exc}\nrefusing to serve it") from None
     if manifest.skipped_checks():

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+
 import pytest
 
 from tests.support import fake_bundle
@@ -94,3 +97,51 @@ def test_serve_settings_become_vllm_limits_and_reach_the_middleware_in_one_piece
     assert received.serve.key_list() == ["sk-a", "sk-b"] and received.serve == cfg
     assert received.bundle_dir == "bundles/b"
     assert "sk-a" not in cfg.model_dump_json() and "sk-a" not in repr(cfg)  # masked elsewhere
+
+
+def test_a_symlink_anywhere_in_a_bundle_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "payload.py").write_text("print('not from the bundle')")
+    bundle = fake_bundle(tmp_path / "b")
+    (bundle / "model" / "extra").symlink_to(outside)  # hashing never entered it
+    with pytest.raises(TuneshipError, match=r"model/extra: a symlink"):
+        verify_bundle(bundle)
+    (bundle / "model" / "extra").unlink()
+    config = bundle / "model" / "config.json"
+    (outside / "config.json").write_text(config.read_text())
+    config.unlink()
+    config.symlink_to(outside / "config.json")  # same bytes, but it can change under the bundle
+    with pytest.raises(TuneshipError, match=r"model/config\.json: a symlink"):
+        verify_bundle(bundle)
+
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b", "..", ".hidden", "a b"])
+def test_an_adapter_name_that_could_leave_the_bundle_is_refused(tmp_path, name):
+    bundle = fake_bundle(tmp_path / "b")
+    manifest = json.loads((bundle / BUNDLE_FILE).read_text())
+    manifest["adapters"] = {name: {"run": "r", "run_json_sha256": "0", "rank": 8, "files": {}}}
+    (bundle / BUNDLE_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(TuneshipError, match=r"adapters.*name"):
+        verify_bundle(bundle)
+
+
+def test_a_pinned_bundle_json_sha256_refuses_an_edited_manifest(tmp_path, monkeypatch):
+    bundle = fake_bundle(tmp_path / "b")
+    pinned = hashlib.sha256((bundle / BUNDLE_FILE).read_bytes()).hexdigest()
+    assert verify_bundle(bundle, pinned).served_model_name == "handbook"
+    manifest = json.loads((bundle / BUNDLE_FILE).read_text())
+    manifest["served_model_name"] = "gpt-4"  # edited, hashes of the weights left as they were
+    (bundle / BUNDLE_FILE).write_text(json.dumps(manifest))
+    assert verify_bundle(bundle).served_model_name == "gpt-4"  # unpinned: nothing can tell
+    with pytest.raises(TuneshipError, match=f"not the pinned {pinned}"):
+        verify_bundle(bundle, pinned)
+    from tuneship.config import ServeConfig
+    from tuneship.serve.run import prepare
+
+    monkeypatch.setattr("tuneship.serve.run.vllm_flavour", lambda: "cpu")
+    with pytest.raises(TuneshipError, match="not the pinned"):
+        prepare(bundle, ServeConfig(bundle_sha256=pinned), ())  # what `tuneship serve` runs
+    assert ServeConfig(bundle_sha256=pinned.upper()).bundle_sha256 == pinned
+    with pytest.raises(ValueError, match="bundle_sha256"):
+        ServeConfig(bundle_sha256="abc")

@@ -10,14 +10,21 @@ from pathlib import Path
 from typing import Any
 
 from tuneship.errors import TuneshipError
+from tuneship.fsutil import symlinks_under
 from tuneship.manifest import BundleManifest, Check, read_bundle, verify_files
 
 
-def verify(bundle_dir: Path) -> BundleManifest:
-    """Raise TuneshipError naming every file that is missing, changed or unlisted."""
+def verify(bundle_dir: Path, bundle_sha256: str | None = None) -> BundleManifest:
+    """Raise TuneshipError naming every file that is missing, changed, unlisted or a symlink
+    (hashing would follow a file link out of the bundle and never enter a linked folder), or
+    when bundle.json's sha256 is not the pinned bundle_sha256."""
     bundle_dir = Path(bundle_dir)
-    manifest = read_bundle(bundle_dir)
-    problems = verify_files(bundle_dir / "model", manifest.files)
+    manifest = read_bundle(bundle_dir, bundle_sha256)
+    problems = [
+        f"{link}: a symlink (a bundle holds plain files only; copy the file in)"
+        for link in symlinks_under(bundle_dir)
+    ]
+    problems += verify_files(bundle_dir / "model", manifest.files)
     if (bundle_dir / "merged").is_dir():
         problems += verify_files(bundle_dir / "merged", manifest.merged_files)
     for name, adapter in manifest.adapters.items():

@@ -6,6 +6,7 @@ every problem is collected and reported together, each naming the key and the fi
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import (
@@ -313,6 +314,12 @@ class ServeConfig(StrictModel):
     max_model_len: int | None = Field(
         None, ge=16, description="Context length served (default: the bundle's)."
     )
+    bundle_sha256: str | None = Field(
+        None,
+        description="Pin the bundle: the sha256 of its bundle.json (`sha256sum bundle.json`); "
+        "a bundle whose manifest differs is refused (an edited manifest could vouch for "
+        "edited weights).",
+    )
     eager: bool | None = Field(
         None,
         description="true: no CUDA graphs or torch.compile (faster start); false: compile "
@@ -387,6 +394,13 @@ class ServeConfig(StrictModel):
         if self.max_waiting is None:
             return None
         return (self.max_running or VLLM_DEFAULT_MAX_NUM_SEQS) + self.max_waiting
+
+    @field_validator("bundle_sha256")
+    @classmethod
+    def _a_sha256(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            raise ValueError("bundle_sha256 must be 64 hex digits (`sha256sum bundle.json`)")
+        return value.lower() if value else value
 
     def key_list(self) -> list[str]:
         raw = self.api_keys.get_secret_value() if self.api_keys else ""
