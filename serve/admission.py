@@ -47,13 +47,18 @@ class Admission:
         self.total = 0
         self.by_key: Counter[str] = Counter()
 
+    @property
+    def largest(self) -> int | None:
+        """The most sequences one request may ask for."""
+        bounds = [b for b in (self.capacity, self.per_key) if b is not None]
+        return min(bounds) if bounds else None
+
     def admit(self, key: str, slots: int) -> str | None:
         """None when admitted (then release() it), else why not: too_large (can never fit),
         key_limit (the key's own bound is full) or overload (the server's is)."""
         if slots == 0:
             return None
-        bounds = [b for b in (self.capacity, self.per_key) if b is not None]
-        if bounds and slots > min(bounds):
+        if self.largest is not None and slots > self.largest:
             return TOO_LARGE
         if self.per_key is not None and self.by_key[key] + slots > self.per_key:
             return KEY_LIMIT

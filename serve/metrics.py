@@ -40,7 +40,9 @@ def metrics() -> dict[str, Any]:
             "tuneship_auth_failures", "Requests refused for a missing or wrong key.", ["reason"]
         ),
         rejected=Counter(
-            "tuneship_rejected", "Requests refused with 503 (overload, draining).", ["reason"]
+            "tuneship_rejected",
+            "Requests refused: 503 (overload, draining), 429 (key_limit).",
+            ["reason"],
         ),
         inflight=Gauge(
             "tuneship_inflight_requests", "API requests in progress.", multiprocess_mode="livesum"

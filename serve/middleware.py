@@ -36,7 +36,7 @@ from pydantic import BaseModel
 from tuneship.config import ServeConfig
 from tuneship.errors import TuneshipError
 
-from .admission import OVERLOAD, TOO_LARGE, Admission, request_slots
+from .admission import KEY_LIMIT, TOO_LARGE, Admission, request_slots
 from .asgi import BodyTooLarge, error_body, is_cors_preflight, read_body, respond, route_path
 from .exchange import Exchange
 from .keys import KeyRing
@@ -83,7 +83,7 @@ class TuneshipMiddleware:
             on_error=lambda reason: self.m["keys_file_errors"].labels(reason=reason).inc(),
         )
         self.retry_after = str(cfg.retry_after)
-        self.admission = Admission(cfg.capacity)
+        self.admission = Admission(cfg.capacity, cfg.max_per_key)
         self.draining = False
         self.inflight = 0
         self.m["bundle"].labels(**bundle_labels(settings.bundle_dir)).set(1)
@@ -200,22 +200,32 @@ class TuneshipMiddleware:
     async def _refuse_admission(
         self, send: Any, exchange: Exchange, verdict: str, slots: int
     ) -> None:
-        """Refused before the response starts: a clean status the SDK retries (503), or 400
-        for a request that could never fit."""
+        """Refused before the response starts: a status the SDK retries (429 over the key's
+        own bound, 503 over the server's), or 400 for a request that could never fit."""
+        headers = {"retry-after": self.retry_after}
         if verdict == TOO_LARGE:
             status, headers = 400, {}
             body = error_body(
                 f"This request needs {slots} sequences (n times the prompts); this server "
-                f"runs at most {self.admission.capacity} at once. Lower n or send fewer prompts.",
+                f"runs at most {self.admission.largest} for one request. Lower n or send "
+                "fewer prompts.",
                 "invalid_request_error", "too_many_sequences", param="n",
             )  # fmt: skip
+        elif verdict == KEY_LIMIT:
+            status = 429
+            body = error_body(
+                f"Rate limit reached for this key: at most {self.admission.per_key} sequences "
+                f"in flight at once; retry after {self.retry_after} s.",
+                "requests", "rate_limit_exceeded",
+            )  # fmt: skip
         else:
-            status, headers = 503, {"retry-after": self.retry_after}
+            status = 503
             body = error_body(
                 f"The server is at capacity; retry after {self.retry_after} s.",
                 "server_error", "overloaded",
             )  # fmt: skip
-            self.m["rejected"].labels(reason=OVERLOAD).inc()
+        if verdict != TOO_LARGE:
+            self.m["rejected"].labels(reason=verdict).inc()
         exchange.status = status
         await respond(send, status, body, headers)
         self._record(exchange)

@@ -479,3 +479,21 @@ def test_the_keys_file_parser_and_a_file_gone_between_stat_and_read(tmp_path):
     )
     app.keys = ring
     assert call(app, "GET", "/v1/models", "sk-real").status_code == 200
+
+
+def test_one_key_flooding_gets_429_and_another_key_is_still_served():
+    vllm = SlowStreams()
+    cfg = ServeConfig(api_keys="sk-a, sk-b", max_running=2, max_waiting=2, max_per_key=2)
+    app = TuneshipMiddleware(vllm, MiddlewareSettings(serve=cfg))
+    before = sample("tuneship_rejected_total", reason="key_limit")
+    keys = ["sk-a"] * 6 + ["sk-b"] * 2
+    replies = burst(app, [{"stream": True}] * 8, keys)
+    flood, other = replies[:6], replies[6:]
+    assert [r.status_code for r in other] == [200, 200]  # the quiet key's share was kept free
+    assert sorted(r.status_code for r in flood) == [200, 200, 429, 429, 429, 429]
+    for reply in (r for r in flood if r.status_code == 429):
+        assert reply.headers["retry-after"] == "2"
+        assert reply.json()["error"]["code"] == "rate_limit_exceeded"
+        assert reply.json()["error"]["type"] == "requests"
+    assert sample("tuneship_rejected_total", reason="key_limit") == before + 4
+    assert sample("tuneship_requests_total", key_id=key_id("sk-a"), status="429") >= 4

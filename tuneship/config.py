@@ -359,6 +359,12 @@ class ServeConfig(StrictModel):
         "before their response starts, streams too (default: unbounded). A request counts "
         "once per sequence it asks for (n, a list of prompts).",
     )
+    max_per_key: int | None = Field(
+        None,
+        ge=1,
+        description="Sequences one key may have in flight at once; more get 429 + Retry-After "
+        "(rate_limit_exceeded), so one client cannot fill every slot (default: no bound).",
+    )
     max_request_bytes: int = Field(
         4 << 20,
         ge=1024,
