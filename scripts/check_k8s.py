@@ -138,6 +138,25 @@ def check_stop_budget(where: str, spec: dict, container: dict, env: dict) -> lis
     return []
 
 
+def check_metrics_scrape(overlay: str, docs: list[dict]) -> list[str]:
+    """When serving asks a key for /metrics, the ServiceMonitor must send one, from a Secret."""
+    problems = []
+    for deployment in (d for d in docs if d["kind"] == "Deployment"):
+        env = env_of(deployment["spec"]["template"]["spec"]["containers"][0])
+        if str(env.get("TUNESHIP_METRICS_AUTH")).lower() != "true":
+            continue
+        for monitor in (d for d in docs if d["kind"] == "ServiceMonitor"):
+            for endpoint in monitor["spec"].get("endpoints", []):
+                credentials = endpoint.get("authorization", {}).get("credentials", {})
+                if not (credentials.get("name") and credentials.get("key")):
+                    problems.append(
+                        f"{overlay}/ServiceMonitor/{monitor['metadata']['name']}: /metrics needs "
+                        "a key (TUNESHIP_METRICS_AUTH) but the endpoint sends no token from a "
+                        "Secret (authorization.credentials)"
+                    )
+    return problems
+
+
 def check_training(where: str, job: dict) -> list[str]:
     spec = job["spec"]
     problems = check_pod(where, spec["template"]["spec"])
@@ -176,6 +195,7 @@ def check_overlay(overlay: Path) -> dict:
             report["problems"] += check_serving(where, doc)
         elif kind == "Job":
             report["problems"] += check_training(where, doc)
+    report["problems"] += check_metrics_scrape(overlay.name, docs)
     checked = validate_custom(custom)
     for doc in custom:
         key = f"{doc['kind']}/{doc['metadata']['name']}"

@@ -80,8 +80,17 @@ class TuneshipMiddleware:
         self.keys = KeyRing(
             cfg.key_list(),
             cfg.api_keys_file,
+            id_secret=self._key_id_secret(cfg),
             on_error=lambda reason: self.m["keys_file_errors"].labels(reason=reason).inc(),
         )
+        if self.keys.unnamed and cfg.key_id_secret is None:
+            print(
+                "warning: no key_id_secret: the ids of unnamed keys in logs and metrics change "
+                "at each start and differ between replicas; name the keys (name:key lines) or "
+                "set TUNESHIP_KEY_ID_SECRET",
+                file=sys.stderr,
+                flush=True,
+            )
         self.retry_after = str(cfg.retry_after)
         self.admission = Admission(cfg.capacity, cfg.max_per_key)
         self.draining = False
@@ -100,6 +109,12 @@ class TuneshipMiddleware:
         # outside the main thread (a test harness) there is no drain signal
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGUSR1, self._start_draining)
+
+    @staticmethod
+    def _key_id_secret(cfg: ServeConfig) -> bytes:
+        if cfg.key_id_secret is not None:
+            return cfg.key_id_secret.get_secret_value().encode("utf-8")
+        return os.urandom(32)  # ids stay unguessable; they just do not outlive the process
 
     def _start_draining(self, signum: int, frame: Any) -> None:
         self.draining = True

@@ -49,6 +49,10 @@ def test_every_overlay_renders_and_validates(tmp_path):
         assert report["problems"] == [] and report["not_schema_checked"] == []
 
 
+SCRAPE_TOKEN = (REPO / "k8s/base/servicemonitor.yaml").read_text().partition("      authorization:")
+SCRAPE_TOKEN = SCRAPE_TOKEN[1] + SCRAPE_TOKEN[2]  # the ServiceMonitor's token, to the end
+
+
 @pytest.mark.parametrize(
     ("file", "old", "new", "problem"),
     [
@@ -66,6 +70,7 @@ def test_every_overlay_renders_and_validates(tmp_path):
          "TUNESHIP_BUNDLE_SHA256 does not pin"),
         ("base/serve-deployment.yaml", "claimName: tuneship-models\n            readOnly: true",
          "claimName: tuneship-models", "volume bundle is not mounted read-only"),
+        ("base/servicemonitor.yaml", SCRAPE_TOKEN, "", "the endpoint sends no token"),
         ("base/serve-service.yaml", "targetPort: http", "targetPort: http\n      nodePortt: 1",
          "Additional properties are not allowed ('nodePortt'"),
         ("base/train-job.yaml", "  backoffLimit: 6\n", "", "needs backoffLimit"),

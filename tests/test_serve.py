@@ -97,6 +97,10 @@ def test_serve_settings_become_vllm_limits_and_reach_the_middleware_in_one_piece
     assert received.serve.key_list() == ["sk-a", "sk-b"] and received.serve == cfg
     assert received.bundle_dir == "bundles/b"
     assert "sk-a" not in cfg.model_dump_json() and "sk-a" not in repr(cfg)  # masked elsewhere
+    secret = ServeConfig(key_id_secret="s3cret-s3cret-s3cret")
+    assert "s3cret" not in secret.model_dump_json() and "s3cret" not in repr(secret)
+    sent = MiddlewareSettings(serve=secret).to_env()
+    assert MiddlewareSettings.model_validate_json(sent).serve.key_id_secret == secret.key_id_secret
 
 
 def test_a_symlink_anywhere_in_a_bundle_is_refused(tmp_path):

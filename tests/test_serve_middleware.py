@@ -86,7 +86,7 @@ def test_keys_from_env_and_file_and_openai_shaped_401(keyed, capsys):
         assert message in reply.json()["error"]["message"]
     assert sample("tuneship_auth_failures_total", reason="invalid") == before + 1
     out = capsys.readouterr().out
-    assert "sk-env-1" not in out and "sk-nope" not in out and key_id("sk-env-1") in out
+    assert "sk-env-1" not in out and "sk-nope" not in out and app.keys.id_of("sk-env-1") in out
 
 
 def test_probes_are_open_and_metrics_follow_the_setting(keyed):
@@ -148,14 +148,13 @@ def test_serve_refuses_a_keys_file_it_cannot_read(tmp_path, monkeypatch):
 
 
 def test_key_ring_compares_every_key():
-    ring = KeyRing(["a-key", "b-key"], None)
-    assert ring.match("b-key") == key_id("b-key") and ring.match("c-key") is None
-    assert key_id("b-key").startswith("k-") and len(key_id("b-key")) == 10
+    ring = KeyRing(["a-key", "b-key"], None, id_secret=b"s" * 32)
+    assert ring.match("b-key") == key_id("b-key", b"s" * 32) and ring.match("c-key") is None
 
 
 def test_tokens_and_requests_are_counted_per_key_and_logged_as_json(keyed, capsys):
     app, _ = keyed
-    kid = key_id("sk-env-2")
+    kid = app.keys.id_of("sk-env-2")
     before = sample("tuneship_tokens_total", key_id=kid, kind="completion")
     reply = call(app, "POST", "/v1/chat/completions", "sk-env-2")
     assert reply.json()["usage"] == USAGE and reply.headers["x-request-id"]
@@ -468,7 +467,7 @@ def test_only_what_is_logged_of_a_prompt_is_kept(monkeypatch, capsys):
 def test_the_keys_file_parser_and_a_file_gone_between_stat_and_read(tmp_path):
     keys = tmp_path / "keys"
     keys.write_text("  # sk-commented\n\tsk-real  \n#sk-other\n")
-    ring = KeyRing([], str(keys))
+    ring = KeyRing([], str(keys), id_secret=b"s" * 32)
     assert ring.match("sk-real") and ring.match("# sk-commented") is None
     assert ring.match("#sk-other") is None
     ring.recheck_s = 0
@@ -496,4 +495,25 @@ def test_one_key_flooding_gets_429_and_another_key_is_still_served():
         assert reply.json()["error"]["code"] == "rate_limit_exceeded"
         assert reply.json()["error"]["type"] == "requests"
     assert sample("tuneship_rejected_total", reason="key_limit") == before + 4
-    assert sample("tuneship_requests_total", key_id=key_id("sk-a"), status="429") >= 4
+    assert sample("tuneship_requests_total", key_id=app.keys.id_of("sk-a"), status="429") >= 4
+
+
+def test_named_keys_are_known_by_name_and_unnamed_ones_by_a_keyed_hash(tmp_path, capsys):
+    import hashlib
+
+    keys = tmp_path / "keys"
+    keys.write_text("alice:sk-alice-1\nalice:sk-alice-2\nsk-anon\n")
+    ring = KeyRing(["ci:sk-ci"], str(keys), id_secret=b"s" * 32)
+    assert ring.match("sk-alice-1") == ring.match("sk-alice-2") == "alice"  # rotation: one id
+    assert ring.match("sk-ci") == "ci" and ring.match("alice:sk-alice-1") is None
+    anon = ring.match("sk-anon")
+    assert anon.startswith("k-") and len(anon) == 2 + 16
+    # an open /metrics must not let anyone test guessed keys against the id offline
+    assert hashlib.sha256(b"sk-anon").hexdigest()[:8] not in anon
+    assert KeyRing(["sk-anon"], None, id_secret=b"t" * 32).match("sk-anon") != anon
+    assert ring.id_of("sk-anon") == anon
+    app = middleware(api_keys="sk-a")  # no key_id_secret: a random one, and a warning
+    assert "key_id_secret" in capsys.readouterr().err
+    assert app.keys.match("sk-a") != middleware(api_keys="sk-a").keys.match("sk-a")
+    same = [middleware(api_keys="sk-a", key_id_secret="x" * 32).keys.match("sk-a") for _ in "ab"]
+    assert same[0] == same[1]

@@ -24,6 +24,7 @@ from tuneship.launch import Server, free_port
 pytestmark = pytest.mark.e2e
 
 ENV_KEY, FILE_KEY, ROTATED_KEY = "sk-env-0001", "sk-file-0002", "sk-file-0003"
+ENV_KEY_ID = "e2e-client"  # its name: TUNESHIP_API_KEYS is name:key
 RUNNING, WAITING = 2, 2
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
 
@@ -49,7 +50,7 @@ def keys_file(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def server(bundle, keys_file):
     port = free_port()
-    env = {"TUNESHIP_API_KEYS": ENV_KEY}
+    env = {"TUNESHIP_API_KEYS": f"{ENV_KEY_ID}:{ENV_KEY}"}
     log = bundle.parent / "serve-production.log"
     with Server(serve_argv(bundle, port, keys_file), port, log, env=env) as srv:
         yield srv
@@ -131,9 +132,7 @@ def test_metrics_have_bundle_info_and_per_key_series(server):
     info = metric_lines(server, "tuneship_bundle_info{")
     assert len(info) == 1 and 'bundle="e2e"' in info[0] and 'quantization="W4A16"' in info[0]
     assert 'base_model="SmolLM2-135M-Instruct"' in info[0] and info[0].endswith(" 1.0")
-    from tuneship.serve.keys import key_id
-
-    mine = key_id(ENV_KEY)
+    mine = ENV_KEY_ID
     requests = metric_lines(server, f'tuneship_requests_total{{key_id="{mine}",status="200"}}')
     assert requests and float(requests[0].split()[-1]) >= 2
     completion = gauge(server, f'tuneship_tokens_total{{key_id="{mine}",kind="completion"')
@@ -331,9 +330,7 @@ def test_an_oversized_body_gets_413_in_openai_shape(server):
 
 
 def test_a_stream_without_include_usage_counts_exact_tokens(server):
-    from tuneship.serve.keys import key_id
-
-    mine = key_id(ENV_KEY)
+    mine = ENV_KEY_ID
     series = 'tuneship_tokens_total{{key_id="{}",kind="{}"'
     tokens = httpx.post(
         f"{server.base_url}/tokenize", headers=authorized(),
@@ -389,7 +386,7 @@ def test_sigterm_drains_the_stream_refuses_new_requests_and_exits_0(bundle, keys
     port = free_port()
     log = bundle.parent / "serve-drain.log"
     argv = serve_argv(bundle, port, keys_file, "--drain-timeout", "60")
-    srv = Server(argv, port, log, env={"TUNESHIP_API_KEYS": ENV_KEY}).__enter__()
+    srv = Server(argv, port, log, env={"TUNESHIP_API_KEYS": f"{ENV_KEY_ID}:{ENV_KEY}"}).__enter__()
     try:
         stream = client(srv).chat.completions.create(
             model="e2e", messages=QUESTION, max_tokens=120, stream=True, temperature=0,

@@ -327,14 +327,23 @@ class ServeConfig(StrictModel):
     )
     api_keys: SecretStr | None = Field(
         None,
-        description="API keys, comma-separated (set it as TUNESHIP_API_KEYS, never in a file "
-        "or on the command line); api_keys_file is better for rotation.",
+        description="API keys, comma-separated, each a key or name:key (set it as "
+        "TUNESHIP_API_KEYS, never in a file or on the command line); api_keys_file is better "
+        "for rotation.",
         json_schema_extra={"cli": False},
     )
     api_keys_file: str | None = Field(
         None,
-        description="File of API keys, one per line, '#' comments (e.g. a mounted Secret); "
-        "re-read when it changes.",
+        description="File of API keys, one per line, a key or name:key (the name is its id in "
+        "logs and metrics), '#' comments (e.g. a mounted Secret); re-read every second.",
+    )
+    key_id_secret: SecretStr | None = Field(
+        None,
+        min_length=16,
+        description="Secret for the ids of unnamed keys in logs and metrics (a keyed hash); "
+        "set it as TUNESHIP_KEY_ID_SECRET, the same on every replica. Unset: a random one "
+        "per start. Named keys (name:key) are known by their name.",
+        json_schema_extra={"cli": False},
     )
     metrics_auth: bool = Field(False, description="Require an API key for /metrics too.")
     api_docs: bool = Field(
@@ -386,7 +395,7 @@ class ServeConfig(StrictModel):
         2, ge=1, description="Seconds a refused client is told to wait (Retry-After on 503)."
     )
 
-    @field_serializer("api_keys", when_used="json")
+    @field_serializer("api_keys", "key_id_secret", when_used="json")
     def _reveal_only_when_asked(self, keys: SecretStr | None, info) -> str | None:
         """JSON for the server process carries the keys (context reveal); any other dump
         shows them masked."""
