@@ -143,7 +143,7 @@ class TuneshipMiddleware:
     async def _websocket(self, scope: dict, receive: Any, send: Any) -> None:
         """Websockets need a key like any request; refused ones are closed before accepting
         (the client sees 403)."""
-        exchange = Exchange(scope)
+        exchange = Exchange(scope, self.cfg.log_prompts)
         refusal = self._authenticate(scope, exchange) if self.keys.configured else None
         if refusal is None and access(route_path(scope), self.cfg) is not None:
             await self.app(scope, receive, send)
@@ -174,7 +174,7 @@ class TuneshipMiddleware:
     async def _api_request(self, scope: dict, receive: Any, send: Any) -> None:
         """Authenticate, refuse while draining, admit (or refuse: overload), then pass
         through, observing the exchange."""
-        exchange = Exchange(scope)
+        exchange = Exchange(scope, self.cfg.log_prompts)
         refusal = self._authenticate(scope, exchange) if self.keys.configured else None
         if refusal is not None:
             await self._refuse_unauthenticated(send, exchange, refusal)
@@ -189,8 +189,7 @@ class TuneshipMiddleware:
             return
         if body is None:
             return  # the client left before it sent its request
-        if self.cfg.log_prompts:
-            exchange.saw_request(body)
+        exchange.saw_request(body)
         slots = request_slots(route_path(scope), body)
         verdict = self.admission.admit(exchange.key_id, slots)
         if verdict is not None:
@@ -281,6 +280,9 @@ class TuneshipMiddleware:
                 exchange.saw_response_chunk(message.get("body", b""))
             await send(message)
 
+        # vLLM leaves the request's exact usage in its state (see Exchange); the dict is the
+        # one Starlette's request.state writes to, shared with every copy of the scope
+        state = scope.setdefault("state", {})
         self.inflight += 1
         self.m["inflight"].inc()
         try:
@@ -288,7 +290,7 @@ class TuneshipMiddleware:
         finally:
             self.inflight -= 1
             self.m["inflight"].dec()
-            exchange.finish()
+            exchange.finish(state)
             self._record(exchange)
 
     def _response_headers(self, start: dict, exchange: Exchange) -> list:
@@ -323,4 +325,4 @@ class TuneshipMiddleware:
         ):
             if count:
                 self.m["tokens"].labels(key_id=exchange.key_id, kind=kind).inc(count)
-        print(exchange.log_line(self.cfg.log_prompts), flush=True)
+        print(exchange.log_line(), flush=True)

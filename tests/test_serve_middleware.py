@@ -21,8 +21,23 @@ from tuneship.serve.middleware import SETTINGS_ENV, MiddlewareSettings, Tuneship
 USAGE = {"prompt_tokens": 11, "completion_tokens": 7, "total_tokens": 18}
 
 
+class Usage:
+    """vLLM's UsageInfo, as far as the middleware reads it."""
+
+    def __init__(self, prompt_tokens: int, completion_tokens: int):
+        self.prompt_tokens, self.completion_tokens = prompt_tokens, completion_tokens
+
+
+class Metadata:
+    """vLLM's RequestResponseMetadata, as far as the middleware reads it."""
+
+    def __init__(self, usage: Usage | None = None):
+        self.final_usage_info = usage
+
+
 async def fake_vllm(scope, receive, send):
-    """Answers like vLLM: JSON with usage, an SSE stream (?fake=stream), or 503 (?fake=busy)."""
+    """Answers like vLLM: JSON with usage, an SSE stream (?fake=stream; no usage recorded: a
+    stream cut short), or 503 (?fake=busy)."""
     path, asked = scope["path"], scope.get("query_string", b"")
     if asked == b"fake=busy":
         status, ctype, chunks = 503, b"application/json", [b'{"error": {"message": "busy"}}']
@@ -33,6 +48,8 @@ async def fake_vllm(scope, receive, send):
     else:
         status, ctype = 200, b"application/json"
         chunks = [json.dumps({"ok": path, "usage": USAGE}).encode()]
+        # where vLLM leaves the usage for middleware: request.state.request_metadata
+        scope.setdefault("state", {})["request_metadata"] = Metadata(Usage(11, 7))
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", ctype)]})  # fmt: skip
     for chunk in chunks:
@@ -517,3 +534,58 @@ def test_named_keys_are_known_by_name_and_unnamed_ones_by_a_keyed_hash(tmp_path,
     assert app.keys.match("sk-a") != middleware(api_keys="sk-a").keys.match("sk-a")
     same = [middleware(api_keys="sk-a", key_id_secret="x" * 32).keys.match("sk-a") for _ in "ab"]
     assert same[0] == same[1]
+
+
+async def vllm_reporting_usage(scope, receive, send):
+    """Like vLLM 0.32's chat handler: a stream without a usage chunk (the client did not ask
+    for one), or a non-streaming reply of 2 MiB; either way the exact usage is left for
+    middleware in request.state.request_metadata.final_usage_info."""
+    from starlette.requests import Request
+
+    request = Request(scope, receive)
+    request.state.request_metadata = metadata = Metadata()
+    stream = json.loads(await request.body()).get("stream")
+    ctype = b"text/event-stream" if stream else b"application/json"
+    await send(
+        {"type": "http.response.start", "status": 200, "headers": [(b"content-type", ctype)]}
+    )
+    if stream:
+        for i in range(3):  # chunks of 2-3 tokens each: a count of chunks is not a count of tokens
+            event = json.dumps({"choices": [{"delta": {"content": f"w{i}"}}]})
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": f"data: {event}\n\n".encode(),
+                    "more_body": True,
+                }
+            )
+        metadata.final_usage_info = Usage(23, 8)
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+    else:
+        reply = {
+            "choices": [{"message": {"content": "x" * (2 << 20)}}],
+            "usage": {"prompt_tokens": 23, "completion_tokens": 900},
+        }
+        metadata.final_usage_info = Usage(23, 900)
+        await send({"type": "http.response.body", "body": json.dumps(reply).encode()})
+
+
+def test_tokens_per_key_are_exact_for_streams_without_usage_and_for_big_replies():
+    app = TuneshipMiddleware(
+        vllm_reporting_usage, MiddlewareSettings(serve=ServeConfig(api_keys="sk-u"))
+    )
+    kid = app.keys.id_of("sk-u")
+
+    def counted() -> tuple[float, float]:
+        return tuple(
+            sample("tuneship_tokens_total", key_id=kid, kind=k) for k in ("prompt", "completion")
+        )
+
+    before = counted()
+    streamed = burst(app, [{"stream": True}], "sk-u")[0]
+    assert streamed.status_code == 200 and '"usage"' not in streamed.text  # none added for it
+    after_stream = counted()
+    assert (after_stream[0] - before[0], after_stream[1] - before[1]) == (23, 8)
+    assert burst(app, [{"stream": False}], "sk-u")[0].status_code == 200
+    after_big = counted()
+    assert (after_big[0] - after_stream[0], after_big[1] - after_stream[1]) == (23, 900)
