@@ -281,11 +281,14 @@ def test_options_and_websockets_are_not_side_doors(server):
     assert plain.status_code == 401 and "vllm:" not in plain.text
     half = httpx.request("OPTIONS", f"{base}/metrics", headers={"Origin": "https://a.example"})
     assert half.status_code == 401 and "vllm:" not in half.text
+    # a genuine preflight passes without a key: vLLM's CORS middleware answers it (400 here:
+    # vLLM allows no origin by default) and no route runs
     preflight = httpx.request(
-        "OPTIONS", f"{base}/v1/chat/completions",
-        headers={"Origin": "https://a.example", "Access-Control-Request-Method": "POST"},
+        "OPTIONS", f"{base}/metrics",
+        headers={"Origin": "https://a.example", "Access-Control-Request-Method": "GET"},
     )  # fmt: skip
-    assert preflight.status_code == 200 and "vllm:" not in preflight.text
+    assert preflight.status_code in (200, 400) and "vllm:" not in preflight.text
+    assert "CORS" in preflight.text or not preflight.text
     upgrade = (
         "GET /v1/realtime HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
         "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -417,7 +420,9 @@ def test_sigterm_drains_the_stream_refuses_new_requests_and_exits_0(bundle, keys
     assert refused.json()["error"]["code"] == "draining" and refused.headers["retry-after"]
     assert pieces[-1].choices[0].finish_reason == "length"  # the stream ran to its end
     assert code == 0
-    events = [json.loads(x) for x in log.read_text().splitlines() if x.startswith('{"time"')]
+    # vLLM shares the log and may leave a line unfinished: an event can start mid-line
+    lines = [x[x.index('{"time"') :] for x in log.read_text().splitlines() if '{"time"' in x]
+    events = [json.loads(x) for x in lines]
     assert [e["event"] for e in events if e["event"] in ("sigterm", "drained", "stopped")] == [
         "sigterm", "drained", "stopped",
     ]  # fmt: skip
