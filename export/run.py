@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneship.bundles import show, verify
+from tuneship.bundles import engine_arguments, show, verify
 from tuneship.calibration import calibration_sample
 from tuneship.chat_tokens import ChatTokenizer
 from tuneship.chats import Conversation
@@ -115,7 +115,7 @@ def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) ->
             sizes=sizes,
             checks=results,
             versions=versions(*LIBRARIES),
-            serving=serving_info(model_dir, results.get("preflight")),
+            serving=serving_info(model_dir, results.get("preflight"), cfg),
         )
         write_manifest(stage / BUNDLE_FILE, bundle)
     report(out_dir, sizes, time.monotonic() - started)
@@ -159,7 +159,9 @@ def run_checks(
             "quality_gate": gate,
         }
     recall_merged = None
-    ask = ProbeRequest.asking(items, model_dir, cfg.check_max_tokens)
+    ask = ProbeRequest.asking(
+        items, model_dir, cfg.check_max_tokens, extra_args=engine_arguments(cfg.engine())
+    )
     if any(i.facts for i in items):
         print("preflight: vLLM on the merged 16-bit model (recall baseline) ...", flush=True)
         recall_merged = fact_recall(items, probe(serve_bin, merged_dir, work, "merged", ask).texts)
@@ -189,7 +191,7 @@ def run_checks(
     }
 
 
-def serving_info(model_dir: Path, preflight: Check | None) -> ServingInfo:
+def serving_info(model_dir: Path, preflight: Check | None, cfg: ExportConfig) -> ServingInfo:
     config = json.loads((model_dir / "config.json").read_text())
     figures = preflight.figures() if preflight is not None else {}
     return ServingInfo(
@@ -197,6 +199,7 @@ def serving_info(model_dir: Path, preflight: Check | None) -> ServingInfo:
         architecture=(config.get("architectures") or ["?"])[0],
         startup_s=figures.get("load_s"),
         peak_rss_bytes=figures.get("peak_rss_bytes"),
+        **cfg.engine(),  # what the preflight ran with: serve's defaults
     )
 
 

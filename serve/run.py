@@ -23,10 +23,11 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tuneship.bundles import lora_arguments, verify
-from tuneship.config import ServeConfig
+from tuneship.bundles import engine_arguments, lora_arguments, verify
+from tuneship.config import ENGINE_KEYS, ServeConfig
 from tuneship.errors import TuneshipError
 
+from .capacity import kv_line, startup_line
 from .keys import read_keys_file
 from .middleware import SETTINGS_ENV, MiddlewareSettings
 from .routes import refusal_for_dev_variables
@@ -138,6 +139,7 @@ def prepare(
             f"warning: checks skipped at export: {', '.join(manifest.skipped_checks())}",
             file=sys.stderr,
         )
+    cfg = cfg.with_bundle_engine(manifest.serving)
     argv, env = build_command(
         bundle_dir / "model",
         manifest.served_model_name,
@@ -149,6 +151,7 @@ def prepare(
         (
             *lora_arguments(bundle_dir, {n: a.rank for n, a in manifest.adapters.items()}),
             *limit_args(cfg),
+            *engine_arguments({k: getattr(cfg, k) for k in ENGINE_KEYS}),
             *([] if cfg.api_docs else ["--disable-fastapi-docs"]),
             *vllm_args,
         ),
@@ -156,7 +159,9 @@ def prepare(
     shown = " ".join(f"{k}={v}" for k, v in env.items())
     print(
         f"serving {manifest.served_model_name} ({flavour}): {shown} {shlex.join(argv)}\n"
-        f"settings: {cfg.model_dump_json()}",
+        f"settings: {cfg.model_dump_json()}\n"
+        f"{kv_line(manifest, cfg, bundle_dir / 'model', flavour, env)}\n"
+        f"{startup_line(manifest)}",
         flush=True,
     )
     check_keys_file(cfg)

@@ -55,6 +55,23 @@ def lora_arguments(bundle_dir: Path, ranks: dict[str, int]) -> list[str]:
     return args
 
 
+ENGINE_FLAGS = {
+    "tensor_parallel_size": "--tensor-parallel-size",
+    "gpu_memory_utilization": "--gpu-memory-utilization",
+    "max_num_batched_tokens": "--max-num-batched-tokens",
+    "max_num_seqs": "--max-num-seqs",
+}
+
+
+def engine_arguments(settings: dict[str, Any]) -> list[str]:
+    """vLLM flags for the engine settings that are set (ENGINE_FLAGS' keys)."""
+    args = []
+    for key, flag in ENGINE_FLAGS.items():
+        if settings.get(key) is not None:
+            args += [flag, str(settings[key])]
+    return args
+
+
 def _mb(size: int) -> str:
     return f"{size / 1e6:.1f} MB"
 

@@ -237,6 +237,34 @@ class TrainConfig(StrictModel):
         return bool(self.eval_data or self.eval_fraction)
 
 
+def _engine_fields() -> dict[str, Any]:
+    """vLLM engine settings for big models, shared by the export's preflight and serve."""
+    return {
+        "tensor_parallel_size": Field(
+            None,
+            ge=1,
+            description="GPUs one replica spreads the model over (vLLM --tensor-parallel-size; "
+            "default 1).",
+        ),
+        "gpu_memory_utilization": Field(
+            None,
+            gt=0,
+            le=1,
+            description="Share of each GPU's memory vLLM may take for weights, activations and "
+            "the KV cache (vLLM --gpu-memory-utilization; default 0.9).",
+        ),
+        "max_num_batched_tokens": Field(
+            None,
+            ge=16,
+            description="Tokens scheduled in one engine step (vLLM --max-num-batched-tokens): "
+            "prefill chunk size against latency.",
+        ),
+    }
+
+
+ENGINE_KEYS = ("tensor_parallel_size", "gpu_memory_utilization", "max_num_batched_tokens")
+
+
 class ExportConfig(StrictModel):
     scheme: Literal["W4A16", "W4A16_ASYM"] = Field(
         "W4A16",
@@ -303,6 +331,20 @@ class ExportConfig(StrictModel):
     max_recall_drop: float = Field(
         5.0, ge=0, description="Quality gate: fact recall may drop at most this many points."
     )
+    tensor_parallel_size: int | None = _engine_fields()["tensor_parallel_size"]
+    gpu_memory_utilization: float | None = _engine_fields()["gpu_memory_utilization"]
+    max_num_batched_tokens: int | None = _engine_fields()["max_num_batched_tokens"]
+    max_num_seqs: int | None = Field(
+        None,
+        ge=1,
+        description="Sequences generated at once (vLLM --max-num-seqs). These four run the "
+        "preflight and are recorded in bundle.json's serving section; serve uses them unless "
+        "its own settings override them.",
+    )
+
+    def engine(self) -> dict[str, Any]:
+        """The preflight's engine settings, as bundle.json records them."""
+        return {k: getattr(self, k) for k in (*ENGINE_KEYS, "max_num_seqs")}
 
 
 class ServeConfig(StrictModel):
@@ -359,7 +401,10 @@ class ServeConfig(StrictModel):
         False, description="Put request and response bodies in the request log."
     )
     max_running: int | None = Field(
-        None, ge=1, description="Requests generated at once (vLLM --max-num-seqs; default 256)."
+        None,
+        ge=1,
+        description="Sequences generated at once (vLLM --max-num-seqs; default: the bundle's, "
+        "else 256).",
     )
     max_waiting: int | None = Field(
         None,
@@ -367,6 +412,15 @@ class ServeConfig(StrictModel):
         description="Requests waiting beyond the running ones; more get 503 + Retry-After, "
         "before their response starts, streams too (default: unbounded). A request counts "
         "once per sequence it asks for (n, a list of prompts).",
+    )
+    tensor_parallel_size: int | None = _engine_fields()["tensor_parallel_size"]
+    gpu_memory_utilization: float | None = _engine_fields()["gpu_memory_utilization"]
+    max_num_batched_tokens: int | None = _engine_fields()["max_num_batched_tokens"]
+    gpu_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="GPU memory per device for --dry-run's KV-cache estimate (default: the "
+        "first visible GPU's).",
     )
     max_per_key: int | None = Field(
         None,
@@ -402,6 +456,13 @@ class ServeConfig(StrictModel):
         if keys is None:
             return None
         return keys.get_secret_value() if (info.context or {}).get("reveal") else str(keys)
+
+    def with_bundle_engine(self, serving: Any) -> ServeConfig:
+        """Engine settings left unset taken from the bundle (what its preflight ran with)."""
+        taken = {k: getattr(serving, k, None) for k in ENGINE_KEYS if getattr(self, k) is None}
+        if self.max_running is None:
+            taken["max_running"] = getattr(serving, "max_num_seqs", None)
+        return self.model_copy(update={k: v for k, v in taken.items() if v is not None})
 
     @property
     def capacity(self) -> int | None:

@@ -235,6 +235,11 @@ class ServingInfo(Section):
     startup_s: float | None = None
     peak_rss_bytes: int | None = None
     max_lora_rank: int | None = None
+    # the vLLM engine settings the preflight ran with (None: vLLM's default); serve's defaults
+    tensor_parallel_size: int | None = None
+    gpu_memory_utilization: float | None = None
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
 
 
 class BundleManifest(Header):
