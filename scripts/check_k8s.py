@@ -8,8 +8,9 @@
 - the serving and training objects must keep the promises README.md makes (non-root, read-only
   root filesystem, no capabilities, separate readiness and liveness, grace period longer than
   preStop + drain + stop, /dev/shm, the keys Secret where TUNESHIP_API_KEYS_FILE points, a
-  versioned bundle folder mounted read-only and pinned by TUNESHIP_BUNDLE_SHA256, resumable
-  Jobs).
+  versioned bundle folder mounted read-only and pinned by TUNESHIP_BUNDLE_SHA256, a startup
+  probe sized from the bundle's annotated size and load time, /metrics scraped with a token
+  when it needs one, resumable Jobs).
 Custom resources (ServiceMonitor, PrometheusRule) are validated against their CRDs' schemas by
 scripts/check_crds.mjs (node, @kubernetes-models/prometheus-operator).
 Exit 1 with every problem named by overlay, kind and name.
@@ -99,7 +100,33 @@ def check_serving(where: str, deployment: dict) -> list[str]:
     if "secret" not in volumes.get(mounts.get(keys_dir, ""), {}):
         problems.append(f"{where}: TUNESHIP_API_KEYS_FILE is not in a mounted Secret")
     problems += check_bundle_mount(where, container, volumes, env)
+    problems += check_startup_budget(where, deployment, container)
     return problems
+
+
+# reading a bundle from a network volume and hashing it (as serve/capacity.py assumes)
+HASH_BYTES_PER_S = 200e6
+
+
+def check_startup_budget(where: str, deployment: dict, container: dict) -> list[str]:
+    """The startup probe must allow twice what a start takes: hashing the bundle (its size)
+    and loading it (the export preflight's time), both annotated on the Deployment."""
+    notes = deployment["metadata"].get("annotations", {})
+    try:
+        size = float(notes["tuneship.io/bundle-bytes"])
+        load = float(notes["tuneship.io/load-seconds"])
+    except (KeyError, ValueError):
+        return [f"{where}: annotate tuneship.io/bundle-bytes and tuneship.io/load-seconds "
+                "(`tuneship serve --dry-run` prints them) to size the startup probe"]  # fmt: skip
+    probe = container.get("startupProbe", {})
+    allowed = probe.get("initialDelaySeconds", 0) + probe.get("periodSeconds", 10) * probe.get(
+        "failureThreshold", 3
+    )
+    needed = 2 * (size / HASH_BYTES_PER_S + load)
+    if allowed < needed:
+        return [f"{where}: startupProbe allows {allowed:.0f} s < 2 x ({size / HASH_BYTES_PER_S:.0f}"
+                f" s hashing + {load:.0f} s loading)"]  # fmt: skip
+    return []
 
 
 def check_bundle_mount(where: str, container: dict, volumes: dict, env: dict) -> list[str]:
