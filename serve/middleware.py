@@ -200,16 +200,39 @@ class TuneshipMiddleware:
         finally:
             self.admission.release(exchange.key_id, slots)
 
-    async def _refuse_too_large(self, send: Any, exchange: Exchange, size: int) -> None:
-        limit = self.cfg.max_request_bytes
-        exchange.status = 413
+    async def _refuse(
+        self, send: Any, exchange: Exchange, status: int, body: bytes, headers: dict
+    ) -> None:
+        """Answer in place of vLLM (OpenAI's error shape), with the request id, and log it."""
+        exchange.status = status
+        await respond(send, status, body, headers | {"x-request-id": exchange.request_id})
+        self._record(exchange)
+
+    async def _refuse_unauthenticated(self, send: Any, exchange: Exchange, reason: str) -> None:
+        self.m["auth_failures"].labels(reason=reason).inc()
+        message = (
+            "Missing API key: send it as 'Authorization: Bearer KEY'."
+            if reason == "missing"
+            else "Incorrect API key provided."
+        )
+        body = error_body(message, "invalid_request_error", "invalid_api_key")
+        await self._refuse(send, exchange, 401, body, {"www-authenticate": "Bearer"})
+
+    async def _refuse_draining(self, send: Any, exchange: Exchange) -> None:
+        self.m["rejected"].labels(reason="draining").inc()
         body = error_body(
-            f"The request body ({size} bytes or more) is over this server's limit of {limit} "
-            "bytes (max_request_bytes).",
+            "The server is shutting down; retry on another instance.", "server_error", "draining"
+        )
+        headers = {"retry-after": self.retry_after, "connection": "close"}
+        await self._refuse(send, exchange, 503, body, headers)
+
+    async def _refuse_too_large(self, send: Any, exchange: Exchange, size: int) -> None:
+        body = error_body(
+            f"The request body ({size} bytes or more) is over this server's limit of "
+            f"{self.cfg.max_request_bytes} bytes (max_request_bytes).",
             "invalid_request_error", "request_too_large",
         )  # fmt: skip
-        await respond(send, 413, body, {"connection": "close"})
-        self._record(exchange)
+        await self._refuse(send, exchange, 413, body, {"connection": "close"})
 
     async def _refuse_admission(
         self, send: Any, exchange: Exchange, verdict: str, slots: int
@@ -240,37 +263,7 @@ class TuneshipMiddleware:
             )  # fmt: skip
         if verdict != TOO_LARGE:
             self.m["rejected"].labels(reason=verdict).inc()
-        exchange.status = status
-        await respond(send, status, body, headers)
-        self._record(exchange)
-
-    async def _refuse_unauthenticated(self, send: Any, exchange: Exchange, reason: str) -> None:
-        self.m["auth_failures"].labels(reason=reason).inc()
-        message = (
-            "Missing API key: send it as 'Authorization: Bearer KEY'."
-            if reason == "missing"
-            else "Incorrect API key provided."
-        )
-        exchange.status = 401
-        await respond(
-            send,
-            401,
-            error_body(message, "invalid_request_error", "invalid_api_key"),
-            {"www-authenticate": "Bearer"},
-        )
-        self._record(exchange)
-
-    async def _refuse_draining(self, send: Any, exchange: Exchange) -> None:
-        self.m["rejected"].labels(reason="draining").inc()
-        exchange.status = 503
-        await respond(
-            send,
-            503,
-            error_body("The server is shutting down; retry on another instance.",
-                       "server_error", "draining"),
-            {"retry-after": self.retry_after, "connection": "close"},
-        )  # fmt: skip
-        self._record(exchange)
+        await self._refuse(send, exchange, status, body, headers)
 
     async def _pass_through(self, scope: dict, receive: Any, send: Any, exchange: Exchange):
         async def observe_send(message: dict) -> None:

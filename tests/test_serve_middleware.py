@@ -101,6 +101,7 @@ def test_keys_from_env_and_file_and_openai_shaped_401(keyed, capsys):
             }
         }
         assert message in reply.json()["error"]["message"]
+        assert reply.headers["x-request-id"]  # on tuneship's own answers too
     assert sample("tuneship_auth_failures_total", reason="invalid") == before + 1
     out = capsys.readouterr().out
     assert "sk-env-1" not in out and "sk-nope" not in out and app.keys.id_of("sk-env-1") in out
