@@ -71,41 +71,44 @@ NOT_FOUND = error_body(
 )
 
 
+def _warn_about_keys(keys: KeyRing, cfg: ServeConfig) -> None:
+    if not keys.configured:
+        warning = (
+            "no API keys configured (api_keys, api_keys_file): anyone who reaches this port "
+            "can use the model"
+        )
+    elif keys.unnamed and cfg.key_id_secret is None:
+        warning = (
+            "no key_id_secret: the ids of unnamed keys in logs and metrics change at each start "
+            "and differ between replicas; name the keys (name:key lines) or set "
+            "TUNESHIP_KEY_ID_SECRET"
+        )
+    else:
+        return
+    print(f"warning: {warning}", file=sys.stderr, flush=True)
+
+
 class TuneshipMiddleware:
     def __init__(self, app: Any, settings: MiddlewareSettings | None = None) -> None:
         self.app = app
         settings = settings or MiddlewareSettings.from_env()
         cfg = self.cfg = settings.serve
+        refusal = refusal_for_dev_variables(os.environ, cfg)
+        if refusal is not None:
+            raise TuneshipError(refusal)  # vLLM was started by hand with this middleware
         self.m = metrics()
+        self.m["bundle"].labels(**bundle_labels(settings.bundle_dir)).set(1)
         self.keys = KeyRing(
             cfg.key_list(),
             cfg.api_keys_file,
             id_secret=self._key_id_secret(cfg),
             on_error=lambda reason: self.m["keys_file_errors"].labels(reason=reason).inc(),
         )
-        if self.keys.unnamed and cfg.key_id_secret is None:
-            print(
-                "warning: no key_id_secret: the ids of unnamed keys in logs and metrics change "
-                "at each start and differ between replicas; name the keys (name:key lines) or "
-                "set TUNESHIP_KEY_ID_SECRET",
-                file=sys.stderr,
-                flush=True,
-            )
+        _warn_about_keys(self.keys, cfg)
         self.retry_after = str(cfg.retry_after)
         self.admission = Admission(cfg.capacity, cfg.max_per_key)
         self.draining = False
         self.inflight = 0
-        self.m["bundle"].labels(**bundle_labels(settings.bundle_dir)).set(1)
-        refusal = refusal_for_dev_variables(os.environ, cfg)
-        if refusal is not None:
-            raise TuneshipError(refusal)  # vLLM loaded the middleware by hand, not by serve
-        if not self.keys.configured:
-            print(
-                "warning: no API keys configured (api_keys, api_keys_file): anyone who "
-                "reaches this port can use the model",
-                file=sys.stderr,
-                flush=True,
-            )
         # outside the main thread (a test harness) there is no drain signal
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGUSR1, self._start_draining)

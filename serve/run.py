@@ -1,11 +1,14 @@
 """`tuneship serve BUNDLE`: vLLM's own OpenAI-compatible server on a verified bundle.
 
-Reads BUNDLE/bundle.json, re-hashes BUNDLE/model/ against it (a corrupted or edited bundle is
-refused, naming the file), then runs vLLM's API server with tuneship's middleware (keys, metrics,
-readiness, request logs; see middleware.py) as a child and supervises it: SIGINT is passed on,
-SIGTERM drains (readiness goes 503, new requests get 503, in-flight ones finish up to the drain
-timeout) and then stops vLLM and exits 0; if vLLM dies, this exits with its code. The served
-model name comes from the bundle.
+Reads BUNDLE/bundle.json (with bundle_sha256, only that exact manifest), re-hashes the bundle
+against it (a corrupted or edited bundle, or one holding a symlink, is refused, naming the
+file), then runs vLLM's API server with tuneship's middleware (routes, keys, admission,
+metrics, readiness, request logs; see middleware.py) as a child and supervises it. SIGTERM is
+handled from the first instant: before vLLM starts it stops at once; after, it drains
+(readiness goes 503, new requests get 503, in-flight ones finish up to the drain timeout),
+then vLLM gets stop_timeout to stop and this exits 0. SIGINT is passed on. If vLLM dies, this
+exits with its code (128 + N for signal N). The served model name and, unless set here, the
+engine settings come from the bundle.
 """
 
 from __future__ import annotations

@@ -426,7 +426,8 @@ class ServeConfig(StrictModel):
         None,
         ge=1,
         description="Sequences one key may have in flight at once; more get 429 + Retry-After "
-        "(rate_limit_exceeded), so one client cannot fill every slot (default: no bound).",
+        "(rate_limit_exceeded), so one client cannot fill every slot (default: no bound; "
+        "without keys, every request shares this one bound).",
     )
     max_request_bytes: int = Field(
         4 << 20,
