@@ -12,7 +12,7 @@ import shutil
 import time
 from pathlib import Path
 
-from tuneship.bundles import lora_arguments, show
+from tuneship.bundles import engine_arguments, lora_arguments, show
 from tuneship.checks import stop_rate
 from tuneship.config import ExportConfig
 from tuneship.errors import TuneshipError
@@ -174,6 +174,7 @@ def run(run_dirs: list[Path], out_dir: Path, cfg: ExportConfig, force: bool = Fa
                 architecture=(config.get("architectures") or ["?"])[0],
                 max_lora_rank=max(ranks.values()),
                 startup_s=results["preflight"].figures().get("load_s"),
+                **cfg.engine(),  # what the preflight ran with: serve's defaults
             ),
         )
         write_manifest(stage / BUNDLE_FILE, bundle)
@@ -198,7 +199,7 @@ def preflight_adapters(
     request = ProbeRequest(
         max_model_len=serving_max_len(model_dir),
         max_tokens=cfg.check_max_tokens,
-        extra_args=lora_args,
+        extra_args=[*lora_args, *engine_arguments(cfg.engine())],
         chats=[
             ProbeChat(id=f"{name}:{item.id}", model=name, messages=list(item.messages))
             for name in names

@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneship.bundles import show, verify
+from tuneship.bundles import engine_arguments, show, verify
 from tuneship.calibration import calibration_sample
 from tuneship.chats import Conversation
 from tuneship.checks import judge, pending_checks
@@ -114,7 +114,7 @@ def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) ->
             checks=results,
             check_plan=plan,
             versions=versions(*LIBRARIES),
-            serving=serving_info(model_dir, results.get("preflight")),
+            serving=serving_info(model_dir, results.get("preflight"), cfg),
         )
         write_manifest(stage / BUNDLE_FILE, bundle)
     report(out_dir, sizes, time.monotonic() - started)
@@ -153,6 +153,7 @@ def vllm_checks(
     """The checks' verdicts: judged now through vLLM, pending for `bundle check`, or skipped.
     Fills in the plan's recall baseline (the merged model's answers)."""
     merged_dir, model_dir, work = bundle / "merged", bundle / "model", bundle / ".probe"
+    engine = engine_arguments(cfg.engine())  # what serve runs with by default
     if cfg.checks == "off":
         return checks.skipped_checks(plan, "checks=off: no vLLM run at export")
     if serve_bin is None:
@@ -163,17 +164,15 @@ def vllm_checks(
         return pending_checks(plan)
     if checks.any_facts(plan):
         print("preflight: vLLM on the merged 16-bit model (recall baseline) ...", flush=True)
-        ask = plan.request(serving_max_len(model_dir))
+        ask = plan.request(serving_max_len(model_dir), engine)
         ask.tokenize = []
         plan.merged_answers = probe(serve_bin, merged_dir, work, "merged", ask).texts
     print("preflight: vLLM on the quantized bundle with the production arguments ...", flush=True)
-    served = probe(
-        serve_bin, model_dir, work, "quantized", plan.request(serving_max_len(model_dir))
-    )
-    return judge(plan, served)
+    ask = plan.request(serving_max_len(model_dir), engine)
+    return judge(plan, probe(serve_bin, model_dir, work, "quantized", ask))
 
 
-def serving_info(model_dir: Path, preflight: Check | None) -> ServingInfo:
+def serving_info(model_dir: Path, preflight: Check | None, cfg: ExportConfig) -> ServingInfo:
     config = json.loads((model_dir / "config.json").read_text())
     figures = preflight.figures() if preflight is not None else {}
     return ServingInfo(
@@ -181,6 +180,7 @@ def serving_info(model_dir: Path, preflight: Check | None) -> ServingInfo:
         architecture=(config.get("architectures") or ["?"])[0],
         startup_s=figures.get("load_s"),
         peak_rss_bytes=figures.get("peak_rss_bytes"),
+        **cfg.engine(),  # what the preflight ran with: serve's defaults
     )
 
 

@@ -7,7 +7,10 @@
   Kubernetes 1.32 OpenAPI schema shipped in kubernetes-validate;
 - the serving and training objects must keep the promises README.md makes (non-root, read-only
   root filesystem, no capabilities, separate readiness and liveness, grace period longer than
-  the drain, /dev/shm, the keys Secret where TUNESHIP_API_KEYS_FILE points, resumable Jobs).
+  preStop + drain + stop, /dev/shm, the keys Secret where TUNESHIP_API_KEYS_FILE points, a
+  versioned bundle folder mounted read-only and pinned by TUNESHIP_BUNDLE_SHA256, a startup
+  probe sized from the bundle's annotated size and load time, /metrics scraped with a token
+  when it needs one, resumable Jobs).
 Custom resources (ServiceMonitor, PrometheusRule) are validated against their CRDs' schemas by
 scripts/check_crds.mjs (node, @kubernetes-models/prometheus-operator).
 Exit 1 with every problem named by overlay, kind and name.
@@ -18,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -89,19 +93,94 @@ def check_serving(where: str, deployment: dict) -> list[str]:
         problems.append(f"{where}: probes should be startup /health, readiness /ready, "
                         f"liveness /health; found {probes}")  # fmt: skip
     env = env_of(container)
-    drain = float(env.get("TUNESHIP_DRAIN_TIMEOUT") or 30)
-    pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
-    grace = spec.get("terminationGracePeriodSeconds", 30)
-    if grace <= drain + pre_stop:
-        problems.append(f"{where}: terminationGracePeriodSeconds {grace} <= drain {drain} + "
-                        f"preStop {pre_stop}")  # fmt: skip
+    problems += check_stop_budget(where, spec, container, env)
     keys_dir = str(Path(env.get("TUNESHIP_API_KEYS_FILE") or "/missing").parent)
     mounts = {m["mountPath"]: m["name"] for m in container.get("volumeMounts", [])}
     volumes = {v["name"]: v for v in spec.get("volumes", [])}
     if "secret" not in volumes.get(mounts.get(keys_dir, ""), {}):
         problems.append(f"{where}: TUNESHIP_API_KEYS_FILE is not in a mounted Secret")
-    if "/models/bundle" not in mounts:
-        problems.append(f"{where}: the bundle is not mounted at /models/bundle")
+    problems += check_bundle_mount(where, container, volumes, env)
+    problems += check_startup_budget(where, deployment, container)
+    return problems
+
+
+# reading a bundle from a network volume and hashing it (as serve/capacity.py assumes)
+HASH_BYTES_PER_S = 200e6
+
+
+def check_startup_budget(where: str, deployment: dict, container: dict) -> list[str]:
+    """The startup probe must allow twice what a start takes: hashing the bundle (its size)
+    and loading it (the export preflight's time), both annotated on the Deployment."""
+    notes = deployment["metadata"].get("annotations", {})
+    try:
+        size = float(notes["tuneship.io/bundle-bytes"])
+        load = float(notes["tuneship.io/load-seconds"])
+    except (KeyError, ValueError):
+        return [f"{where}: annotate tuneship.io/bundle-bytes and tuneship.io/load-seconds "
+                "(`tuneship serve --dry-run` prints them) to size the startup probe"]  # fmt: skip
+    probe = container.get("startupProbe", {})
+    allowed = probe.get("initialDelaySeconds", 0) + probe.get("periodSeconds", 10) * probe.get(
+        "failureThreshold", 3
+    )
+    needed = 2 * (size / HASH_BYTES_PER_S + load)
+    if allowed < needed:
+        return [f"{where}: startupProbe allows {allowed:.0f} s < 2 x ({size / HASH_BYTES_PER_S:.0f}"
+                f" s hashing + {load:.0f} s loading)"]  # fmt: skip
+    return []
+
+
+def check_bundle_mount(where: str, container: dict, volumes: dict, env: dict) -> list[str]:
+    """Serving reads its volumes only, mounts a versioned bundle folder (bundles/NAME/VERSION,
+    written once, never replaced under a running pod) and pins its bundle.json."""
+    problems = []
+    mounts = {m["mountPath"]: m for m in container.get("volumeMounts", [])}
+    bundle = mounts.get("/models/bundle")
+    if bundle is None:
+        return [f"{where}: the bundle is not mounted at /models/bundle"]
+    if not re.fullmatch(r"bundles/[^/]+/[^/]+", bundle.get("subPath", "")):
+        problems.append(f"{where}: the bundle subPath {bundle.get('subPath')!r} is not a "
+                        "versioned bundle folder (bundles/NAME/VERSION)")  # fmt: skip
+    for mount in mounts.values():
+        claim = volumes.get(mount["name"], {}).get("persistentVolumeClaim")
+        if claim is not None and not (mount.get("readOnly") and claim.get("readOnly")):
+            problems.append(f"{where}: volume {mount['name']} is not mounted read-only")
+    if not re.fullmatch(r"[0-9a-f]{64}", env.get("TUNESHIP_BUNDLE_SHA256") or ""):
+        problems.append(f"{where}: TUNESHIP_BUNDLE_SHA256 does not pin bundle.json (64 hex)")
+    return problems
+
+
+def check_stop_budget(where: str, spec: dict, container: dict, env: dict) -> list[str]:
+    """The worst-case stop (preStop, then the drain, then vLLM's stop wait) must fit inside
+    terminationGracePeriodSeconds, or the kubelet kills vLLM mid-drain. Both timeouts must be
+    set explicitly (the defaults live in tuneship.config, which this environment lacks)."""
+    missing = [n for n in ("TUNESHIP_DRAIN_TIMEOUT", "TUNESHIP_STOP_TIMEOUT") if n not in env]
+    if missing:
+        return [f"{where}: set {', '.join(missing)} (the stop budget is checked against them)"]
+    drain, stop = float(env["TUNESHIP_DRAIN_TIMEOUT"]), float(env["TUNESHIP_STOP_TIMEOUT"])
+    pre_stop = container.get("lifecycle", {}).get("preStop", {}).get("sleep", {}).get("seconds", 0)
+    grace = spec.get("terminationGracePeriodSeconds", 30)
+    if grace <= pre_stop + drain + stop:
+        return [f"{where}: terminationGracePeriodSeconds {grace} <= preStop {pre_stop} + drain "
+                f"{drain:g} + vLLM stop {stop:g}"]  # fmt: skip
+    return []
+
+
+def check_metrics_scrape(overlay: str, docs: list[dict]) -> list[str]:
+    """When serving asks a key for /metrics, the ServiceMonitor must send one, from a Secret."""
+    problems = []
+    for deployment in (d for d in docs if d["kind"] == "Deployment"):
+        env = env_of(deployment["spec"]["template"]["spec"]["containers"][0])
+        if str(env.get("TUNESHIP_METRICS_AUTH")).lower() != "true":
+            continue
+        for monitor in (d for d in docs if d["kind"] == "ServiceMonitor"):
+            for endpoint in monitor["spec"].get("endpoints", []):
+                credentials = endpoint.get("authorization", {}).get("credentials", {})
+                if not (credentials.get("name") and credentials.get("key")):
+                    problems.append(
+                        f"{overlay}/ServiceMonitor/{monitor['metadata']['name']}: /metrics needs "
+                        "a key (TUNESHIP_METRICS_AUTH) but the endpoint sends no token from a "
+                        "Secret (authorization.credentials)"
+                    )
     return problems
 
 
@@ -149,6 +228,7 @@ def check_overlay(overlay: Path) -> dict:
             report["problems"] += check_training(where, doc)
         elif kind == "Job":  # export, check: one-off pods, the same pod rules
             report["problems"] += check_pod(where, doc["spec"]["template"]["spec"])
+    report["problems"] += check_metrics_scrape(overlay.name, docs)
     checked = validate_custom(custom)
     for doc in custom:
         key = f"{doc['kind']}/{doc['metadata']['name']}"

@@ -1,20 +1,23 @@
 """What tuneship adds inside vLLM's API server (loaded with vLLM's `--middleware` hook).
 
-A pure ASGI middleware, so streamed responses pass through chunk by chunk:
-- API keys: several at once, from the api_keys setting and/or the api_keys_file (one per line,
-  re-read when it changes); compared in constant time; never logged: each key is known by a
-  short id (sha256 prefix). Every route except the probes needs a key when keys are configured;
-  /metrics too with metrics_auth. Failures get 401 in OpenAI's error shape.
-- Probes: /health is vLLM's liveness; /ready is readiness: 200 once the engine serves (this code
-  only runs then) and 503 while draining.
+A pure ASGI middleware, so streamed responses pass through chunk by chunk. In the order a
+request meets them:
+- Routes (routes.py): an allowlist; any other path gets 404 before vLLM sees it. An OPTIONS
+  request passes without a key only as a genuine CORS preflight.
+- Probes: /health is vLLM's liveness; /ready is readiness: 200 once the engine serves and the
+  start-up self-test passed (SIGUSR2 from `tuneship serve`, see selftest.py), 503 while
+  draining.
+- API keys (keys.py): every allowlisted route but the probes needs one when keys are configured
+  (/metrics only with metrics_auth; websockets too). Failures get 401 in OpenAI's error shape.
 - Draining: SIGUSR1 (sent by `tuneship serve` on SIGTERM) makes new API requests get 503 with
   Retry-After while in-flight ones finish; /tuneship/inflight (loopback only) reports how many.
-- Overload: vLLM's own bounded queue (--max-num-queued-reqs) answers 503; Retry-After is added
-  and the rejection counted.
-- Metrics in vLLM's Prometheus registry: bundle info, requests and tokens per key id, auth
-  failures, rejections, in-flight requests.
-- One JSON log line per request: request id, key id, status, tokens, latency; prompts and
-  replies only with log_prompts.
+- The body is read whole, up to max_request_bytes (413 past it), then handed to vLLM as sent.
+- Admission (admission.py): over max_running + max_waiting sequences, 503 + Retry-After before
+  the response starts (streams too); vLLM's own 503 gets Retry-After as well.
+- Metrics (metrics.py) in vLLM's Prometheus registry: bundle info, requests and tokens per key
+  id, auth failures, rejections, in-flight requests.
+- One JSON log line per request (exchange.py): request id, key id, status, tokens, latency;
+  prompts and replies only with log_prompts.
 
 vLLM constructs the middleware with the app alone, so `tuneship serve` hands it its settings in
 one piece: a MiddlewareSettings, JSON in the TUNESHIP_SERVE_SETTINGS variable.
@@ -23,32 +26,28 @@ one piece: a MiddlewareSettings, JSON in the TUNESHIP_SERVE_SETTINGS variable.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import hmac
 import json
 import os
 import signal
 import sys
-import time
-import uuid
-from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, Field
 
 from tuneship.config import ServeConfig
 from tuneship.errors import TuneshipError
-from tuneship.manifest import read_bundle
+
+from .admission import KEY_LIMIT, TOO_LARGE, Admission, request_slots
+from .asgi import BodyTooLarge, error_body, is_cors_preflight, read_body, respond, route_path
+from .exchange import Exchange
+from .keys import KeyRing
+from .metrics import bundle_labels, metrics
+from .routes import OPEN, access, refusal_for_dev_variables
 
 SETTINGS_ENV = "TUNESHIP_SERVE_SETTINGS"
-PROBES = ("/health", "/ready", "/ping")
 INFLIGHT_PATH = "/tuneship/inflight"
 LOOPBACK = ("127.0.0.1", "::1", "localhost")
-MAX_CAPTURED_BODY = 1 << 20
-
-
-def key_id(key: str) -> str:
-    return "k-" + hashlib.sha256(key.encode("utf-8")).hexdigest()[:8]
 
 
 class MiddlewareSettings(BaseModel):
@@ -71,189 +70,29 @@ class MiddlewareSettings(BaseModel):
         return cls.model_validate_json(raw) if raw else cls(serve=ServeConfig())
 
 
-class KeyRing:
-    """The accepted keys: the configured ones plus the file's, the file re-read when it
-    changes."""
-
-    def __init__(self, keys: list[str], path: str | None, recheck_s: float = 1.0):
-        self.env_keys = list(keys)
-        self.path = Path(path) if path else None
-        self.recheck_s = recheck_s
-        self._stamp: tuple[float, int] | None = None
-        self._checked = 0.0
-        self._file_keys: list[str] = []
-        self._load()
-
-    def _load(self) -> None:
-        if self.path is None:
-            return
-        try:
-            stat = self.path.stat()
-        except OSError:
-            # a missing file (Secret not mounted yet, or removed) accepts no file keys
-            self._stamp, self._file_keys = None, []
-            return
-        stamp = (stat.st_mtime, stat.st_size)
-        if stamp != self._stamp:
-            lines = self.path.read_text(encoding="utf-8").splitlines()
-            self._file_keys = [x.strip() for x in lines if x.strip() and not x.startswith("#")]
-            self._stamp = stamp
-
-    @property
-    def keys(self) -> list[str]:
-        now = time.monotonic()
-        if now - self._checked >= self.recheck_s:
-            self._checked = now
-            self._load()
-        return self.env_keys + self._file_keys
-
-    @property
-    def configured(self) -> bool:
-        return bool(self.env_keys) or self.path is not None
-
-    def match(self, presented: str) -> str | None:
-        """The id of the key presented, or None; every key is compared (constant time)."""
-        found = None
-        digest = hashlib.sha256(presented.encode("utf-8")).digest()
-        for key in self.keys:
-            if hmac.compare_digest(digest, hashlib.sha256(key.encode("utf-8")).digest()):
-                found = key
-        return key_id(found) if found is not None else None
+NOT_FOUND = error_body(
+    "Not Found: this server serves /v1/chat/completions, /v1/completions, /v1/models, "
+    "/tokenize, /detokenize, /health, /ready and /metrics.",
+    "not_found_error",
+    None,
+)
 
 
-def error_body(message: str, type_: str, code: str | None, param: str | None = None) -> bytes:
-    payload = {"error": {"message": message, "type": type_, "param": param, "code": code}}
-    return json.dumps(payload).encode("utf-8")
-
-
-_METRICS: dict[str, Any] = {}
-
-
-def metrics() -> dict[str, Any]:
-    """Created once per process, in the default registry vLLM's /metrics serves (also in its
-    multiprocess mode: these classes then write to PROMETHEUS_MULTIPROC_DIR)."""
-    if _METRICS:
-        return _METRICS
-    from prometheus_client import Counter, Gauge
-
-    _METRICS.update(
-        bundle=Gauge(
-            "tuneship_bundle_info",
-            "The bundle being served (value 1).",
-            ["bundle", "base_model", "adapter_sha256", "quantization", "tuneship_version"],
-            multiprocess_mode="max",
-        ),
-        requests=Counter(
-            "tuneship_requests", "API requests by key id and status.", ["key_id", "status"]
-        ),
-        tokens=Counter(
-            "tuneship_tokens", "Tokens by key id and kind (prompt, completion).", ["key_id", "kind"]
-        ),
-        auth_failures=Counter(
-            "tuneship_auth_failures", "Requests refused for a missing or wrong key.", ["reason"]
-        ),
-        rejected=Counter(
-            "tuneship_rejected", "Requests refused with 503 (overload, draining).", ["reason"]
-        ),
-        inflight=Gauge(
-            "tuneship_inflight_requests", "API requests in progress.", multiprocess_mode="livesum"
-        ),
-    )
-    return _METRICS
-
-
-def bundle_labels(bundle_dir: str | None) -> dict[str, str]:
-    """Labels of tuneship_bundle_info, from the served bundle's bundle.json."""
-    from tuneship import __version__
-
-    labels = {
-        "bundle": "unknown",
-        "base_model": "unknown",
-        "adapter_sha256": "",
-        "quantization": "",
-        "tuneship_version": __version__,
-    }
-    if bundle_dir is None:
-        return labels
-    try:
-        manifest = read_bundle(Path(bundle_dir))
-    except TuneshipError:
-        return labels
-    return labels | {
-        "bundle": manifest.served_model_name,
-        "base_model": Path(manifest.base.path or manifest.base.ref).name,
-        "adapter_sha256": manifest.run.adapter.get("adapter_model.safetensors", "")[:16],
-        "quantization": manifest.quantization.scheme,
-    }
-
-
-class Exchange:
-    """What one request did, collected while it runs, for the log line and the metrics."""
-
-    def __init__(self, scope: dict):
-        headers = dict(scope.get("headers") or [])
-        self.request_id = headers.get(b"x-request-id", b"").decode() or uuid.uuid4().hex
-        self.path = scope.get("path", "")
-        self.method = scope.get("method", "")
-        self.key_id = "-"
-        self.status = 0
-        self.stream = False
-        self.body = bytearray()
-        self.request_body = bytearray()
-        self.prompt_tokens: int | None = None
-        self.completion_tokens: int | None = None
-        self.chunks = 0
-        self.started = time.monotonic()
-
-    def saw_response_chunk(self, chunk: bytes) -> None:
-        if self.stream:
-            for line in chunk.split(b"\n"):
-                if line.startswith(b"data: {"):
-                    self._stream_event(line[6:])
-        elif len(self.body) + len(chunk) <= MAX_CAPTURED_BODY:
-            self.body += chunk
-
-    def _stream_event(self, raw: bytes) -> None:
-        try:
-            event = json.loads(raw)
-        except ValueError:
-            return
-        self._usage(event.get("usage"))
-        for choice in event.get("choices") or []:
-            delta = choice.get("delta") or {}
-            if delta.get("content") or choice.get("text"):
-                self.chunks += 1  # vLLM streams about one token per content chunk
-
-    def _usage(self, usage: Any) -> None:
-        if isinstance(usage, dict):
-            self.prompt_tokens = usage.get("prompt_tokens", self.prompt_tokens)
-            self.completion_tokens = usage.get("completion_tokens", self.completion_tokens)
-
-    def finish(self) -> None:
-        if not self.stream and self.body:
-            with contextlib.suppress(ValueError, AttributeError):
-                self._usage(json.loads(self.body).get("usage"))
-        if self.stream and self.completion_tokens is None:
-            self.completion_tokens = self.chunks  # no usage chunk was asked for
-
-    def log_line(self, log_prompts: bool) -> str:
-        record = {
-            "time": round(time.time(), 3),
-            "event": "request",
-            "request_id": self.request_id,
-            "key_id": self.key_id,
-            "method": self.method,
-            "path": self.path,
-            "status": self.status,
-            "stream": self.stream,
-            "prompt_tokens": self.prompt_tokens,
-            "completion_tokens": self.completion_tokens,
-            "latency_ms": round((time.monotonic() - self.started) * 1000, 1),
-        }
-        if log_prompts:
-            record["request"] = self.request_body[:4000].decode("utf-8", "replace")
-            record["response"] = self.body[:4000].decode("utf-8", "replace")
-        return json.dumps(record, ensure_ascii=False)
+def _warn_about_keys(keys: KeyRing, cfg: ServeConfig) -> None:
+    if not keys.configured:
+        warning = (
+            "no API keys configured (api_keys, api_keys_file): anyone who reaches this port "
+            "can use the model"
+        )
+    elif keys.unnamed and cfg.key_id_secret is None:
+        warning = (
+            "no key_id_secret: the ids of unnamed keys in logs and metrics change at each start "
+            "and differ between replicas; name the keys (name:key lines) or set "
+            "TUNESHIP_KEY_ID_SECRET"
+        )
+    else:
+        return
+    print(f"warning: {warning}", file=sys.stderr, flush=True)
 
 
 class TuneshipMiddleware:
@@ -261,25 +100,34 @@ class TuneshipMiddleware:
         self.app = app
         settings = settings or MiddlewareSettings.from_env()
         cfg = self.cfg = settings.serve
-        self.keys = KeyRing(cfg.key_list(), cfg.api_keys_file)
+        refusal = refusal_for_dev_variables(os.environ, cfg)
+        if refusal is not None:
+            raise TuneshipError(refusal)  # vLLM was started by hand with this middleware
+        self.m = metrics()
+        self.m["bundle"].labels(**bundle_labels(settings.bundle_dir)).set(1)
+        self.keys = KeyRing(
+            cfg.key_list(),
+            cfg.api_keys_file,
+            id_secret=self._key_id_secret(cfg),
+            on_error=lambda reason: self.m["keys_file_errors"].labels(reason=reason).inc(),
+        )
+        _warn_about_keys(self.keys, cfg)
         self.retry_after = str(cfg.retry_after)
+        self.admission = Admission(cfg.capacity, cfg.max_per_key)
         self.draining = False
         self.self_test_token = settings.self_test_token
         self.verified = self.self_test_token is None
         self.inflight = 0
-        self.m = metrics()
-        self.m["bundle"].labels(**bundle_labels(settings.bundle_dir)).set(1)
-        if not self.keys.configured:
-            print(
-                "warning: no API keys configured (api_keys, api_keys_file): anyone who "
-                "reaches this port can use the model",
-                file=sys.stderr,
-                flush=True,
-            )
         # outside the main thread (a test harness) there is no drain signal
         with contextlib.suppress(ValueError):
             signal.signal(signal.SIGUSR1, self._start_draining)
             signal.signal(signal.SIGUSR2, self._self_test_passed)
+
+    @staticmethod
+    def _key_id_secret(cfg: ServeConfig) -> bytes:
+        if cfg.key_id_secret is not None:
+            return cfg.key_id_secret.get_secret_value().encode("utf-8")
+        return os.urandom(32)  # ids stay unguessable; they just do not outlive the process
 
     def _start_draining(self, signum: int, frame: Any) -> None:
         self.draining = True
@@ -288,22 +136,45 @@ class TuneshipMiddleware:
         self.verified = True
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
-        if scope["type"] != "http" or scope.get("method") == "OPTIONS":
+        if scope["type"] == "websocket":
+            await self._websocket(scope, receive, send)
+            return
+        if scope["type"] != "http" or is_cors_preflight(scope):
+            # lifespan; a CORS preflight is answered by vLLM's CORS middleware, no route runs
             await self.app(scope, receive, send)
             return
-        path = scope.get("path", "").removeprefix(scope.get("root_path", ""))
+        path = route_path(scope)
+        allowed = access(path, self.cfg)
         if path == "/ready":
             await self._readiness(send)
         elif path == INFLIGHT_PATH:
             await self._inflight_report(scope, send)
-        elif path in PROBES or (path == "/metrics" and not self.cfg.metrics_auth):
+        elif allowed is None:
+            await respond(send, 404, NOT_FOUND)
+        elif allowed == OPEN:
             await self.app(scope, receive, send)
         else:
             await self._api_request(scope, receive, send)
 
+    async def _websocket(self, scope: dict, receive: Any, send: Any) -> None:
+        """Websockets need a key like any request; refused ones are closed before accepting
+        (the client sees 403)."""
+        exchange = Exchange(scope, self.cfg.log_prompts)
+        refusal = self._authenticate(scope, exchange) if self.keys.configured else None
+        if refusal is None and access(route_path(scope), self.cfg) is not None:
+            await self.app(scope, receive, send)
+            return
+        if refusal is not None:
+            self.m["auth_failures"].labels(reason=refusal).inc()
+        await receive()  # websocket.connect
+        reason = "API key required" if refusal else "Not Found"
+        await send({"type": "websocket.close", "code": 1008, "reason": reason})
+        exchange.status = 403
+        self._record(exchange)
+
     async def _readiness(self, send: Any) -> None:
         state = "draining" if self.draining else "ready" if self.verified else "self-testing"
-        await _respond(
+        await respond(
             send, 200 if state == "ready" else 503, json.dumps({"status": state}).encode()
         )
 
@@ -312,14 +183,15 @@ class TuneshipMiddleware:
         machine, over loopback or to the address the server is bound to."""
         client = (scope.get("client") or ("",))[0]
         if client not in (*LOOPBACK, (scope.get("server") or ("",))[0]):
-            await _respond(send, 404, error_body("Not Found", "not_found_error", None))
+            await respond(send, 404, NOT_FOUND)
             return
         body = json.dumps({"inflight": self.inflight, "draining": self.draining}).encode()
-        await _respond(send, 200, body)
+        await respond(send, 200, body)
 
     async def _api_request(self, scope: dict, receive: Any, send: Any) -> None:
-        """Authenticate, refuse while draining, then pass through, observing the exchange."""
-        exchange = Exchange(scope)
+        """Authenticate, refuse while draining, admit (or refuse: overload), then pass
+        through, observing the exchange."""
+        exchange = Exchange(scope, self.cfg.log_prompts)
         refusal = None
         if self._is_self_test(scope):
             exchange.key_id = "self-test"
@@ -327,10 +199,35 @@ class TuneshipMiddleware:
             refusal = self._authenticate(scope, exchange)
         if refusal is not None:
             await self._refuse_unauthenticated(send, exchange, refusal)
-        elif self.draining:
+            return
+        if self.draining:
             await self._refuse_draining(send, exchange)
-        else:
+            return
+        try:
+            body, receive = await read_body(scope, receive, self.cfg.max_request_bytes)
+        except BodyTooLarge as exc:
+            await self._refuse_too_large(send, exchange, exc.args[0])
+            return
+        if body is None:
+            return  # the client left before it sent its request
+        exchange.saw_request(body)
+        slots = request_slots(route_path(scope), body)
+        verdict = self.admission.admit(exchange.key_id, slots)
+        if verdict is not None:
+            await self._refuse_admission(send, exchange, verdict, slots)
+            return
+        try:
             await self._pass_through(scope, receive, send, exchange)
+        finally:
+            self.admission.release(exchange.key_id, slots)
+
+    async def _refuse(
+        self, send: Any, exchange: Exchange, status: int, body: bytes, headers: dict
+    ) -> None:
+        """Answer in place of vLLM (OpenAI's error shape), with the request id, and log it."""
+        exchange.status = status
+        await respond(send, status, body, headers | {"x-request-id": exchange.request_id})
+        self._record(exchange)
 
     async def _refuse_unauthenticated(self, send: Any, exchange: Exchange, reason: str) -> None:
         self.m["auth_failures"].labels(reason=reason).inc()
@@ -339,34 +236,57 @@ class TuneshipMiddleware:
             if reason == "missing"
             else "Incorrect API key provided."
         )
-        exchange.status = 401
-        await _respond(
-            send,
-            401,
-            error_body(message, "invalid_request_error", "invalid_api_key"),
-            {"www-authenticate": "Bearer"},
-        )
-        self._record(exchange)
+        body = error_body(message, "invalid_request_error", "invalid_api_key")
+        await self._refuse(send, exchange, 401, body, {"www-authenticate": "Bearer"})
 
     async def _refuse_draining(self, send: Any, exchange: Exchange) -> None:
         self.m["rejected"].labels(reason="draining").inc()
-        exchange.status = 503
-        await _respond(
-            send,
-            503,
-            error_body("The server is shutting down; retry on another instance.",
-                       "server_error", "draining"),
-            {"retry-after": self.retry_after, "connection": "close"},
+        body = error_body(
+            "The server is shutting down; retry on another instance.", "server_error", "draining"
+        )
+        headers = {"retry-after": self.retry_after, "connection": "close"}
+        await self._refuse(send, exchange, 503, body, headers)
+
+    async def _refuse_too_large(self, send: Any, exchange: Exchange, size: int) -> None:
+        body = error_body(
+            f"The request body ({size} bytes or more) is over this server's limit of "
+            f"{self.cfg.max_request_bytes} bytes (max_request_bytes).",
+            "invalid_request_error", "request_too_large",
         )  # fmt: skip
-        self._record(exchange)
+        await self._refuse(send, exchange, 413, body, {"connection": "close"})
+
+    async def _refuse_admission(
+        self, send: Any, exchange: Exchange, verdict: str, slots: int
+    ) -> None:
+        """Refused before the response starts: a status the SDK retries (429 over the key's
+        own bound, 503 over the server's), or 400 for a request that could never fit."""
+        headers = {"retry-after": self.retry_after}
+        if verdict == TOO_LARGE:
+            status, headers = 400, {}
+            body = error_body(
+                f"This request needs {slots} sequences (n times the prompts); this server "
+                f"runs at most {self.admission.largest} for one request. Lower n or send "
+                "fewer prompts.",
+                "invalid_request_error", "too_many_sequences", param="n",
+            )  # fmt: skip
+        elif verdict == KEY_LIMIT:
+            status = 429
+            body = error_body(
+                f"Rate limit reached for this key: at most {self.admission.per_key} sequences "
+                f"in flight at once; retry after {self.retry_after} s.",
+                "requests", "rate_limit_exceeded",
+            )  # fmt: skip
+        else:
+            status = 503
+            body = error_body(
+                f"The server is at capacity; retry after {self.retry_after} s.",
+                "server_error", "overloaded",
+            )  # fmt: skip
+        if verdict != TOO_LARGE:
+            self.m["rejected"].labels(reason=verdict).inc()
+        await self._refuse(send, exchange, status, body, headers)
 
     async def _pass_through(self, scope: dict, receive: Any, send: Any, exchange: Exchange):
-        async def capture_receive() -> dict:
-            message = await receive()
-            if self.cfg.log_prompts and message.get("type") == "http.request":
-                exchange.request_body += message.get("body", b"")[:MAX_CAPTURED_BODY]
-            return message
-
         async def observe_send(message: dict) -> None:
             if message["type"] == "http.response.start":
                 message = message | {"headers": self._response_headers(message, exchange)}
@@ -374,14 +294,17 @@ class TuneshipMiddleware:
                 exchange.saw_response_chunk(message.get("body", b""))
             await send(message)
 
+        # vLLM leaves the request's exact usage in its state (see Exchange); the dict is the
+        # one Starlette's request.state writes to, shared with every copy of the scope
+        state = scope.setdefault("state", {})
         self.inflight += 1
         self.m["inflight"].inc()
         try:
-            await self.app(scope, capture_receive, observe_send)
+            await self.app(scope, receive, observe_send)
         finally:
             self.inflight -= 1
             self.m["inflight"].dec()
-            exchange.finish()
+            exchange.finish(state)
             self._record(exchange)
 
     def _response_headers(self, start: dict, exchange: Exchange) -> list:
@@ -425,11 +348,4 @@ class TuneshipMiddleware:
         ):
             if count:
                 self.m["tokens"].labels(key_id=exchange.key_id, kind=kind).inc(count)
-        print(exchange.log_line(self.cfg.log_prompts), flush=True)
-
-
-async def _respond(send: Any, status: int, body: bytes, headers: dict | None = None) -> None:
-    raw = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-    raw += [(k.encode(), v.encode()) for k, v in (headers or {}).items()]
-    await send({"type": "http.response.start", "status": status, "headers": raw})
-    await send({"type": "http.response.body", "body": body})
+        print(exchange.log_line(), flush=True)

@@ -1,11 +1,14 @@
 """`tuneship serve BUNDLE`: vLLM's own OpenAI-compatible server on a verified bundle.
 
-Reads BUNDLE/bundle.json, re-hashes BUNDLE/model/ against it (a corrupted or edited bundle is
-refused, naming the file), then runs vLLM's API server with tuneship's middleware (keys, metrics,
-readiness, request logs; see middleware.py) as a child and supervises it: SIGINT is passed on,
-SIGTERM drains (readiness goes 503, new requests get 503, in-flight ones finish up to the drain
-timeout) and then stops vLLM and exits 0; if vLLM dies, this exits with its code. The served
-model name comes from the bundle.
+Reads BUNDLE/bundle.json (with bundle_sha256, only that exact manifest), re-hashes the bundle
+against it (a corrupted or edited bundle, or one holding a symlink, is refused, naming the
+file), then runs vLLM's API server with tuneship's middleware (routes, keys, admission,
+metrics, readiness, request logs; see middleware.py) as a child and supervises it. SIGTERM is
+handled from the first instant: before vLLM starts it stops at once; after, it drains
+(readiness goes 503, new requests get 503, in-flight ones finish up to the drain timeout),
+then vLLM gets stop_timeout to stop and this exits 0. SIGINT is passed on. If vLLM dies, this
+exits with its code (128 + N for signal N). The served model name and, unless set here, the
+engine settings come from the bundle.
 """
 
 from __future__ import annotations
@@ -22,12 +25,16 @@ import urllib.error
 import urllib.request
 from importlib import metadata
 from pathlib import Path
+from typing import Any
 
-from tuneship.bundles import lora_arguments, verify
-from tuneship.config import ServeConfig
+from tuneship.bundles import engine_arguments, lora_arguments, verify
+from tuneship.config import ENGINE_KEYS, ServeConfig
 from tuneship.errors import TuneshipError
 
+from .capacity import kv_line, startup_line
+from .keys import read_keys_file
 from .middleware import SETTINGS_ENV, MiddlewareSettings
+from .routes import refusal_for_dev_variables
 from .selftest import SelfTest
 
 API_SERVER = "vllm.entrypoints.openai.api_server"
@@ -41,9 +48,12 @@ def limit_args(cfg: ServeConfig) -> list[str]:
     args = []
     if cfg.max_running:
         args += ["--max-num-seqs", str(cfg.max_running)]
-    if cfg.max_waiting is not None:
-        # vLLM caps waiting + running; its running default is 256 sequences
-        args += ["--max-num-queued-reqs", str((cfg.max_running or 256) + cfg.max_waiting)]
+    if cfg.capacity is not None:
+        # The middleware admits up to cfg.capacity sequences before a response starts
+        # (admission.py). vLLM's own bound stays as a backstop above it: at the same value it
+        # could still refuse, inside a stream already answered 200, a request the middleware
+        # let in while vLLM had not yet let go of one that finished.
+        args += ["--max-num-queued-reqs", str(2 * cfg.capacity)]
     return args
 
 
@@ -103,10 +113,32 @@ def build_command(
 def run(
     bundle_dir: Path, cfg: ServeConfig, vllm_args: tuple[str, ...] = (), dry_run: bool = False
 ) -> int:
-    bundle_dir = Path(bundle_dir)
+    signals = Signals()  # first of all: a SIGTERM during the checks or the hashing stops at once
+    try:
+        argv, env, self_test = prepare(Path(bundle_dir), cfg, vllm_args)
+    except StopBeforeStart as stop:
+        _log(signal.Signals(stop.signum).name.lower(), before="vllm_started")
+        return 0 if stop.signum == signal.SIGTERM else 128 + stop.signum
+    if dry_run:
+        return 0
+    return supervise(
+        argv, os.environ | env, cfg.host, cfg.port, cfg.drain_timeout, cfg.stop_timeout, signals,
+        self_test,
+    )  # fmt: skip
+
+
+def prepare(
+    bundle_dir: Path, cfg: ServeConfig, vllm_args: tuple[str, ...]
+) -> tuple[list[str], dict[str, str], SelfTest | None]:
+    """Everything before vLLM starts: the refusals, the bundle's verification (hashing: a
+    bundle whose vLLM checks have not run is refused), the command, printed (keys masked),
+    and the start-up self-test."""
+    refusal = refusal_for_dev_variables(os.environ, cfg)
+    if refusal is not None:
+        raise TuneshipError(refusal)
     flavour = vllm_flavour()
     try:
-        manifest = verify(bundle_dir)
+        manifest = verify(bundle_dir, cfg.bundle_sha256)
     except TuneshipError as exc:
         raise TuneshipError(f"{exc}\nrefusing to serve it") from None
     if manifest.skipped_checks():
@@ -114,6 +146,7 @@ def run(
             f"warning: checks skipped at export: {', '.join(manifest.skipped_checks())}",
             file=sys.stderr,
         )
+    cfg = cfg.with_bundle_engine(manifest.serving)
     argv, env = build_command(
         bundle_dir / "model",
         manifest.served_model_name,
@@ -125,24 +158,46 @@ def run(
         (
             *lora_arguments(bundle_dir, {n: a.rank for n, a in manifest.adapters.items()}),
             *limit_args(cfg),
+            *engine_arguments({k: getattr(cfg, k) for k in ENGINE_KEYS}),
+            *([] if cfg.api_docs else ["--disable-fastapi-docs"]),
             *vllm_args,
         ),
     )
     shown = " ".join(f"{k}={v}" for k, v in env.items())
     print(
         f"serving {manifest.served_model_name} ({flavour}): {shown} {shlex.join(argv)}\n"
-        f"settings: {cfg.model_dump_json()}",
+        f"settings: {cfg.model_dump_json()}\n"
+        f"{kv_line(manifest, cfg, bundle_dir / 'model', flavour, env)}\n"
+        f"{startup_line(manifest)}",
         flush=True,
     )
-    if dry_run:
-        return 0
-    if cfg.api_keys_file:
-        cfg = cfg.model_copy(update={"api_keys_file": str(Path(cfg.api_keys_file).resolve())})
+    check_keys_file(cfg)
     token = secrets.token_urlsafe(24) if cfg.self_test and manifest.check_plan else None
     settings = MiddlewareSettings(serve=cfg, bundle_dir=str(bundle_dir), self_test_token=token)
     env[SETTINGS_ENV] = settings.to_env()
     self_test = SelfTest(manifest, local_url(cfg.host, cfg.port), token) if token else None
-    return supervise(argv, os.environ | env, cfg.host, cfg.port, cfg.drain_timeout, self_test)
+    return argv, env, self_test
+
+
+def check_keys_file(cfg: ServeConfig) -> None:
+    """Refuse to start on a keys file that cannot be read. Its path goes to the server as
+    given, never resolved: a Kubernetes Secret update replaces the folder the links point to."""
+    if not cfg.api_keys_file:
+        return
+    try:
+        keys = read_keys_file(Path(cfg.api_keys_file))
+    except (OSError, UnicodeDecodeError) as exc:
+        raise TuneshipError(
+            f"api_keys_file {cfg.api_keys_file} cannot be read ({exc.__class__.__name__}): "
+            "mount the keys Secret there or fix the path"
+        ) from None
+    if not keys and not cfg.key_list():
+        print(
+            f"warning: api_keys_file {cfg.api_keys_file} holds no keys: every request gets "
+            "401 until keys are added",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def _log(event: str, **fields) -> None:
@@ -198,34 +253,71 @@ def drain(child: subprocess.Popen, host: str, port: int, timeout_s: float) -> No
     )
 
 
+class StopBeforeStart(Exception):
+    """SIGTERM or SIGINT before vLLM was started."""
+
+    def __init__(self, signum: int):
+        super().__init__(signum)
+        self.signum = signum
+
+
+class Signals:
+    """SIGTERM and SIGINT, handled from the first instant of `tuneship serve`. Until vLLM is
+    about to start they stop everything at once: StopBeforeStart is raised from whatever runs
+    (hashing a big bundle takes minutes, and Kubernetes kills what does not stop). From then on
+    they are only noted (SIGINT passed on to vLLM) for supervise(), so that no exception can
+    leave a started vLLM behind."""
+
+    def __init__(self) -> None:
+        self.child: subprocess.Popen | None = None
+        self.starting = False
+        self.terminating = False
+        signal.signal(signal.SIGTERM, self._on_signal)
+        signal.signal(signal.SIGINT, self._on_signal)
+
+    def _on_signal(self, signum: int, frame: Any) -> None:
+        if not self.starting:
+            raise StopBeforeStart(signum)
+        if signum == signal.SIGINT and self.child is not None:
+            self.child.send_signal(signal.SIGINT)  # Ctrl-C: vLLM stops its own way
+        else:
+            self.terminating = True
+
+
+def exit_code(code: int) -> int:
+    """A child's status as a shell reports it: 128 + N for a death by signal N."""
+    return 128 - code if code < 0 else code
+
+
 def supervise(
     argv: list[str],
     env: dict[str, str],
     host: str,
     port: int,
     drain_timeout_s: float,
+    stop_timeout_s: float = 15.0,
+    signals: Signals | None = None,
     self_test: SelfTest | None = None,
 ) -> int:
+    signals = signals or Signals()
     # The child inherits SIGUSR1 and SIGUSR2 ignored, so a drain or self-test signal that comes
     # before the middleware handles it (vLLM still loading) cannot kill it.
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
-    child = subprocess.Popen(argv, env=env)
-    terminating = []
-    signal.signal(signal.SIGTERM, lambda *_: terminating.append(True))
-    signal.signal(signal.SIGINT, lambda *_: child.send_signal(signal.SIGINT))
-    while not terminating:
+    signals.starting = True
+    child = signals.child = subprocess.Popen(argv, env=env)
+    while not signals.terminating:
         try:
-            return child.wait(timeout=0.2)  # vLLM ended by itself: pass its code on
+            return exit_code(child.wait(timeout=0.2))  # vLLM ended by itself: pass it on
         except subprocess.TimeoutExpired:
             pass
-        if self_test is not None and not terminating and _serving(host, port):
+        if self_test is not None and not signals.terminating and _serving(host, port):
             if not run_self_test(self_test, child):
-                return stop(child, "self_test_failed", 1)
+                return stop(child, "self_test_failed", stop_timeout_s, code_when_stopped=1)
             self_test = None
     _log("sigterm", drain_timeout_s=drain_timeout_s)
     drain(child, host, port, drain_timeout_s)
-    return stop(child, "stopped", 0)
+    return stop(child, "stopped", stop_timeout_s, code_when_stopped=0)
 
 
 def run_self_test(self_test: SelfTest, child: subprocess.Popen) -> bool:
@@ -247,13 +339,15 @@ def run_self_test(self_test: SelfTest, child: subprocess.Popen) -> bool:
     return False
 
 
-def stop(child: subprocess.Popen, event: str, code_when_stopped: int) -> int:
-    """SIGTERM to vLLM (SIGKILL after 60 s); code_when_stopped, or vLLM's own failure code."""
+def stop(child: subprocess.Popen, event: str, stop_timeout_s: float, code_when_stopped: int) -> int:
+    """SIGTERM to vLLM, SIGKILL after stop_timeout_s; code_when_stopped, or vLLM's failure."""
     child.send_signal(signal.SIGTERM)
     try:
-        code = child.wait(timeout=60)
+        code = child.wait(timeout=stop_timeout_s)
     except subprocess.TimeoutExpired:
+        _log("stop_timeout", stop_timeout_s=stop_timeout_s)
         child.kill()
         code = child.wait()
     _log(event, vllm_exit_code=code)
-    return code_when_stopped if code in (0, -signal.SIGTERM, 128 + signal.SIGTERM) else code
+    stopped = code in (0, -signal.SIGTERM, 128 + signal.SIGTERM)
+    return code_when_stopped if stopped else exit_code(code)

@@ -3,6 +3,7 @@ export and adapter tests share, and the end-to-end bundle. Helpers are in tests/
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -86,6 +87,10 @@ def tiny_run(tmp_path_factory, tiny_base):
 
 @pytest.fixture(scope="session")
 def bundle(tmp_path_factory) -> Path:
+    """The e2e bundle; TUNESHIP_E2E_BUNDLE names one this fixture built before, to skip the
+    ~4 minutes of training and export in an inner loop (tests only read it and write beside it)."""
+    if os.environ.get("TUNESHIP_E2E_BUNDLE"):
+        return Path(os.environ["TUNESHIP_E2E_BUNDLE"])
     work = tmp_path_factory.mktemp("e2e")
     tuneship("base", "fetch", cwd=work)
     tuneship(

@@ -5,13 +5,17 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import yaml
 
 from tuneship.config import TrainConfig
+from tuneship.fsutil import hash_tree
+from tuneship.manifest import BUNDLE_FILE, header
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_BIN = Path(sys.executable).parent / "tuneship"
@@ -132,3 +136,46 @@ def render_overlay(overlay: str) -> list[dict]:
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+def mount_secret(folder: Path, files: dict[str, str]) -> Path:
+    """Write files the way kubelet mounts a Secret volume: each name is a symlink
+    `NAME -> ..data/NAME`, `..data` is a symlink to a timestamped folder that holds the data.
+    Called again on the same folder, it updates the Secret as kubelet does: a new timestamped
+    folder, `..data` swapped in one rename, the old folder deleted."""
+    folder.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("..%Y_%m_%d_%H_%M_%S.") + f"{time.monotonic_ns() % 10**9:09d}"
+    (folder / stamp).mkdir()
+    for name, text in files.items():
+        (folder / stamp / name).write_text(text)
+    data = folder / "..data"
+    old = os.readlink(data) if data.is_symlink() else None
+    (folder / "..data_tmp").symlink_to(stamp)
+    os.replace(folder / "..data_tmp", data)
+    for name in files:
+        if not (folder / name).is_symlink():
+            (folder / name).symlink_to(Path("..data") / name)
+    if old is not None:
+        shutil.rmtree(folder / old)
+    return folder
+
+
+def fake_bundle(root: Path) -> Path:
+    model = root / "model"
+    model.mkdir(parents=True)
+    (model / "model.safetensors").write_bytes(b"weights" * 100)
+    (model / "config.json").write_text("{}")
+    manifest = header("tuneship.bundle", root.name) | {
+        "served_model_name": "handbook",
+        "run": {"name": "r", "path": "runs/r"},
+        "base": {"ref": "default", "path": "base"},
+        "merge": {"into": "16-bit base"},
+        "quantization": {"scheme": "W4A16"},
+        "sizes": {"model_bytes": 1},
+        "checks": {},
+        "versions": {},
+        "serving": {"max_model_len": 2048},
+        "files": hash_tree(model),
+    }
+    (root / BUNDLE_FILE).write_text(json.dumps(manifest))
+    return root

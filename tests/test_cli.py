@@ -57,7 +57,7 @@ def test_serve_options_are_generated_from_the_serve_config():
 
     options = {p.name for p in serve.params if isinstance(p, click.Option)}
     options -= {"config_path", "overrides", "dry_run", "help"}
-    secret = {"api_keys"}  # never on a command line: environment or file only
+    secret = {"api_keys", "key_id_secret"}  # never on a command line: environment or file
     assert options == set(ServeConfig.model_fields) - secret
 
 

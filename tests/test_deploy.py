@@ -37,7 +37,7 @@ def test_dockerfiles_pass_hadolint_and_hadolint_does_look(tmp_path):
 
 def test_every_overlay_renders_and_validates(tmp_path):
     reports = {r["overlay"]: r for r in check_k8s(REPO / "k8s")}
-    assert set(reports) == {"gpu", "cpu", "examples"}
+    assert set(reports) == {"gpu", "cpu", "gpu-70b-tp4", "examples"}
     assert reports["examples"]["objects"] == ["PyTorchJob/tuneship-train-70b"]
     for report in (reports["gpu"], reports["cpu"]):
         assert {"Deployment/tuneship-serve", "Service/tuneship-serve", "Job/tuneship-train",
@@ -45,8 +45,14 @@ def test_every_overlay_renders_and_validates(tmp_path):
                 "NetworkPolicy/tuneship-serve", "ConfigMap/tuneship-grafana-dashboard",
                 } <= set(report["objects"])  # fmt: skip
     assert "Job/tuneship-train-8gpu" in reports["gpu"]["objects"]
+    assert "Deployment/tuneship-serve" in reports["gpu-70b-tp4"]["objects"]
+    assert not any(o.startswith("Job/") for o in reports["gpu-70b-tp4"]["objects"])
     for report in reports.values():
         assert report["problems"] == [] and report["not_schema_checked"] == []
+
+
+SCRAPE_TOKEN = (REPO / "k8s/base/servicemonitor.yaml").read_text().partition("      authorization:")
+SCRAPE_TOKEN = SCRAPE_TOKEN[1] + SCRAPE_TOKEN[2]  # the ServiceMonitor's token, to the end
 
 
 @pytest.mark.parametrize(
@@ -56,7 +62,21 @@ def test_every_overlay_renders_and_validates(tmp_path):
         ("base/serve-deployment.yaml", "readOnlyRootFilesystem: true",
          "readOnlyRootFilesystem: false", "root filesystem is writable"),
         ("base/serve-deployment.yaml", "terminationGracePeriodSeconds: 90",
-         "terminationGracePeriodSeconds: 40", "terminationGracePeriodSeconds 40 <= drain"),
+         "terminationGracePeriodSeconds: 40", "terminationGracePeriodSeconds 40 <= preStop"),
+        ("base/serve-deployment.yaml", 'TUNESHIP_STOP_TIMEOUT\n              value: "15"',
+         'TUNESHIP_STOP_TIMEOUT\n              value: "30"',
+         "terminationGracePeriodSeconds 90 <= preStop 5 + drain 60 + vLLM stop 30"),
+        ("overlays/gpu/bundle.yaml", "subPath: bundles/handbook/v1", "subPath: bundles/handbook",
+         "is not a versioned bundle folder"),
+        ("overlays/cpu/bundle.yaml", "value: \"0000", "value: \"zz00",
+         "TUNESHIP_BUNDLE_SHA256 does not pin"),
+        ("base/serve-deployment.yaml", "claimName: tuneship-models\n            readOnly: true",
+         "claimName: tuneship-models", "volume bundle is not mounted read-only"),
+        ("base/servicemonitor.yaml", SCRAPE_TOKEN, "", "the endpoint sends no token"),
+        ("overlays/gpu-70b-tp4/serve-70b.yaml", "failureThreshold: 150", "failureThreshold: 60",
+         "startupProbe allows 600 s < 2 x (185 s hashing + 420 s loading)"),
+        ("overlays/cpu/bundle.yaml", "    tuneship.io/load-seconds: \"30\"\n", "",
+         "annotate tuneship.io/bundle-bytes and tuneship.io/load-seconds"),
         ("base/serve-service.yaml", "targetPort: http", "targetPort: http\n      nodePortt: 1",
          "Additional properties are not allowed ('nodePortt'"),
         ("base/train-job.yaml", "  backoffLimit: 6\n", "", "needs backoffLimit"),
@@ -79,6 +99,17 @@ def test_a_broken_manifest_is_named(tmp_path, file, old, new, problem):
     (k8s / file).write_text(text.replace(old, new))
     problems = [p for r in check_k8s(k8s) for p in r["problems"]]
     assert problems and all(problem in p for p in problems), problems
+
+
+def test_the_70b_overlay_spreads_one_engine_over_four_gpus():
+    docs = render_overlay("gpu-70b-tp4")
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    env = {e["name"]: e.get("value") for e in container["env"]}
+    assert env["TUNESHIP_TENSOR_PARALLEL_SIZE"] == "4"
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == "4"
+    dshm = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "dshm")
+    assert dshm["emptyDir"]["sizeLimit"] == "32Gi"
 
 
 def test_dashboard_config_map_carries_the_dashboard_file():

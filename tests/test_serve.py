@@ -2,37 +2,17 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
 import pytest
 
+from tests.support import fake_bundle
 from tuneship.bundles import verify as verify_bundle
 from tuneship.errors import TuneshipError
-from tuneship.fsutil import hash_tree
-from tuneship.manifest import BUNDLE_FILE, header
+from tuneship.manifest import BUNDLE_FILE
 from tuneship.serve.run import build_command
-
-
-def fake_bundle(root: Path) -> Path:
-    model = root / "model"
-    model.mkdir(parents=True)
-    (model / "model.safetensors").write_bytes(b"weights" * 100)
-    (model / "config.json").write_text("{}")
-    manifest = header("tuneship.bundle", root.name) | {
-        "served_model_name": "handbook",
-        "run": {"name": "r", "path": "runs/r"},
-        "base": {"ref": "default", "path": "base"},
-        "merge": {"into": "16-bit base"},
-        "quantization": {"scheme": "W4A16"},
-        "sizes": {"model_bytes": 1},
-        "checks": {},
-        "versions": {},
-        "serving": {"max_model_len": 2048},
-        "files": hash_tree(model),
-    }
-    (root / BUNDLE_FILE).write_text(json.dumps(manifest))
-    return root
 
 
 def test_a_flipped_byte_in_a_weight_file_is_refused_naming_the_file(tmp_path):
@@ -109,11 +89,156 @@ def test_serve_settings_become_vllm_limits_and_reach_the_middleware_in_one_piece
         api_keys="sk-a, sk-b", api_keys_file="keys.txt", max_running=4, max_waiting=8,
         metrics_auth=True,
     )  # fmt: skip
-    assert limit_args(cfg) == ["--max-num-seqs", "4", "--max-num-queued-reqs", "12"]
-    assert limit_args(ServeConfig(max_waiting=0)) == ["--max-num-queued-reqs", "256"]
+    assert cfg.capacity == 12 and ServeConfig(max_waiting=0).capacity == 256
+    assert limit_args(cfg) == ["--max-num-seqs", "4", "--max-num-queued-reqs", "24"]
+    assert limit_args(ServeConfig(max_waiting=0)) == ["--max-num-queued-reqs", "512"]
     assert limit_args(ServeConfig()) == []
     sent = MiddlewareSettings(serve=cfg, bundle_dir="bundles/b").to_env()
     received = MiddlewareSettings.model_validate_json(sent)
     assert received.serve.key_list() == ["sk-a", "sk-b"] and received.serve == cfg
     assert received.bundle_dir == "bundles/b"
     assert "sk-a" not in cfg.model_dump_json() and "sk-a" not in repr(cfg)  # masked elsewhere
+    secret = ServeConfig(key_id_secret="s3cret-s3cret-s3cret")
+    assert "s3cret" not in secret.model_dump_json() and "s3cret" not in repr(secret)
+    sent = MiddlewareSettings(serve=secret).to_env()
+    assert MiddlewareSettings.model_validate_json(sent).serve.key_id_secret == secret.key_id_secret
+
+
+def test_a_symlink_anywhere_in_a_bundle_is_refused(tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (outside / "payload.py").write_text("print('not from the bundle')")
+    bundle = fake_bundle(tmp_path / "b")
+    (bundle / "model" / "extra").symlink_to(outside)  # hashing never entered it
+    with pytest.raises(TuneshipError, match=r"model/extra: a symlink"):
+        verify_bundle(bundle)
+    (bundle / "model" / "extra").unlink()
+    config = bundle / "model" / "config.json"
+    (outside / "config.json").write_text(config.read_text())
+    config.unlink()
+    config.symlink_to(outside / "config.json")  # same bytes, but it can change under the bundle
+    with pytest.raises(TuneshipError, match=r"model/config\.json: a symlink"):
+        verify_bundle(bundle)
+
+
+@pytest.mark.parametrize("name", ["../../etc", "a/b", "..", ".hidden", "a b"])
+def test_an_adapter_name_that_could_leave_the_bundle_is_refused(tmp_path, name):
+    bundle = fake_bundle(tmp_path / "b")
+    manifest = json.loads((bundle / BUNDLE_FILE).read_text())
+    manifest["adapters"] = {name: {"run": "r", "run_json_sha256": "0", "rank": 8, "files": {}}}
+    (bundle / BUNDLE_FILE).write_text(json.dumps(manifest))
+    with pytest.raises(TuneshipError, match=r"adapters.*name"):
+        verify_bundle(bundle)
+
+
+def test_a_pinned_bundle_json_sha256_refuses_an_edited_manifest(tmp_path, monkeypatch):
+    bundle = fake_bundle(tmp_path / "b")
+    pinned = hashlib.sha256((bundle / BUNDLE_FILE).read_bytes()).hexdigest()
+    assert verify_bundle(bundle, pinned).served_model_name == "handbook"
+    manifest = json.loads((bundle / BUNDLE_FILE).read_text())
+    manifest["served_model_name"] = "gpt-4"  # edited, hashes of the weights left as they were
+    (bundle / BUNDLE_FILE).write_text(json.dumps(manifest))
+    assert verify_bundle(bundle).served_model_name == "gpt-4"  # unpinned: nothing can tell
+    with pytest.raises(TuneshipError, match=f"not the pinned {pinned}"):
+        verify_bundle(bundle, pinned)
+    from tuneship.config import ServeConfig
+    from tuneship.serve.run import prepare
+
+    monkeypatch.setattr("tuneship.serve.run.vllm_flavour", lambda: "cpu")
+    with pytest.raises(TuneshipError, match="not the pinned"):
+        prepare(bundle, ServeConfig(bundle_sha256=pinned), ())  # what `tuneship serve` runs
+    assert ServeConfig(bundle_sha256=pinned.upper()).bundle_sha256 == pinned
+    with pytest.raises(ValueError, match="bundle_sha256"):
+        ServeConfig(bundle_sha256="abc")
+
+
+LLAMA_70B = {
+    "architectures": ["LlamaForCausalLM"], "num_hidden_layers": 80, "hidden_size": 8192,
+    "num_attention_heads": 64, "num_key_value_heads": 8, "max_position_embeddings": 8192,
+}  # fmt: skip
+
+
+def big_bundle(root: Path, **serving) -> Path:
+    """A fake bundle of a 70B W4A16 model: its config.json, a 37 GB size, the preflight's
+    engine settings in bundle.json's serving section."""
+    bundle = fake_bundle(root)
+    manifest = json.loads((bundle / BUNDLE_FILE).read_text())
+    (bundle / "model" / "config.json").write_text(json.dumps(LLAMA_70B))
+    manifest["files"]["config.json"] = hashlib.sha256(json.dumps(LLAMA_70B).encode()).hexdigest()
+    manifest["sizes"]["model_bytes"] = 37_000_000_000
+    manifest["serving"] |= {"max_model_len": 8192, "startup_s": 300.0, **serving}
+    (bundle / BUNDLE_FILE).write_text(json.dumps(manifest))
+    return bundle
+
+
+def test_engine_settings_come_from_the_bundle_unless_the_operator_overrides_them(
+    tmp_path, monkeypatch
+):
+    from tuneship.config import ServeConfig
+    from tuneship.serve.run import prepare
+
+    monkeypatch.setattr("tuneship.serve.run.vllm_flavour", lambda: "cuda")
+    bundle = big_bundle(tmp_path / "b", tensor_parallel_size=4, gpu_memory_utilization=0.92,
+                        max_num_batched_tokens=8192, max_num_seqs=64)  # fmt: skip
+
+    def flags(argv: list[str]) -> dict[str, str]:
+        names = ("--tensor-parallel-size", "--gpu-memory-utilization",
+                 "--max-num-batched-tokens", "--max-num-seqs")  # fmt: skip
+        return {n: argv[argv.index(n) + 1] for n in names if n in argv}
+
+    argv, _ = prepare(bundle, ServeConfig(), ())
+    assert flags(argv) == {"--tensor-parallel-size": "4", "--gpu-memory-utilization": "0.92",
+                           "--max-num-batched-tokens": "8192", "--max-num-seqs": "64"}  # fmt: skip
+    cfg = ServeConfig(tensor_parallel_size=8, gpu_memory_utilization=0.8, max_running=32)
+    argv, _ = prepare(bundle, cfg, ())
+    assert flags(argv) == {"--tensor-parallel-size": "8", "--gpu-memory-utilization": "0.8",
+                           "--max-num-batched-tokens": "8192", "--max-num-seqs": "32"}  # fmt: skip
+    argv, _ = prepare(fake_bundle(tmp_path / "small"), ServeConfig(), ())
+    assert flags(argv) == {}  # nothing recorded, nothing set: vLLM's defaults
+
+
+def test_the_export_records_its_preflight_engine_settings(tmp_path):
+    from tuneship.bundles import engine_arguments
+    from tuneship.config import ExportConfig
+    from tuneship.export.run import serving_info
+
+    cfg = ExportConfig(tensor_parallel_size=2, gpu_memory_utilization=0.85, max_num_seqs=128)
+    assert engine_arguments(cfg.engine()) == [
+        "--tensor-parallel-size", "2", "--gpu-memory-utilization", "0.85", "--max-num-seqs", "128",
+    ]  # fmt: skip
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps(LLAMA_70B))
+    info = serving_info(model, None, cfg)
+    assert (info.tensor_parallel_size, info.gpu_memory_utilization) == (2, 0.85)
+    assert (info.max_num_seqs, info.max_num_batched_tokens) == (128, None)
+
+
+def test_dry_run_prints_the_kv_cache_capacity_it_implies(tmp_path, monkeypatch, capsys):
+    from tuneship.config import ServeConfig
+    from tuneship.serve.run import run
+
+    monkeypatch.setattr("tuneship.serve.run.vllm_flavour", lambda: "cuda")
+    monkeypatch.setattr("tuneship.serve.run.signal.signal", lambda *a: None)
+    bundle = big_bundle(tmp_path / "b", tensor_parallel_size=4, gpu_memory_utilization=0.9)
+    assert run(bundle, ServeConfig(gpu_memory_gib=80), dry_run=True) == 0
+    out = capsys.readouterr().out
+    # 2 (K, V) x 80 layers x 8 KV heads x 128 dims x 2 bytes = 320 KiB per token, 80 KiB per
+    # GPU at tensor_parallel_size 4; 8192 tokens: 640 MiB per sequence per GPU. 80 GiB x 0.9 -
+    # 37 GB / 4 (8.6 GiB) - 2 GiB = 61.4 GiB: 98 sequences at full length
+    assert "320.0 KiB per token (80.0 KiB per GPU" in out
+    assert "640.0 MiB per sequence per GPU" in out
+    assert "98 sequences of 8192 tokens" in out
+    # the startup probe needs hashing (37 GB at 200 MB/s: 185 s) + loading (300 s)
+    assert "startup: ~185 s hashing + ~300 s loading" in out
+
+
+def test_the_kv_estimate_matches_what_vllm_reports_on_cpu():
+    from tuneship.serve.capacity import kv_bytes_per_token
+
+    smollm2 = {"num_hidden_layers": 30, "hidden_size": 576, "num_attention_heads": 9,
+               "num_key_value_heads": 3}  # fmt: skip
+    # vLLM 0.32 on CPU, VLLM_CPU_KVCACHE_SPACE=2 with the e2e bundle (SmolLM2-135M): "CPU KV
+    # cache size: 93,184 tokens, Maximum concurrency for 4,096 tokens per request: 22.75x"
+    assert kv_bytes_per_token(smollm2, 1) == (23040, 23040)
+    assert (2 << 30) // 23040 == 93206 and round(93184 / 4096, 2) == 22.75

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.support import fake_bundle
 from tuneship.launch import free_port
 
 STAND_IN = r"""
@@ -22,7 +23,10 @@ import http.server, json, os, signal, sys, threading, time
 port, load_s, reply_delay_s, busy_s = int(sys.argv[1]), *map(float, sys.argv[2:5])
 events = open(sys.argv[5], "a", buffering=1)
 signal.signal(signal.SIGTERM, lambda *_: (events.write("sigterm\n"), os._exit(0)))
+events.write("started\n")
 time.sleep(load_s)  # loading the model: no drain handler, nothing listening
+if os.environ.get("STAND_IN_DIES_BY"):  # vLLM killed (the OOM killer, say)
+    os.kill(os.getpid(), int(os.environ["STAND_IN_DIES_BY"]))
 drain_at = []
 def on_usr1(*_):
     drain_at.append(time.monotonic())
@@ -45,7 +49,7 @@ SUPERVISE = (
 )
 
 
-def start(tmp_path: Path, load_s: float, reply_delay_s: float, busy_s: float):
+def start(tmp_path: Path, load_s: float, reply_delay_s: float, busy_s: float, env=None):
     port = free_port()
     script = tmp_path / "stand_in.py"
     script.write_text(STAND_IN)
@@ -54,8 +58,11 @@ def start(tmp_path: Path, load_s: float, reply_delay_s: float, busy_s: float):
              str(busy_s), str(events)]  # fmt: skip
     proc = subprocess.Popen(
         [sys.executable, "-c", SUPERVISE, json.dumps(child), str(port)],
-        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ | (env or {}),
     )  # fmt: skip
+    deadline = time.monotonic() + 60
+    while not events.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)  # the stand-in runs: the supervisor is past its start-up
     return proc, events
 
 
@@ -66,14 +73,14 @@ def log_events(output: str) -> dict[str, dict]:
 
 def test_sigterm_while_vllm_loads_stops_it_cleanly_and_exits_0(tmp_path):
     proc, events = start(tmp_path, load_s=3, reply_delay_s=0, busy_s=0)
-    time.sleep(1)  # the stand-in is still "loading": a SIGUSR1 now would kill it if not ignored
+    time.sleep(0.5)  # the stand-in is still "loading": a SIGUSR1 now would kill it if not ignored
     os.kill(proc.pid, signal.SIGTERM)
     output, _ = proc.communicate(timeout=30)
     logged = log_events(output)
     assert proc.returncode == 0, output
     assert logged["drained"]["inflight_left"] == 0  # nothing listens yet: nothing in flight
     assert logged["stopped"]["vllm_exit_code"] == 0, output  # ended by SIGTERM, not by SIGUSR1
-    assert events.read_text().splitlines() == ["sigterm"]
+    assert events.read_text().splitlines() == ["started", "sigterm"]
 
 
 @pytest.mark.processes
@@ -81,9 +88,6 @@ def test_a_busy_server_is_waited_for_until_its_requests_finish(tmp_path):
     # inflight replies take 3 s (longer than the supervisor used to wait for one) and the
     # request in flight needs 4 s after the drain signal
     proc, events = start(tmp_path, load_s=0, reply_delay_s=3, busy_s=4)
-    deadline = time.monotonic() + 20
-    while not events.exists() and time.monotonic() < deadline:
-        time.sleep(0.1)  # the stand-in writes its events file once it runs
     time.sleep(0.5)
     sent = time.monotonic()
     os.kill(proc.pid, signal.SIGTERM)
@@ -93,4 +97,39 @@ def test_a_busy_server_is_waited_for_until_its_requests_finish(tmp_path):
     assert logged["drained"]["inflight_left"] == 0, output
     assert logged["drained"]["seconds"] >= 4
     assert time.monotonic() - sent >= 4
-    assert events.read_text().splitlines() == ["sigusr1", "sigterm"]
+    assert events.read_text().splitlines() == ["started", "sigusr1", "sigterm"]
+
+
+def test_vllm_killed_by_a_signal_exits_128_plus_its_number(tmp_path):
+    proc, _ = start(tmp_path, load_s=0, reply_delay_s=0, busy_s=0, env={"STAND_IN_DIES_BY": "9"})
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 128 + 9, output  # as a shell reports it, never negative
+
+
+SLOW_VERIFY = r"""
+import sys, time
+from pathlib import Path
+import tuneship.fsutil as fsutil
+import tuneship.serve.run as serve_run
+from tuneship.config import ServeConfig
+def slow_hash(path, chunk=1 << 20):
+    print("hashing", flush=True)
+    time.sleep(30)  # a 70B bundle on network storage
+serve_run.vllm_flavour = lambda: "cpu"
+fsutil.sha256_file = slow_hash
+sys.exit(serve_run.run(Path(sys.argv[1]), ServeConfig()))
+"""
+
+
+def test_sigterm_while_the_bundle_is_hashed_stops_at_once_and_exits_0(tmp_path):
+    proc = subprocess.Popen(
+        [sys.executable, "-c", SLOW_VERIFY, str(fake_bundle(tmp_path / "b"))],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    )  # fmt: skip
+    assert proc.stdout.readline().strip() == "hashing"
+    sent = time.monotonic()
+    os.kill(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=20)
+    assert proc.returncode == 0, output
+    assert time.monotonic() - sent < 10
+    assert log_events(output)["sigterm"]["before"] == "vllm_started", output

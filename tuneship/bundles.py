@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tuneship.errors import TuneshipError
-from tuneship.fsutil import sha256_file
+from tuneship.fsutil import sha256_file, symlinks_under
 from tuneship.manifest import (
     BUNDLE_FILE,
     CHECKS_FILE,
@@ -24,17 +24,25 @@ from tuneship.manifest import (
 )
 
 
-def verify(bundle_dir: Path, require_checked: bool = True) -> BundleManifest:
-    """Raise TuneshipError naming every file that is missing, changed, unlisted or unreadable,
-    and every check that failed (or, with require_checked, has not run yet). The manifest
-    returned carries the verdicts of `tuneship bundle check` (checks.json) where it ran."""
+def verify(
+    bundle_dir: Path, bundle_sha256: str | None = None, require_checked: bool = True
+) -> BundleManifest:
+    """Raise TuneshipError naming every file that is missing, changed, unlisted, unreadable or
+    a symlink (hashing would follow a file link out of the bundle and never enter a linked
+    folder), every check that failed (or, with require_checked, has not run yet), or when
+    bundle.json's sha256 is not the pinned bundle_sha256. The manifest returned carries the
+    verdicts of `tuneship bundle check` (checks.json) where it ran."""
     bundle_dir = Path(bundle_dir)
-    problems = unreadable(bundle_dir)
+    problems = [
+        f"{link}: a symlink (a bundle holds plain files only; copy the file in)"
+        for link in symlinks_under(bundle_dir)
+    ]
+    problems += unreadable(bundle_dir)
     if problems:  # nothing can be hashed before these are fixed
         raise TuneshipError(
-            f"bundle {bundle_dir} cannot be read:\n" + "\n".join(f"  - {p}" for p in problems)
+            f"bundle {bundle_dir} failed verification:\n" + "\n".join(f"  - {p}" for p in problems)
         )
-    manifest = read_bundle(bundle_dir)
+    manifest = read_bundle(bundle_dir, bundle_sha256)
     problems = with_recorded_checks(bundle_dir, manifest)
     problems += verify_files(bundle_dir / "model", manifest.files)
     if (bundle_dir / "merged").is_dir():
@@ -97,6 +105,23 @@ def lora_arguments(bundle_dir: Path, ranks: dict[str, int]) -> list[str]:
     args = ["--enable-lora", "--max-loras", str(len(ranks))]
     args += ["--max-lora-rank", str(vllm_rank(max(ranks.values())))]
     args += ["--lora-modules", *(f"{n}={Path(bundle_dir) / 'adapters' / n}" for n in ranks)]
+    return args
+
+
+ENGINE_FLAGS = {
+    "tensor_parallel_size": "--tensor-parallel-size",
+    "gpu_memory_utilization": "--gpu-memory-utilization",
+    "max_num_batched_tokens": "--max-num-batched-tokens",
+    "max_num_seqs": "--max-num-seqs",
+}
+
+
+def engine_arguments(settings: dict[str, Any]) -> list[str]:
+    """vLLM flags for the engine settings that are set (ENGINE_FLAGS' keys)."""
+    args = []
+    for key, flag in ENGINE_FLAGS.items():
+        if settings.get(key) is not None:
+            args += [flag, str(settings[key])]
     return args
 
 

@@ -6,6 +6,7 @@ every problem is collected and reported together, each naming the key and the fi
 
 from __future__ import annotations
 
+import re
 from typing import Any, Literal
 
 from pydantic import (
@@ -19,6 +20,7 @@ from pydantic import (
 )
 
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+VLLM_DEFAULT_MAX_NUM_SEQS = 256
 
 
 class StrictModel(BaseModel):
@@ -235,6 +237,34 @@ class TrainConfig(StrictModel):
         return bool(self.eval_data or self.eval_fraction)
 
 
+def _engine_fields() -> dict[str, Any]:
+    """vLLM engine settings for big models, shared by the export's preflight and serve."""
+    return {
+        "tensor_parallel_size": Field(
+            None,
+            ge=1,
+            description="GPUs one replica spreads the model over (vLLM --tensor-parallel-size; "
+            "default 1).",
+        ),
+        "gpu_memory_utilization": Field(
+            None,
+            gt=0,
+            le=1,
+            description="Share of each GPU's memory vLLM may take for weights, activations and "
+            "the KV cache (vLLM --gpu-memory-utilization; default 0.9).",
+        ),
+        "max_num_batched_tokens": Field(
+            None,
+            ge=16,
+            description="Tokens scheduled in one engine step (vLLM --max-num-batched-tokens): "
+            "prefill chunk size against latency.",
+        ),
+    }
+
+
+ENGINE_KEYS = ("tensor_parallel_size", "gpu_memory_utilization", "max_num_batched_tokens")
+
+
 class ExportConfig(StrictModel):
     scheme: Literal["W4A16", "W4A16_ASYM"] = Field(
         "W4A16",
@@ -304,6 +334,20 @@ class ExportConfig(StrictModel):
     max_recall_drop: float = Field(
         5.0, ge=0, description="Quality gate: fact recall may drop at most this many points."
     )
+    tensor_parallel_size: int | None = _engine_fields()["tensor_parallel_size"]
+    gpu_memory_utilization: float | None = _engine_fields()["gpu_memory_utilization"]
+    max_num_batched_tokens: int | None = _engine_fields()["max_num_batched_tokens"]
+    max_num_seqs: int | None = Field(
+        None,
+        ge=1,
+        description="Sequences generated at once (vLLM --max-num-seqs). These four run the "
+        "preflight and are recorded in bundle.json's serving section; serve uses them unless "
+        "its own settings override them.",
+    )
+
+    def engine(self) -> dict[str, Any]:
+        """The preflight's engine settings, as bundle.json records them."""
+        return {k: getattr(self, k) for k in (*ENGINE_KEYS, "max_num_seqs")}
 
     @field_validator("checks", mode="before")
     @classmethod
@@ -321,6 +365,12 @@ class ServeConfig(StrictModel):
     max_model_len: int | None = Field(
         None, ge=16, description="Context length served (default: the bundle's)."
     )
+    bundle_sha256: str | None = Field(
+        None,
+        description="Pin the bundle: the sha256 of its bundle.json (`sha256sum bundle.json`); "
+        "a bundle whose manifest differs is refused (an edited manifest could vouch for "
+        "edited weights).",
+    )
     eager: bool | None = Field(
         None,
         description="true: no CUDA graphs or torch.compile (faster start); false: compile "
@@ -328,32 +378,82 @@ class ServeConfig(StrictModel):
     )
     api_keys: SecretStr | None = Field(
         None,
-        description="API keys, comma-separated (set it as TUNESHIP_API_KEYS, never in a file "
-        "or on the command line); api_keys_file is better for rotation.",
+        description="API keys, comma-separated, each a key or name:key (set it as "
+        "TUNESHIP_API_KEYS, never in a file or on the command line); api_keys_file is better "
+        "for rotation.",
         json_schema_extra={"cli": False},
     )
     api_keys_file: str | None = Field(
         None,
-        description="File of API keys, one per line, '#' comments (e.g. a mounted Secret); "
-        "re-read when it changes.",
+        description="File of API keys, one per line, a key or name:key (the name is its id in "
+        "logs and metrics), '#' comments (e.g. a mounted Secret); re-read every second.",
+    )
+    key_id_secret: SecretStr | None = Field(
+        None,
+        min_length=16,
+        description="Secret for the ids of unnamed keys in logs and metrics (a keyed hash); "
+        "set it as TUNESHIP_KEY_ID_SECRET, the same on every replica. Unset: a random one "
+        "per start. Named keys (name:key) are known by their name.",
+        json_schema_extra={"cli": False},
     )
     metrics_auth: bool = Field(False, description="Require an API key for /metrics too.")
+    api_docs: bool = Field(
+        False, description="Serve vLLM's API docs (/docs, /openapi.json), without a key."
+    )
+    vllm_dev_mode: bool = Field(
+        False,
+        description="Allow VLLM_SERVER_DEV_MODE / VLLM_ALLOW_RUNTIME_LORA_UPDATING in the "
+        "environment and let key holders reach every route vLLM serves (sleep, RPCs, "
+        "adapter loading): development only; otherwise serve refuses to start with them set.",
+    )
     log_prompts: bool = Field(
         False, description="Put request and response bodies in the request log."
     )
     max_running: int | None = Field(
-        None, ge=1, description="Requests generated at once (vLLM --max-num-seqs; default 256)."
+        None,
+        ge=1,
+        description="Sequences generated at once (vLLM --max-num-seqs; default: the bundle's, "
+        "else 256).",
     )
     max_waiting: int | None = Field(
         None,
         ge=0,
-        description="Requests waiting beyond the running ones; more get 503 + Retry-After "
-        "(default: unbounded).",
+        description="Requests waiting beyond the running ones; more get 503 + Retry-After, "
+        "before their response starts, streams too (default: unbounded). A request counts "
+        "once per sequence it asks for (n, a list of prompts).",
+    )
+    tensor_parallel_size: int | None = _engine_fields()["tensor_parallel_size"]
+    gpu_memory_utilization: float | None = _engine_fields()["gpu_memory_utilization"]
+    max_num_batched_tokens: int | None = _engine_fields()["max_num_batched_tokens"]
+    gpu_memory_gib: float | None = Field(
+        None,
+        gt=0,
+        description="GPU memory per device for --dry-run's KV-cache estimate (default: the "
+        "first visible GPU's).",
+    )
+    max_per_key: int | None = Field(
+        None,
+        ge=1,
+        description="Sequences one key may have in flight at once; more get 429 + Retry-After "
+        "(rate_limit_exceeded), so one client cannot fill every slot (default: no bound; "
+        "without keys, every request shares this one bound).",
+    )
+    max_request_bytes: int = Field(
+        4 << 20,
+        ge=1024,
+        description="Largest request body accepted (bytes); larger ones get 413 before vLLM "
+        "reads them.",
     )
     drain_timeout: float = Field(
         30.0,
         ge=0,
         description="On SIGTERM: seconds in-flight requests get to finish before vLLM stops.",
+    )
+    stop_timeout: float = Field(
+        15.0,
+        ge=1,
+        description="After the drain: seconds vLLM gets to stop before it is killed. A pod's "
+        "terminationGracePeriodSeconds must exceed preStop + drain_timeout + stop_timeout.",
     )
     retry_after: int = Field(
         2, ge=1, description="Seconds a refused client is told to wait (Retry-After on 503)."
@@ -365,13 +465,34 @@ class ServeConfig(StrictModel):
         "a failure stops the server with the reason.",
     )
 
-    @field_serializer("api_keys", when_used="json")
+    @field_serializer("api_keys", "key_id_secret", when_used="json")
     def _reveal_only_when_asked(self, keys: SecretStr | None, info) -> str | None:
         """JSON for the server process carries the keys (context reveal); any other dump
         shows them masked."""
         if keys is None:
             return None
         return keys.get_secret_value() if (info.context or {}).get("reveal") else str(keys)
+
+    def with_bundle_engine(self, serving: Any) -> ServeConfig:
+        """Engine settings left unset taken from the bundle (what its preflight ran with)."""
+        taken = {k: getattr(serving, k, None) for k in ENGINE_KEYS if getattr(self, k) is None}
+        if self.max_running is None:
+            taken["max_running"] = getattr(serving, "max_num_seqs", None)
+        return self.model_copy(update={k: v for k, v in taken.items() if v is not None})
+
+    @property
+    def capacity(self) -> int | None:
+        """Sequences admitted at once (running + waiting); None: unbounded."""
+        if self.max_waiting is None:
+            return None
+        return (self.max_running or VLLM_DEFAULT_MAX_NUM_SEQS) + self.max_waiting
+
+    @field_validator("bundle_sha256")
+    @classmethod
+    def _a_sha256(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(r"[0-9a-fA-F]{64}", value):
+            raise ValueError("bundle_sha256 must be 64 hex digits (`sha256sum bundle.json`)")
+        return value.lower() if value else value
 
     def key_list(self) -> list[str]:
         raw = self.api_keys.get_secret_value() if self.api_keys else ""

@@ -35,6 +35,14 @@ def hash_tree(root: Path) -> dict[str, str]:
     }
 
 
+def symlinks_under(root: Path) -> list[Path]:
+    """Every symlink under root (files and folders), without following any."""
+    found = []
+    for folder, dirs, files in os.walk(root, followlinks=False):
+        found += [p for p in (Path(folder) / n for n in (*dirs, *files)) if p.is_symlink()]
+    return sorted(found)
+
+
 def tree_size(root: Path) -> int:
     return sum(p.stat().st_size for p in root.rglob("*") if p.is_file())
 

@@ -19,6 +19,7 @@ from tuneship.config import ServeConfig
 from tuneship.errors import ConfigError
 
 ENV_PREFIX = "TUNESHIP_"
+SECRETS = ("api_keys", "key_id_secret")
 
 
 def from_environment(
@@ -35,8 +36,8 @@ def from_environment(
             found[name] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             found[name] = raw
-        if name == "api_keys" or isinstance(found[name], (dict, list)):
-            found[name] = raw  # keys and lists of keys stay the text they were given as
+        if name in SECRETS or isinstance(found[name], (dict, list)):
+            found[name] = raw  # keys and secrets stay the text they were given as
     return found
 
 

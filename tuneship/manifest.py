@@ -10,13 +10,15 @@ Written atomically.
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
+import re
 import sys
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tuneship import __version__
 from tuneship.errors import TuneshipError
@@ -28,6 +30,7 @@ RUN_FILE = "run.json"
 BUNDLE_FILE = "bundle.json"
 CHECKS_FILE = "checks.json"
 PENDING = "pending: run `tuneship bundle check BUNDLE` where vLLM is installed (the serve image)"
+ADAPTER_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
 
 class Section(BaseModel):
@@ -273,6 +276,11 @@ class ServingInfo(Section):
     startup_s: float | None = None
     peak_rss_bytes: int | None = None
     max_lora_rank: int | None = None
+    # the vLLM engine settings the preflight ran with (None: vLLM's default); serve's defaults
+    tensor_parallel_size: int | None = None
+    gpu_memory_utilization: float | None = None
+    max_num_batched_tokens: int | None = None
+    max_num_seqs: int | None = None
 
 
 class BundleManifest(Header):
@@ -296,6 +304,18 @@ class BundleManifest(Header):
     )
     versions: dict[str, str] = {}
     serving: ServingInfo
+
+    @field_validator("adapters")
+    @classmethod
+    def _adapter_names_stay_inside(cls, adapters: dict[str, AdapterEntry]) -> dict:
+        """An adapter's name is a folder under adapters/ and a vLLM argument: plain names only."""
+        bad = [n for n in adapters if not ADAPTER_NAME.fullmatch(n) or ".." in n]
+        if bad:
+            raise ValueError(
+                f"adapter name {', '.join(map(repr, bad))} is not a plain name "
+                "(letters, digits, '.', '_', '-'; no '/' or '..')"
+            )
+        return adapters
 
     def failed_checks(self) -> list[str]:
         return [name for name, check in self.checks.items() if check.passed is False]
@@ -349,12 +369,20 @@ def header(kind: str, name: str) -> dict[str, Any]:
     }
 
 
-def read_manifest(path: Path, model: type[M], what: str, hint: str) -> M:
-    """Read and validate a manifest; errors name the file and the key."""
+def read_manifest(path: Path, model: type[M], what: str, hint: str, sha256: str | None = None) -> M:
+    """Read and validate a manifest; errors name the file and the key. With sha256, the file
+    must have that digest (the bytes checked are the bytes parsed)."""
     if not path.is_file():
         raise TuneshipError(f"{path} not found: {hint}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
+        raw = path.read_bytes()
+        if sha256 is not None and hashlib.sha256(raw).hexdigest() != sha256.lower():
+            raise TuneshipError(
+                f"{path} has sha256 {hashlib.sha256(raw).hexdigest()}, not the pinned {sha256}: "
+                "the manifest was edited, or another bundle is mounted; pin the sha256 of the "
+                f"bundle meant to be served (`sha256sum {path}`)"
+            )
+        data = json.loads(raw.decode("utf-8"))
     except json.JSONDecodeError as exc:
         raise TuneshipError(f"{path} is not valid JSON ({exc.msg}, line {exc.lineno})") from None
     except (OSError, UnicodeDecodeError) as exc:
@@ -385,12 +413,13 @@ def read_run(run_dir: Path) -> RunManifest:
     )
 
 
-def read_bundle(bundle_dir: Path) -> BundleManifest:
+def read_bundle(bundle_dir: Path, sha256: str | None = None) -> BundleManifest:
     return read_manifest(
         Path(bundle_dir) / BUNDLE_FILE,
         BundleManifest,
         "bundle manifest",
         "is this a `tuneship export` bundle?",
+        sha256,
     )
 
 
