@@ -14,8 +14,9 @@ import tempfile
 import time
 from pathlib import Path
 
-from tuneship.bundles import verify
+from tuneship.bundles import engine_arguments, verify
 from tuneship.checks import judge
+from tuneship.config import ENGINE_KEYS, ServeConfig
 from tuneship.errors import TuneshipError
 from tuneship.fsutil import sha256_file, write_json_atomic
 from tuneship.manifest import (
@@ -45,7 +46,11 @@ def run(bundle_dir: Path) -> CheckRecord:
         raise TuneshipError(f"{bundle_dir}: bundle check checks merged bundles")
     print(f"serving {bundle_dir / 'model'} with vLLM and asking {len(plan.prompts)} prompts ...")
     with tempfile.TemporaryDirectory(prefix="tuneship-check-") as tmp:
-        request = plan.request(manifest.serving.max_model_len)
+        engine = ServeConfig().with_bundle_engine(manifest.serving)
+        request = plan.request(
+            manifest.serving.max_model_len,
+            engine_arguments({k: getattr(engine, k) for k in ENGINE_KEYS}),
+        )
         served = ask(bundle_dir / "model", request, Path(tmp) / "vllm.log")
     record = CheckRecord(
         **header("tuneship.checks", manifest.name),
