@@ -23,6 +23,7 @@ import pytest
 import yaml
 
 from tests.support import REPO, render_overlay
+from tuneship.fsutil import make_readable
 from tuneship.launch import free_port
 from tuneship.paths import default_base_dir
 
@@ -83,6 +84,7 @@ def volumes(default_base) -> dict[str, Path]:
     root.chmod(0o755)
     shutil.copytree(REPO / "data" / "demo", root / "data")
     shutil.copytree(default_base, root / "models" / "tuneship" / "base" / default_base.name)
+    make_readable(root / "models")  # a base fetched by an older tuneship may be private (0600)
     (root / "output").mkdir(mode=0o777)
     (root / "output").chmod(0o777)  # the images' user (uid 10001) writes there
     yield {
