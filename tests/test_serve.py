@@ -186,14 +186,14 @@ def test_engine_settings_come_from_the_bundle_unless_the_operator_overrides_them
                  "--max-num-batched-tokens", "--max-num-seqs")  # fmt: skip
         return {n: argv[argv.index(n) + 1] for n in names if n in argv}
 
-    argv, _ = prepare(bundle, ServeConfig(), ())
+    argv, _, _ = prepare(bundle, ServeConfig(), ())
     assert flags(argv) == {"--tensor-parallel-size": "4", "--gpu-memory-utilization": "0.92",
                            "--max-num-batched-tokens": "8192", "--max-num-seqs": "64"}  # fmt: skip
     cfg = ServeConfig(tensor_parallel_size=8, gpu_memory_utilization=0.8, max_running=32)
-    argv, _ = prepare(bundle, cfg, ())
+    argv, _, _ = prepare(bundle, cfg, ())
     assert flags(argv) == {"--tensor-parallel-size": "8", "--gpu-memory-utilization": "0.8",
                            "--max-num-batched-tokens": "8192", "--max-num-seqs": "32"}  # fmt: skip
-    argv, _ = prepare(fake_bundle(tmp_path / "small"), ServeConfig(), ())
+    argv, _, _ = prepare(fake_bundle(tmp_path / "small"), ServeConfig(), ())
     assert flags(argv) == {}  # nothing recorded, nothing set: vLLM's defaults
 
 
