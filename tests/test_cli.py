@@ -72,6 +72,10 @@ def test_serve_settings_layer_file_environment_set_and_options(tmp_path):
     cfg = load_serve_config(path, ["port=9200"], {"drain_timeout": 5.0, "host": None}, environ)
     assert (cfg.max_running, cfg.max_waiting, cfg.port, cfg.drain_timeout) == (8, 16, 9200, 5.0)
     assert cfg.metrics_auth and cfg.key_list() == ["sk-1", "sk-2"] and cfg.host == "0.0.0.0"
+    digits = "0" * 64  # a sha256 pin of digits only stays text, not the number 0
+    assert (
+        load_serve_config(None, [], {}, {"TUNESHIP_BUNDLE_SHA256": digits}).bundle_sha256 == digits
+    )
     with pytest.raises(ConfigError) as info:
         load_serve_config(None, [], {}, {"TUNESHIP_MAX_RUNNING": "lots"})
     assert "environment TUNESHIP_MAX_RUNNING: 'max_running'" in str(info.value)

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from tests.support import REPO, render_overlay
-from tuneship.fsutil import make_readable
+from tuneship.fsutil import make_readable, sha256_file
 from tuneship.launch import free_port
 from tuneship.paths import default_base_dir
 
@@ -212,6 +212,7 @@ def serve_container(bundle: Path, volumes: dict, port: int | None = None) -> str
     spec = rendered("cpu", "Deployment", "tuneship-serve")["spec"]["template"]["spec"]
     container = spec["containers"][0]
     env = {e["name"]: e["value"] for e in container["env"] if "value" in e}
+    env["TUNESHIP_BUNDLE_SHA256"] = sha256_file(bundle / "bundle.json")  # as bundle.yaml pins it
     keys_file = Path(env["TUNESHIP_API_KEYS_FILE"])
     secret = volumes["root"] / "secret"
     secret.mkdir(exist_ok=True)

@@ -9,6 +9,7 @@ from: the file, the environment, or --set.
 from __future__ import annotations
 
 import difflib
+import typing
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -25,20 +26,29 @@ SECRETS = ("api_keys", "key_id_secret")
 def from_environment(
     model: type[BaseModel], environ: dict[str, str], prefix: str = ENV_PREFIX
 ) -> dict[str, Any]:
-    """Top-level keys of model set as PREFIX<KEY> variables, values parsed as YAML scalars;
-    other variables with the prefix (TUNESHIP_HOME, ...) are not the model's and are left."""
+    """Top-level keys of model set as PREFIX<KEY> variables; numbers and booleans parsed as
+    YAML scalars, text fields (paths, hashes, keys) kept as given (a sha256 of digits is not a
+    number). Other variables with the prefix (TUNESHIP_HOME, ...) are not the model's."""
     found: dict[str, Any] = {}
-    for name in model.model_fields:
+    for name, field in model.model_fields.items():
         raw = environ.get(f"{prefix}{name.upper()}")
         if raw is None:
+            continue
+        if name in SECRETS or _is_text(field.annotation):
+            found[name] = raw if raw.strip() else None
             continue
         try:
             found[name] = yaml.safe_load(raw) if raw.strip() else None
         except yaml.YAMLError:
             found[name] = raw
-        if name in SECRETS or isinstance(found[name], (dict, list)):
-            found[name] = raw  # keys and secrets stay the text they were given as
+        if isinstance(found[name], (dict, list)):
+            found[name] = raw
     return found
+
+
+def _is_text(annotation: Any) -> bool:
+    """str, or str | None."""
+    return annotation is str or set(typing.get_args(annotation)) == {str, type(None)}
 
 
 M = TypeVar("M", bound=BaseModel)
