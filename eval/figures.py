@@ -8,7 +8,7 @@ import statistics
 
 from tuneship.config import EvalConfig
 from tuneship.probes import EvalItem, ProbeAnswer, ProbeResult, answered, cited
-from tuneship.reports import TUNED, BaseIn4Bit, Counts, ModelFigures, ReferenceAnswer, Tally, Target
+from tuneship.reports import BaseIn4Bit, Counts, ModelFigures, ReferenceAnswer, Tally, Target
 
 KIND = {"merged": "fine-tuned, merged 16-bit", "quantized": "fine-tuned, W4A16 bundle"}
 
@@ -135,8 +135,22 @@ def base_in_4bit(
     )
 
 
-def judge(figures: dict[str, ModelFigures], cfg: EvalConfig) -> list[Target]:
-    """The targets, each with the measured value and whether it is met."""
+def bundle_rule(cfg: EvalConfig, origin: str | None, base_4bit: BaseIn4Bit | None) -> str:
+    """What the bundle's retention is judged against: "base" or "quantized_base"."""
+    wanted = cfg.targets.bundle_retention_against
+    if wanted == "auto":
+        return "quantized_base" if origin and base_4bit is not None else "base"
+    return wanted
+
+
+def judge(
+    figures: dict[str, ModelFigures],
+    cfg: EvalConfig,
+    base_4bit: BaseIn4Bit | None = None,
+    origin: str | None = None,
+) -> list[Target]:
+    """The targets, each with the measured value, whether it is met and, for retention, the
+    rule that set it. origin: what the base was dequantized from (run.json), if anything."""
     t = cfg.targets
 
     def recall(model: str) -> float | None:
@@ -153,18 +167,18 @@ def judge(figures: dict[str, ModelFigures], cfg: EvalConfig) -> list[Target]:
     on = f", held-out questions ({t.recall_style})" if t.recall_style else ", held-out questions"
     merged, quantized, base = recall("merged"), recall("quantized"), recall("base")
     drop = None if merged is None or quantized is None else round(100 * (merged - quantized), 1)
-    rows = [  # name, goal, measured, unit, (hits, of) it was measured on, test
+    rows = [  # name, goal, measured, unit, (hits, of) it was measured on, test, rule
         ("base model fact recall" + on, f"< {t.max_base_recall:.0%}", base, "share",
-         count("base", "recall"), lambda v: v < t.max_base_recall),
+         count("base", "recall"), lambda v: v < t.max_base_recall, None),
         ("fine-tuned fact recall" + on, f">= {t.min_recall:.0%}", merged, "share",
-         count("merged", "recall"), lambda v: v >= t.min_recall),
+         count("merged", "recall"), lambda v: v >= t.min_recall, None),
         ("quantized recall drop (points)" + on, f"<= {t.max_quantized_drop:g}", drop, "points",
-         None, lambda v: v <= t.max_quantized_drop),
-    ] + [
-        (f"general knowledge retained ({KIND[model]})", f">= {t.min_retention:.0%}",
-         figures[model].retention, "share", count(model, "retention"),
-         lambda v: v >= t.min_retention)
-        for model in TUNED
+         None, lambda v: v <= t.max_quantized_drop, None),
+        (f"general knowledge retained ({KIND['merged']})", f">= {t.min_retention:.0%}",
+         figures["merged"].retention, "share", count("merged", "retention"),
+         lambda v: v >= t.min_retention,
+         "against the 16-bit base: forgetting, with no quantization in the way"),
+        bundle_retention_row(figures, cfg, base_4bit, origin),
     ]  # fmt: skip
     return [
         Target(
@@ -175,6 +189,40 @@ def judge(figures: dict[str, ModelFigures], cfg: EvalConfig) -> list[Target]:
             met=value is not None and bool(test(value)),
             count=counted,
             interval=wilson_interval(*counted) if counted else None,
+            rule=rule,
         )
-        for name, goal, value, unit, counted, test in rows
+        for name, goal, value, unit, counted, test, rule in rows
     ]
+
+
+def bundle_retention_row(
+    figures: dict[str, ModelFigures],
+    cfg: EvalConfig,
+    base_4bit: BaseIn4Bit | None,
+    origin: str | None,
+) -> tuple:
+    """The bundle's retention target, by the rule that applies (see bundle_rule)."""
+    t = cfg.targets
+    name = f"general knowledge retained ({KIND['quantized']})"
+    if bundle_rule(cfg, origin, base_4bit) == "quantized_base" and base_4bit is not None:
+        cost = base_4bit.retention
+        rule = (
+            f"against the base in W4A16: the base's weights were dequantized from {origin}, "
+            "and 4-bit weights alone cost it "
+            f"{'n/a' if cost is None else f'{1 - cost:.0%}'} of its general answers, so the "
+            "bundle may cost no more than that (targets.bundle_retention_against)"
+            if origin
+            else "against the base in W4A16 (targets.bundle_retention_against)"
+        )
+        return (
+            f"{name}, against the base in W4A16", f">= {t.min_retention_quantized_base:.0%}",
+            base_4bit.bundle_retention, "share", base_4bit.counts.get("bundle_retention"),
+            lambda v: v >= t.min_retention_quantized_base, rule,
+        )  # fmt: skip
+    rule = "against the 16-bit base: a base that was never quantized keeps its answers in 4-bit"
+    if origin and base_4bit is None:
+        rule += f" (the base came from {origin}; quantized_base: true judges it against that)"
+    return (
+        name, f">= {t.min_retention:.0%}", figures["quantized"].retention, "share",
+        figures["quantized"].counts.retention, lambda v: v >= t.min_retention, rule,
+    )  # fmt: skip

@@ -216,6 +216,7 @@ def markdown(report: EvalReport, plots: list[str]) -> str:
     for t in report.targets:
         verdict = "met" if t.met else "MISSED"
         lines.append(f"| {t.target} | {t.goal} | {measured(t)} | {verdict} |")
+    lines += ["", *(f"- {t.target}: judged {t.rule}." for t in report.targets if t.rule)]
     lines += ["", "## Metrics", "", "| | " + " | ".join(models[m].label for m in MODELS) + " |"]
     lines.append("| --- |" + " --- |" * len(MODELS))
     for name, cells in metric_rows(report):
@@ -276,7 +277,9 @@ def html_report(report: EvalReport, folder: Path, plots: list[str]) -> str:
             f"<tr><td>{e(t.target)}</td><td>{e(t.goal)}</td>"
             f"<td>{measured(t)}</td><td>{verdict}</td></tr>"
         )
-    parts.append("</table><h2>Metrics</h2><table><tr><th></th>")
+    parts.append("</table><ul>")
+    parts += [f"<li>{e(t.target)}: judged {e(t.rule)}.</li>" for t in report.targets if t.rule]
+    parts.append("</ul><h2>Metrics</h2><table><tr><th></th>")
     parts += [f"<th>{e(models[m].label)}</th>" for m in MODELS]
     parts.append("</tr>")
     for name, cells in metric_rows(report):
@@ -334,5 +337,7 @@ def summary(report: EvalReport, out_dir: Path) -> str:
     for t in report.targets:
         verdict = "met   " if t.met else "MISSED"
         console.print(f"{verdict} {t.target}: {measured(t)} (goal {t.goal})")
+        if t.rule:
+            console.print(f"       judged {t.rule}")
     console.print(f"report: {out_dir / 'report.html'} (and report.md, report.json)")
     return buffer.getvalue()

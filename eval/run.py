@@ -150,7 +150,9 @@ def run(bundle_dir: Path, out_dir: Path, cfg: EvalConfig, force: bool = False) -
             ),
             config=cfg.model_dump(),
             models=figures,
-            targets=judge(figures, cfg),
+            targets=judge(
+                figures, cfg, reference.get("base_w4a16"), manifest.base.quantized_origin
+            ),
             reference=reference,
             answers=answer_rows(questions, probes),
             seconds=session.timings.seconds | {"total": round(time.monotonic() - started, 1)},
@@ -180,6 +182,11 @@ def load_questions(cfg: EvalConfig, manifest: RunManifest) -> Questions:
         )
     if cfg.quantized_base and not general:
         raise TuneshipError("quantized_base: set general too (the base in 4-bit is asked those)")
+    if cfg.targets.bundle_retention_against == "quantized_base" and not cfg.quantized_base:
+        raise TuneshipError(
+            "targets.bundle_retention_against: quantized_base needs quantized_base: true (the "
+            "base through the bundle's recipe is what the bundle is judged against)"
+        )
     return Questions(heldout, general, str(heldout_path))
 
 

@@ -90,6 +90,8 @@ def main() -> None:
         console.print(
             f"  [{colour}]{verdict}[/] {target.target}: {measured(target)} (goal {target.goal})"
         )
+        if target.rule:
+            console.print(f"         judged {target.rule}")
     base_4bit = report.base_w4a16
     if base_4bit:
         (kept, of), (bundle_kept, bundle_of) = (

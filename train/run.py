@@ -41,7 +41,7 @@ from tuneship.mixing import PreparedData, prepare
 from tuneship.template import align_eos
 
 from . import checkpoints as ckpt
-from .base import resolve_base
+from .base import quantized_origin, resolve_base
 from .examples import TrainingRows, tokenize
 from .model import backend_for, checkpoint_bytes, load_model, pick_precision, rank_and_world
 from .observe import METRICS_JSONL, Reporter, read_rows, write_csv, write_plots
@@ -167,6 +167,7 @@ def describe_base(cfg: TrainConfig, base: str, tokenizer: Any, eot_id: int) -> B
         chat_template_sha256=sha256_text(tokenizer.chat_template),
         eos_token=tokenizer.eos_token,
         eos_token_id=eot_id,
+        quantized_origin=quantized_origin(base_path) if local else None,
     )
 
 

@@ -524,6 +524,21 @@ class EvalTargets(StrictModel):
         None,
         description="Judge recall on the held-out questions of this style only (null: all).",
     )
+    bundle_retention_against: Literal["auto", "base", "quantized_base"] = Field(
+        "auto",
+        description="What the bundle's general-knowledge retention is judged against: base "
+        "(the 16-bit base, min_retention); quantized_base (the base through the bundle's own "
+        "W4A16 recipe, min_retention_quantized_base; needs quantized_base: true); auto: "
+        "quantized_base when the base's weights were themselves dequantized from a 4-bit file "
+        "(the embedded default, a Q4_1 GGUF) and quantized_base is on, else base.",
+    )
+    min_retention_quantized_base: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="The bundle's retention judged against the base in W4A16 (a base that "
+        "was itself quantized), at least.",
+    )
 
 
 class EvalConfig(StrictModel):

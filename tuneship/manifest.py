@@ -71,6 +71,11 @@ class BaseInfo(Section):
     chat_template_sha256: str | None = None
     eos_token: str | None = None
     eos_token_id: int | None = None
+    quantized_origin: str | None = Field(
+        None,
+        description="Where the base's weights were dequantized from, when they were (the "
+        "embedded default: a Q4_1 GGUF): 4-bit export then costs it more than any fine-tune.",
+    )
 
 
 class DatasetRecord(Section):
