@@ -132,3 +132,10 @@ def render_overlay(overlay: str) -> list[dict]:
         capture_output=True, text=True, check=True,
     )  # fmt: skip
     return [doc for doc in yaml.safe_load_all(done.stdout) if doc]
+
+
+# `tuneship-torchrun`: torchrun that exits 143 when the job was preempted (train/torchrun.py)
+TORCHRUN = [
+    str(Path(sys.executable).parent / "tuneship-torchrun"),
+    "--standalone", "--nproc-per-node", "2", "-m", "tuneship",
+]  # fmt: skip

@@ -152,12 +152,14 @@ def fit(ctx: Context, training: Training, resume_from: Path | None) -> TrainMetr
     finally:
         if training.metrics_server is not None:
             training.metrics_server.shutdown()
-    if training.sigterm.received:
-        step = trainer.state.global_step
+    if training.sigterm.stopped:
+        step, took = trainer.state.global_step, training.sigterm.checkpoint_s
         ctx.reporter.event(
             "preempted",
-            f"SIGTERM: checkpoint written at step {step}; run the same command to resume",
+            f"SIGTERM: checkpoint written at step {step} in {took} s; run the same command "
+            "to resume",
             step=step,
+            checkpoint_s=took,
         )
         raise Preempted(
             f"stopped by SIGTERM at step {step} (checkpoint in {ctx.work}); "
