@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import TORCHRUN, events, write_config
+from tests.support import TORCHRUN, events, run_job, write_config
 from tuneship.manifest import read_run
 from tuneship.train import checkpoints as ckpt
 
@@ -40,14 +40,20 @@ def workers(agent_pid: int) -> dict[int, int]:
 
 def signal_at_step(argv: list[str], step: int, target: str) -> tuple[int, str, str]:
     """Start the job, send SIGTERM once rank 0 has logged `step`; (exit code, stdout, stderr)."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     seen = []
     for line in proc.stdout:
         seen.append(line)
         if '"train_log"' in line and json.loads(line)["step"] >= step:
             break
     os.kill(proc.pid if target == "agent" else workers(proc.pid)[1], signal.SIGTERM)
-    stdout, stderr = proc.communicate(timeout=240)
+    try:
+        stdout, stderr = proc.communicate(timeout=240)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # a rank left waiting in a collective
+        stdout, stderr = proc.communicate()
     return proc.returncode, "".join(seen) + stdout, stderr
 
 
@@ -72,7 +78,7 @@ def test_sigterm_under_torchrun_checkpoints_exits_143_and_resumes(
     saved = ckpt.complete_checkpoints(tmp_path / "runs" / "t.work")
     assert [ckpt.checkpoint_step(p) for p in saved] == [step]
 
-    again = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    again = run_job(argv, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert [e["step"] for e in events(again.stdout) if e["event"] == "resume"] == [step]
     metrics = read_run(tmp_path / "runs" / "t").metrics

@@ -19,12 +19,13 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
 from tuneship.errors import TuneshipError
 from tuneship.fsutil import fsync_tree, write_json_atomic
+
+from .ranks import agreed
 
 PLAN = "plan.json"
 INCOMING = ".incoming"
@@ -212,12 +213,3 @@ class SaveOnSigterm(TrainerCallback):
         # exited) must not kill this rank before it has left the process group and exited 143
         if not self.stopped:
             signal.signal(signal.SIGTERM, self.previous)
-
-
-def agreed(flag: bool, device: Any) -> bool:
-    """True on every rank when it is True on any (a no-op without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    value = torch.tensor([float(flag)], device=device)
-    dist.all_reduce(value, op=dist.ReduceOp.MAX)
-    return bool(value.item())

@@ -43,8 +43,9 @@ from tuneship.template import align_eos
 from . import checkpoints as ckpt
 from .base import resolve_base
 from .examples import TrainingRows, tokenize
-from .model import backend_for, checkpoint_bytes, load_model, pick_precision, rank_and_world
+from .model import checkpoint_bytes, load_model, pick_precision
 from .observe import METRICS_JSONL, Reporter, read_rows, write_csv, write_plots
+from .ranks import backend_for, rank_and_world
 from .trainer import Context, build_training, fit
 
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes")
