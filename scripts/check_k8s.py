@@ -184,9 +184,35 @@ def check_metrics_scrape(overlay: str, docs: list[dict]) -> list[str]:
     return problems
 
 
+def check_launcher(where: str, pod: dict) -> list[str]:
+    """Several ranks per pod: tuneship-torchrun (plain torchrun exits 1 when preempted, which
+    reads as a permanent failure), and torchrun's wait for the SIGTERM checkpoint
+    (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, 30 s by default) inside the pod's grace period."""
+    problems = []
+    grace = pod.get("terminationGracePeriodSeconds", 30)
+    for container in pod["containers"]:
+        command = container.get("command") or []
+        name, env = f"{where}/{container['name']}", env_of(container)
+        if command[:1] == ["torchrun"]:
+            problems.append(f"{name}: runs torchrun, which exits 1 when preempted; use "
+                            "tuneship-torchrun (exits 143, so it is retried)")  # fmt: skip
+        if command[:1] not in (["torchrun"], ["tuneship-torchrun"]):
+            continue
+        wait = int(env.get("TORCH_ELASTIC_SHUTDOWN_TIMEOUT") or 30)
+        if wait >= grace:
+            problems.append(f"{name}: TORCH_ELASTIC_SHUTDOWN_TIMEOUT {wait} >= "
+                            f"terminationGracePeriodSeconds {grace}: the pod is killed before "
+                            "torchrun's wait for the checkpoint ends")  # fmt: skip
+        elif "TORCH_ELASTIC_SHUTDOWN_TIMEOUT" not in env:
+            problems.append(f"{name}: set TORCH_ELASTIC_SHUTDOWN_TIMEOUT (torchrun kills the "
+                            "ranks 30 s after SIGTERM, checkpoint or not)")  # fmt: skip
+    return problems
+
+
 def check_training(where: str, job: dict) -> list[str]:
     spec = job["spec"]
     problems = check_pod(where, spec["template"]["spec"])
+    problems += check_launcher(where, spec["template"]["spec"])
     if not spec.get("backoffLimit") or not spec.get("activeDeadlineSeconds"):
         problems.append(f"{where}: needs backoffLimit (restarts resume) and activeDeadlineSeconds")
     container = spec["template"]["spec"]["containers"][0]
@@ -343,6 +369,7 @@ def check_pytorchjob(where: str, job: dict) -> list[str]:
     for name, replica in replicas.items():
         if replica.get("restartPolicy") not in ("Always", "OnFailure", "Never", "ExitCode"):
             problems.append(f"{where}/{name}: restartPolicy {replica.get('restartPolicy')!r}")
+        problems += check_launcher(f"{where}/{name}", replica.get("template", {}).get("spec", {}))
     return problems
 
 

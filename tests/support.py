@@ -96,7 +96,7 @@ def train_config(tmp_path, tiny_base, data, **overrides) -> TrainConfig:
     values = {
         "name": "t",
         "base": str(tiny_base),
-        "data": [str(data)],
+        "data": data if isinstance(data, list) else [str(data)],  # a file, or sources
         "output_dir": str(tmp_path / "runs"),
         "max_steps": 4,
         "batch_size": 4,
@@ -113,6 +113,23 @@ def write_config(tmp_path, tiny_base, data, **overrides) -> Path:
     path = tmp_path / "train.yaml"
     path.write_text(yaml.safe_dump(cfg.model_dump()))
     return path
+
+
+def run_job(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a command in its own process group; on timeout kill the whole group (torchrun's
+    workers too, which a hung collective would otherwise leave behind), then fail."""
+    import signal
+
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
+    try:
+        stdout, stderr = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        stdout, stderr = proc.communicate()
+        raise AssertionError(f"{argv} timed out after {timeout} s:\n{stderr[-3000:]}") from None
+    return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
 
 
 def events(stdout: str) -> list[dict]:
@@ -179,3 +196,10 @@ def fake_bundle(root: Path) -> Path:
     }
     (root / BUNDLE_FILE).write_text(json.dumps(manifest))
     return root
+
+
+# `tuneship-torchrun`: torchrun that exits 143 when the job was preempted (train/torchrun.py)
+TORCHRUN = [
+    str(Path(sys.executable).parent / "tuneship-torchrun"),
+    "--standalone", "--nproc-per-node", "2", "-m", "tuneship",
+]  # fmt: skip

@@ -11,8 +11,9 @@ from tests.support import train_config
 from tuneship.chat_tokens import IGNORE
 from tuneship.config import TrainConfig
 from tuneship.manifest import read_run
-from tuneship.train.distill import DistillingTrainer, token_losses
+from tuneship.train.distill import token_losses
 from tuneship.train.examples import pad_collate
+from tuneship.train.loss import LossTrainer
 from tuneship.train.run import run
 
 VOCAB = 11
@@ -93,12 +94,13 @@ def adapted_model(tiny_base):
     return model.eval()
 
 
-def test_the_trainer_distills_toward_the_base_with_the_adapter_off(tmp_path, tiny_base):
+@pytest.mark.parametrize("loss_chunk", [0, 3])
+def test_the_trainer_distills_toward_the_base_with_the_adapter_off(tmp_path, tiny_base, loss_chunk):
     from transformers import TrainingArguments
 
     model = adapted_model(tiny_base)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-    trainer = DistillingTrainer(model=model, args=args)
+    trainer = LossTrainer(model=model, args=args, loss_chunk=loss_chunk, distills=True)
     ids = torch.randint(0, 50, (2, 7), generator=torch.Generator().manual_seed(0))
     labels = ids.clone()
     labels[:, :3] = IGNORE

@@ -3,27 +3,24 @@
 from __future__ import annotations
 
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file
 
-from tests.support import TUNESHIP, write_config
+from tests.support import TORCHRUN, TUNESHIP, run_job, sharegpt, write_config, write_jsonl
 from tuneship.manifest import read_run
-
-TORCHRUN = str(Path(sys.executable).parent / "torchrun")
-
 
 pytestmark = pytest.mark.processes
 
 
-def torchrun(cfg_path: Path, *extra: str) -> None:
-    argv = [TORCHRUN, "--standalone", "--nproc-per-node", "2", "-m", "tuneship", "train"]
-    done = subprocess.run(
-        [*argv, "--config", str(cfg_path), *extra], capture_output=True, text=True, timeout=300
-    )
+def torchrun(cfg_path: Path, *extra: str, timeout: float = 300) -> None:
+    done = run_job([*TORCHRUN, "train", "--config", str(cfg_path), *extra], timeout)
     assert done.returncode == 0, done.stderr[-3000:]
+
+
+def adapter(run_dir: Path) -> dict:
+    return load_file(run_dir / "adapter" / "adapter_model.safetensors")
 
 
 def test_two_process_ddp_matches_one_process_and_writes_one_run(tmp_path, tiny_base, small_dataset):
@@ -63,8 +60,32 @@ def test_fsdp_shards_and_gathers_the_same_adapter_as_ddp(tmp_path, tiny_base, sm
     torchrun(cfg_path)
     torchrun(cfg_path, "--set", "name=fsdp", "--set", "distributed.strategy=fsdp")
     assert read_run(tmp_path / "runs" / "fsdp").metrics.distributed == "fsdp"
-    ddp = load_file(tmp_path / "runs" / "ddp" / "adapter" / "adapter_model.safetensors")
-    fsdp = load_file(tmp_path / "runs" / "fsdp" / "adapter" / "adapter_model.safetensors")
+    ddp, fsdp = adapter(tmp_path / "runs" / "ddp"), adapter(tmp_path / "runs" / "fsdp")
     assert ddp.keys() == fsdp.keys() and len(ddp) == 2 * 7 * 2  # A and B, 7 linears, 2 layers
     assert all((ddp[k] - fsdp[k]).abs().max() < 1e-5 for k in ddp)
     assert any(ddp[k].abs().max() > 0 for k in ddp if "lora_B" in k)  # B started at zero
+
+
+@pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
+def test_distillation_with_one_rank_distilling_and_the_other_not(tmp_path, tiny_base, strategy):
+    """One distilled and one plain conversation, one per rank per step: every step, rank 0 or
+    rank 1 alone holds a distilled row and needs the teacher pass. The ranks must take the same
+    collective path, and the result must be the 1-process run on both rows."""
+    replay = write_jsonl(tmp_path / "replay.jsonl", [sharegpt(("human", "Hi?"), ("gpt", "Hello!"))])
+    domain = write_jsonl(
+        tmp_path / "domain.jsonl", [sharegpt(("human", "Policy 7?"), ("gpt", "It says $70."))]
+    )
+    data = [{"path": str(replay), "distill": True}, {"path": str(domain)}]
+    settings = {"max_steps": 4, "lora": {"r": 4, "alpha": 8, "dropout": 0.0}}
+    cfg_path = write_config(
+        tmp_path, tiny_base, data, name=strategy, batch_size=1,
+        distributed={"strategy": strategy}, **settings,
+    )  # fmt: skip
+    torchrun(cfg_path, timeout=240)
+    single = write_config(tmp_path, tiny_base, data, name="single", batch_size=2, **settings)
+    subprocess.run([TUNESHIP, "train", "--config", str(single)], check=True, capture_output=True)
+
+    two, one = adapter(tmp_path / "runs" / strategy), adapter(tmp_path / "runs" / "single")
+    assert two.keys() == one.keys()
+    assert all((two[k] - one[k]).abs().max() < 1e-5 for k in one)
+    assert any(one[k].abs().max() > 0 for k in one if "lora_B" in k)

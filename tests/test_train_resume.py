@@ -147,3 +147,11 @@ def test_sigterm_checkpoints_the_current_step_and_exits_143(tmp_path, tiny_base,
         preempted[0]["step"]
     ]
     assert read_run(tmp_path / "runs" / "t").metrics.steps == 400
+
+
+def test_tuneship_torchrun_passes_on_preemption_only():
+    from tuneship.train.torchrun import PREEMPTED, preempted
+
+    assert PREEMPTED == 143
+    assert preempted({143}) and preempted({143, -signal.SIGTERM})  # one rank killed while leaving
+    assert not preempted({143, 1}) and not preempted({1}) and not preempted(set())

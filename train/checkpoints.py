@@ -14,13 +14,18 @@ import os
 import re
 import shutil
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
+import torch
 from transformers import Trainer, TrainerCallback
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 
 from tuneship.errors import TuneshipError
 from tuneship.fsutil import fsync_tree, write_json_atomic
+
+from .ranks import agreed
 
 PLAN = "plan.json"
 INCOMING = ".incoming"
@@ -151,13 +156,40 @@ class CheckpointingTrainer(Trainer):
             publish(written, self.work, self.keep_checkpoints)
         self.accelerator.wait_for_everyone()
 
+    def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
+        # With several processes the Trainer loads the optimizer state onto args.device; on CPU
+        # that is `cpu:0`, which torch.load cannot map to ("don't know how to restore data
+        # location ... cpu:0"), so a distributed CPU run could never resume. The state is
+        # loaded on the CPU instead; load_state_dict moves it to each parameter's device.
+        # (FSDP loads its sharded state its own way.)
+        device = self.args.device
+        cpu_n = device.type == "cpu" and device.index is not None
+        if checkpoint is None or self.is_fsdp_enabled or not cpu_n:
+            return super()._load_optimizer_and_scheduler(checkpoint)
+        folder = Path(checkpoint)
+        if not (folder / OPTIMIZER_NAME).is_file() or not (folder / SCHEDULER_NAME).is_file():
+            return None
+        optimizer = torch.load(folder / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(optimizer)
+        self.lr_scheduler.load_state_dict(torch.load(folder / SCHEDULER_NAME, weights_only=True))
+        return None
+
 
 class SaveOnSigterm(TrainerCallback):
     """SIGTERM (Kubernetes eviction, spot reclaim, `docker stop`): finish the current step,
-    write a checkpoint, stop. torchrun forwards the signal to every rank, so all save together."""
+    write a checkpoint, stop.
+
+    The signal may reach only some ranks: torchrun forwards it to its own workers only, and in
+    a multi-pod job only the evicted pod is signalled. A rank that stopped alone would leave the
+    others waiting in a collective until the timeout, so at every step boundary the ranks
+    all-reduce the flag (one scalar) and stop together, at the same step, with one checkpoint.
+    `stopped` is that agreed decision; a signal after the last step lets the run finish."""
 
     def __init__(self) -> None:
-        self.received = False
+        self.received = False  # this process was signalled
+        self.stopped = False  # every rank agreed to stop here
+        self.decided_at: float | None = None
+        self.checkpoint_s: float | None = None
         self.previous: Any = None
 
     def _handle(self, signum: int, frame: Any) -> None:
@@ -167,9 +199,17 @@ class SaveOnSigterm(TrainerCallback):
         self.previous = signal.signal(signal.SIGTERM, self._handle)
 
     def on_step_end(self, args, state, control, **kwargs):
-        if self.received:
+        if agreed(self.received, args.device):
+            self.stopped, self.decided_at = True, time.monotonic()
             control.should_save = True
             control.should_training_stop = True
 
+    def on_save(self, args, state, control, **kwargs):
+        if self.stopped and self.decided_at is not None:
+            self.checkpoint_s = round(time.monotonic() - self.decided_at, 2)
+
     def on_train_end(self, args, state, control, **kwargs):
-        signal.signal(signal.SIGTERM, self.previous)
+        # once stopping, a second SIGTERM (torchrun terminating the other workers after one
+        # exited) must not kill this rank before it has left the process group and exited 143
+        if not self.stopped:
+            signal.signal(signal.SIGTERM, self.previous)

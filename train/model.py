@@ -14,11 +14,6 @@ from tuneship.config import TrainConfig
 from tuneship.errors import TuneshipError
 
 
-def rank_and_world() -> tuple[int, int]:
-    """From the environment torchrun / accelerate launch set (1 process when absent)."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
 def pick_precision(requested: str) -> tuple[str, torch.dtype]:
     cuda = torch.cuda.is_available()
     if requested == "auto" and cuda:
@@ -29,12 +24,6 @@ def pick_precision(requested: str) -> tuple[str, torch.dtype]:
         raise TuneshipError("precision fp16 needs CUDA; use fp32 or bf16 on CPU")
     dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
     return requested, dtype
-
-
-def backend_for(cfg: TrainConfig) -> str:
-    if cfg.distributed.backend != "auto":
-        return cfg.distributed.backend
-    return "nccl" if torch.cuda.is_available() else "gloo"
 
 
 def load_model(cfg: TrainConfig, base: str, dtype: torch.dtype, world: int) -> Any:
@@ -61,8 +50,10 @@ def load_model(cfg: TrainConfig, base: str, dtype: torch.dtype, world: int) -> A
     model.config.use_cache = False
     check_targets(cfg, model, base)
     if cfg.qlora:
+        # under FSDP, FSDP checkpoints each block's activations (trainer.fsdp_settings): HF's
+        # gradient checkpointing on top would recompute every block twice
         model = prepare_model_for_kbit_training(
-            model, use_gradient_checkpointing=cfg.gradient_checkpointing
+            model, use_gradient_checkpointing=cfg.gradient_checkpointing and not fsdp
         )
     lora = LoraConfig(
         r=cfg.lora.r,

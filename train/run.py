@@ -22,7 +22,7 @@ import yaml
 from transformers import AutoTokenizer
 
 from tuneship.config import TrainConfig
-from tuneship.errors import TuneshipError
+from tuneship.errors import Preempted, TuneshipError
 from tuneship.fsutil import check_output_free, hash_tree, sha256_file, sha256_text, staged_dir
 from tuneship.manifest import (
     RUN_FILE,
@@ -43,8 +43,9 @@ from tuneship.template import align_eos
 from . import checkpoints as ckpt
 from .base import quantized_origin, resolve_base
 from .examples import TrainingRows, tokenize
-from .model import backend_for, checkpoint_bytes, load_model, pick_precision, rank_and_world
+from .model import checkpoint_bytes, load_model, pick_precision
 from .observe import METRICS_JSONL, Reporter, read_rows, write_csv, write_plots
+from .ranks import backend_for, rank_and_world
 from .trainer import Context, build_training, fit
 
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes")
@@ -90,7 +91,11 @@ def run(
         world_size=world,
     )
     training = build_training(ctx, model, prepared.rows, precision, tokenizer.pad_token_id)
-    metrics = fit(ctx, training, resume_from)
+    try:
+        metrics = fit(ctx, training, resume_from)
+    except Preempted:
+        leave_process_group(world)  # every rank stopped at the same step (SaveOnSigterm)
+        raise
     final_adapter = ctx.work / "adapter"
     training.trainer.save_model(str(final_adapter))  # every rank takes part (FSDP gathers)
     if rank == 0:

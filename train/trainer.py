@@ -1,9 +1,9 @@
 """The Trainer a run trains with, and its settings.
 
-TuneshipTrainer is the transformers Trainer with atomic checkpoints (checkpoints.py) and
-distillation on `distill: true` rows (distill.py). A `Training` holds it with the callbacks
-whose state the run reads back when it ends: the observer (throughput, metrics rows), the
-SIGTERM handler and the best adapter.
+TuneshipTrainer is the transformers Trainer with atomic checkpoints (checkpoints.py) and its
+own loss (loss.py): chunked over the output layer, with distillation on `distill: true` rows.
+A `Training` holds it with the callbacks whose state the run reads back when it ends: the
+observer (throughput, metrics rows), the SIGTERM handler and the best adapter.
 """
 
 from __future__ import annotations
@@ -21,9 +21,8 @@ from tuneship.manifest import BestEval, TrainMetrics
 
 from . import checkpoints as ckpt
 from .best import BestAdapter
-from .distill import DistillingTrainer
 from .examples import TrainingRows, packed_collate, pad_collate
-from .model import backend_for
+from .loss import LossTrainer, not_chunkable
 from .observe import (
     METRICS_JSONL,
     Reporter,
@@ -32,10 +31,11 @@ from .observe import (
     read_rows,
     start_metrics_server,
 )
+from .ranks import backend_for
 
 
-class TuneshipTrainer(ckpt.CheckpointingTrainer, DistillingTrainer):
-    """Atomic checkpoints and distillation in one Trainer."""
+class TuneshipTrainer(ckpt.CheckpointingTrainer, LossTrainer):
+    """Atomic checkpoints and the chunked, distilling loss in one Trainer."""
 
 
 @dataclass(frozen=True)
@@ -61,21 +61,27 @@ class Training:
     metrics_server: Any = None
 
 
+def fsdp_settings(cfg: TrainConfig, world: int, model: Any) -> dict[str, Any]:
+    """The Trainer's FSDP arguments ({} without FSDP). FSDP checkpoints the activations of each
+    wrapped block itself, so HF's gradient checkpointing stays off (model.py)."""
+    if world == 1 or cfg.distributed.strategy != "fsdp":
+        return {}
+    return {
+        "fsdp": True,
+        "fsdp_config": {
+            "version": 2,
+            "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
+            "cpu_offload": cfg.distributed.fsdp_cpu_offload,
+            "transformer_layer_cls_to_wrap": list(model.base_model.model._no_split_modules),
+            "cpu_ram_efficient_loading": False,
+            "activation_checkpointing": cfg.gradient_checkpointing,
+        },
+    }
+
+
 def training_arguments(ctx: Context, precision: str, model: Any) -> TrainingArguments:
     cfg, world = ctx.cfg, ctx.world
-    fsdp: dict[str, Any] = {}
-    if world > 1 and cfg.distributed.strategy == "fsdp":
-        fsdp = {
-            "fsdp": True,
-            "fsdp_config": {
-                "version": 2,
-                "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
-                "cpu_offload": cfg.distributed.fsdp_cpu_offload,
-                "transformer_layer_cls_to_wrap": list(model.base_model.model._no_split_modules),
-                "cpu_ram_efficient_loading": False,
-                "activation_checkpointing": cfg.gradient_checkpointing,
-            },
-        }
+    fsdp = fsdp_settings(cfg, world, model)
     has_eval = cfg.has_eval
     return TrainingArguments(
         output_dir=str(ctx.work / ckpt.INCOMING),
@@ -109,6 +115,7 @@ def training_arguments(ctx: Context, precision: str, model: Any) -> TrainingArgu
         seed=cfg.seed,
         data_seed=cfg.seed,
         remove_unused_columns=False,
+        prediction_loss_only=True,  # eval needs the loss only: never gather its logits
         dataloader_num_workers=0,
         disable_tqdm=True,
         **fsdp,
@@ -127,6 +134,13 @@ def build_training(
     best = BestAdapter(model, cfg.early_stopping_patience) if cfg.has_eval else None
     observer = RunObserver(ctx.reporter, ctx.work / METRICS_JSONL, gauges, ctx.is_main)
     sigterm = ckpt.SaveOnSigterm()
+    loss_chunk = cfg.loss_chunk
+    reason = not_chunkable(model.get_base_model()) if loss_chunk else None
+    if reason:
+        ctx.reporter.event(
+            "loss", f"loss_chunk: off for this model ({reason}); the loss uses full logits"
+        )
+        loss_chunk = 0
     trainer = TuneshipTrainer(
         model=model,
         args=training_arguments(ctx, precision, model),
@@ -137,6 +151,8 @@ def build_training(
         work=ctx.work,
         keep_checkpoints=cfg.keep_checkpoints,
         extra_state=best,
+        loss_chunk=loss_chunk,
+        distills=bool(rows.distill_ids),
     )
     trainer.remove_callback(PrinterCallback)  # RunObserver reports instead
     return Training(trainer, observer, sigterm, best, server)
@@ -152,12 +168,14 @@ def fit(ctx: Context, training: Training, resume_from: Path | None) -> TrainMetr
     finally:
         if training.metrics_server is not None:
             training.metrics_server.shutdown()
-    if training.sigterm.received:
-        step = trainer.state.global_step
+    if training.sigterm.stopped:
+        step, took = trainer.state.global_step, training.sigterm.checkpoint_s
         ctx.reporter.event(
             "preempted",
-            f"SIGTERM: checkpoint written at step {step}; run the same command to resume",
+            f"SIGTERM: checkpoint written at step {step} in {took} s; run the same command "
+            "to resume",
             step=step,
+            checkpoint_s=took,
         )
         raise Preempted(
             f"stopped by SIGTERM at step {step} (checkpoint in {ctx.work}); "

@@ -183,6 +183,13 @@ class TrainConfig(StrictModel):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, ~30% slower."
     )
+    loss_chunk: int = Field(
+        1024,
+        ge=0,
+        description="Tokens per chunk when the loss applies the output layer to the final "
+        "hidden states, so the whole batch's fp32 logits never exist (4 GB for 8k tokens of a "
+        "128k vocabulary); 0: the model's own loss on full logits.",
+    )
     checkpoint_steps: int | None = Field(
         100,
         ge=1,

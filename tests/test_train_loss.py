@@ -1,0 +1,133 @@
+"""The loss from hidden states in chunks (train/loss.py): same loss and gradients as the full
+logits, without ever holding the whole batch's logits."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from tuneship.chat_tokens import IGNORE
+from tuneship.train.distill import token_losses
+from tuneship.train.loss import LossTrainer, chunked_token_losses, not_chunkable
+
+VOCAB, HIDDEN = 37, 8
+
+
+def batch(seed: int = 0):
+    gen = torch.Generator().manual_seed(seed)
+    hidden = torch.randn(3, 9, HIDDEN, generator=gen, dtype=torch.float64)
+    teacher = torch.randn(3, 9, HIDDEN, generator=gen, dtype=torch.float64)
+    weight = torch.randn(VOCAB, HIDDEN, generator=gen, dtype=torch.float64)
+    labels = torch.randint(0, VOCAB, (3, 9), generator=gen)
+    labels[:, :3] = IGNORE  # the prompt
+    labels[2, -2:] = IGNORE  # padding
+    return hidden, teacher, weight, labels
+
+
+@pytest.mark.parametrize("chunk", [1, 4, 1000])
+@pytest.mark.parametrize("rows", [[False, False, False], [True, False, True], [True, True, True]])
+def test_chunked_loss_and_gradient_equal_the_full_logits(chunk, rows):
+    hidden, teacher, weight, labels = batch()
+    distill = torch.tensor(rows)
+    full_h = hidden.clone().requires_grad_(True)
+    logits, teacher_logits = full_h @ weight.T, (teacher @ weight.T)[distill]
+    expected, tokens = token_losses(logits, teacher_logits, labels, distill)
+    (expected * 0.7).backward()
+
+    chunk_h = hidden.clone().requires_grad_(True)
+    got, got_tokens = chunked_token_losses(
+        chunk_h, teacher[distill], labels, distill, weight, chunk
+    )
+    (got * 0.7).backward()
+    assert got_tokens == tokens
+    assert torch.allclose(got, expected, rtol=1e-6)
+    assert torch.allclose(chunk_h.grad, full_h.grad, rtol=1e-5, atol=1e-9)
+    assert full_h.grad.abs().sum() > 0
+
+
+class LargestVocabTensor(TorchDispatchMode):
+    """Records the most token rows of any tensor created with a vocabulary-wide last axis
+    (views of the output layer's own weight aside)."""
+
+    def __init__(self, weight: torch.Tensor):
+        super().__init__()
+        self.vocab, self.weight_storage = weight.shape[0], weight.untyped_storage().data_ptr()
+        self.rows = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if not isinstance(tensor, torch.Tensor) or not tensor.dim():
+                continue
+            if tensor.untyped_storage().data_ptr() == self.weight_storage:
+                continue
+            if tensor.shape[-1] == self.vocab:
+                self.rows = max(self.rows, tensor.numel() // self.vocab)
+        return out
+
+
+def tiny_trainer(tmp_path, tiny_base, loss_chunk: int):
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, TrainingArguments
+
+    torch.manual_seed(0)
+    model = get_peft_model(
+        AutoModelForCausalLM.from_pretrained(tiny_base),
+        LoraConfig(r=4, lora_alpha=8, lora_dropout=0.0, task_type="CAUSAL_LM"),
+    )
+    for name, weight in model.named_parameters():
+        if "lora_B" in name:
+            torch.nn.init.normal_(weight, std=0.5)
+    args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
+    return LossTrainer(model=model, args=args, loss_chunk=loss_chunk, distills=True)
+
+
+def inputs(rows: int = 4, length: int = 24) -> dict:
+    ids = torch.randint(5, 300, (rows, length), generator=torch.Generator().manual_seed(0))
+    labels = ids.clone()
+    labels[:, :6] = IGNORE
+    return {
+        "input_ids": ids,
+        "attention_mask": torch.ones_like(ids),
+        "labels": labels,
+        "distill": torch.arange(rows) % 2 == 0,
+    }
+
+
+def test_the_trainer_never_holds_the_whole_batch_logits(tmp_path, tiny_base):
+    """4 rows x 24 tokens: the full-logits loss (loss_chunk 0, the old path) creates 96-row
+    vocabulary tensors; the chunked one none over its chunk of 8 tokens."""
+    seen = {}
+    for chunk in (0, 8):
+        trainer = tiny_trainer(tmp_path, tiny_base, chunk)
+        weight = trainer.model.get_base_model().get_output_embeddings().weight
+        with LargestVocabTensor(weight) as probe:
+            trainer.compute_loss(trainer.model, inputs(), num_items_in_batch=None).backward()
+        seen[chunk] = probe.rows
+    assert seen[0] >= 4 * 24
+    assert seen[8] <= 8
+
+
+def test_the_trainer_gets_the_same_loss_and_gradients_chunked(tmp_path, tiny_base):
+    results = []
+    for chunk in (0, 5):
+        trainer = tiny_trainer(tmp_path, tiny_base, chunk)
+        loss = trainer.compute_loss(trainer.model, inputs(), num_items_in_batch=torch.tensor(50))
+        loss.backward()
+        grads = {n: p.grad.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
+        results.append((loss.detach(), grads))
+    (full, full_grads), (chunked, chunked_grads) = results
+    assert torch.allclose(chunked, full, rtol=1e-5)
+    assert full_grads.keys() == chunked_grads.keys() and full_grads
+    for name, grad in full_grads.items():
+        assert torch.allclose(chunked_grads[name], grad, rtol=1e-4, atol=1e-6), name
+
+
+def test_models_whose_logits_are_more_than_a_linear_layer_keep_full_logits(tiny_base):
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_base).requires_grad_(False)  # as under LoRA
+    assert not_chunkable(model) is None
+    model.config.final_logit_softcapping = 30.0
+    assert "soft-caps" in not_chunkable(model)
