@@ -69,8 +69,9 @@ def test_fsdp_shards_and_gathers_the_same_adapter_as_ddp(tmp_path, tiny_base, sm
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])
 def test_distillation_with_one_rank_distilling_and_the_other_not(tmp_path, tiny_base, strategy):
     """One distilled and one plain conversation, one per rank per step: every step, rank 0 or
-    rank 1 alone holds a distilled row and needs the teacher pass. The ranks must take the same
-    collective path, and the result must be the 1-process run on both rows."""
+    rank 1 alone holds a distilled row (a teacher pass inside the step hung both strategies; the
+    targets are now computed before training). The result must be the 1-process run on both
+    rows."""
     replay = write_jsonl(tmp_path / "replay.jsonl", [sharegpt(("human", "Hi?"), ("gpt", "Hello!"))])
     domain = write_jsonl(
         tmp_path / "domain.jsonl", [sharegpt(("human", "Policy 7?"), ("gpt", "It says $70."))]

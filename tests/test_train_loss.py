@@ -25,20 +25,26 @@ def batch(seed: int = 0):
     return hidden, teacher, weight, labels
 
 
+def top_k_targets(teacher_hidden, weight, labels, distill, k: int):
+    """The teacher's top-k targets at the distilled rows' trained positions, in loss order."""
+    soft = (labels[:, 1:] != IGNORE) & distill[:, None]
+    top = (teacher_hidden[:, :-1][soft] @ weight.T).log_softmax(-1).topk(k, dim=-1)
+    return top.indices.to(torch.int32), top.values
+
+
+@pytest.mark.parametrize("k", [1, 5, VOCAB])
 @pytest.mark.parametrize("chunk", [1, 4, 1000])
 @pytest.mark.parametrize("rows", [[False, False, False], [True, False, True], [True, True, True]])
-def test_chunked_loss_and_gradient_equal_the_full_logits(chunk, rows):
+def test_chunked_loss_and_gradient_equal_the_full_logits(chunk, rows, k):
     hidden, teacher, weight, labels = batch()
     distill = torch.tensor(rows)
+    targets = top_k_targets(teacher, weight, labels, distill, k)
     full_h = hidden.clone().requires_grad_(True)
-    logits, teacher_logits = full_h @ weight.T, (teacher @ weight.T)[distill]
-    expected, tokens = token_losses(logits, teacher_logits, labels, distill)
+    expected, tokens = token_losses(full_h @ weight.T, targets, labels, distill)
     (expected * 0.7).backward()
 
     chunk_h = hidden.clone().requires_grad_(True)
-    got, got_tokens = chunked_token_losses(
-        chunk_h, teacher[distill], labels, distill, weight, chunk
-    )
+    got, got_tokens = chunked_token_losses(chunk_h, targets, labels, distill, weight, chunk)
     (got * 0.7).backward()
     assert got_tokens == tokens
     assert torch.allclose(got, expected, rtol=1e-6)
@@ -80,18 +86,26 @@ def tiny_trainer(tmp_path, tiny_base, loss_chunk: int):
         if "lora_B" in name:
             torch.nn.init.normal_(weight, std=0.5)
     args = TrainingArguments(output_dir=str(tmp_path), use_cpu=True, report_to="none")
-    return LossTrainer(model=model, args=args, loss_chunk=loss_chunk, distills=True)
+    return LossTrainer(model=model, args=args, loss_chunk=loss_chunk)
 
 
-def inputs(rows: int = 4, length: int = 24) -> dict:
-    ids = torch.randint(5, 300, (rows, length), generator=torch.Generator().manual_seed(0))
+def inputs(rows: int = 4, length: int = 24, k: int = 7, vocab: int = 300) -> dict:
+    gen = torch.Generator().manual_seed(0)
+    ids = torch.randint(5, vocab, (rows, length), generator=gen)
     labels = ids.clone()
     labels[:, :6] = IGNORE
+    distill = torch.arange(rows) % 2 == 0
+    positions = int(distill.sum()) * (length - 6)
+    # a teacher's top k: distinct tokens, log-probabilities that leave some mass to the rest
+    teacher_ids = torch.stack([torch.randperm(vocab, generator=gen)[:k] for _ in range(positions)])
+    teacher_logprobs = (torch.rand(positions, k, generator=gen) / k).log()
     return {
         "input_ids": ids,
         "attention_mask": torch.ones_like(ids),
         "labels": labels,
-        "distill": torch.arange(rows) % 2 == 0,
+        "distill": distill,
+        "teacher_ids": teacher_ids,
+        "teacher_logprobs": teacher_logprobs,
     }
 
 

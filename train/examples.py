@@ -29,20 +29,32 @@ class TokenStats:
 
 @dataclass
 class TrainingRows:
-    """What the Trainer gets: training and eval examples, and which conversations distill."""
+    """What the Trainer gets: training and eval examples, which conversations distill, and
+    (once teacher.py has computed them) the distilled rows' targets."""
 
     train: list[Example]
     eval: list[Example]
     distill_ids: set[str] = field(default_factory=set)
+    teacher: Any = None  # teacher.TeacherTargets
+
+    @property
+    def distilled(self) -> list[bool]:
+        return [e.id in self.distill_ids for e in self.train]
 
     def train_dataset(self) -> list[dict[str, Any]]:
         rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in self.train]
-        if self.distill_ids:
-            rows = [
-                row | {"distill": e.id in self.distill_ids}
-                for row, e in zip(rows, self.train, strict=True)
-            ]
-        return rows
+        if not self.distill_ids:
+            return rows
+        if self.teacher is None:
+            raise ValueError("distilled rows need their teacher targets (teacher.py)")
+        return [
+            row
+            | {"distill": flag}
+            | ({"teacher_ids": ids, "teacher_logprobs": logprobs} if flag else {})
+            for row, flag, ids, logprobs in zip(
+                rows, self.distilled, self.teacher.ids, self.teacher.logprobs, strict=True
+            )
+        ]
 
     def eval_dataset(self) -> list[dict[str, Any]] | None:
         return [{"input_ids": e.input_ids, "labels": e.labels} for e in self.eval] or None
@@ -75,7 +87,8 @@ def tokenize(
 
 def pad_collate(pad_id: int):
     """Dynamic padding to the longest example of the batch; padded labels are ignored. Rows
-    that carry `distill` (a bool) pass it on as one tensor (see distill.py)."""
+    that carry `distill` (a bool) pass it on as one tensor, and the distilled rows' teacher
+    targets as one [distilled tokens, k] tensor each, in row order (see distill.py)."""
 
     def collate(batch: list[dict]) -> dict:
         width = max(len(row["input_ids"]) for row in batch)
@@ -92,6 +105,10 @@ def pad_collate(pad_id: int):
         }
         if "distill" in batch[0]:
             collated["distill"] = torch.tensor([row["distill"] for row in batch])
+        distilled = [row for row in batch if row.get("distill")]
+        if distilled:
+            collated["teacher_ids"] = torch.cat([row["teacher_ids"] for row in distilled])
+            collated["teacher_logprobs"] = torch.cat([row["teacher_logprobs"] for row in distilled])
         return collated
 
     return collate

@@ -11,9 +11,9 @@ stored gradient (token x hidden size, not token x vocabulary). `loss_chunk: 0` k
 own full logits (token_losses in distill.py), for models whose output is more than a linear
 layer (logit soft-capping or scaling).
 
-Under several processes the ranks take the same collective path: whether a teacher pass runs
-(FSDP all-gathers in it, DDP syncs buffers) is agreed by all ranks, and a rank without distilled
-rows runs it on one row and ignores the result.
+The distilled rows' targets come with the batch (teacher.py computed them before training), so
+a step runs the model once on every rank, whatever its rows: no teacher pass for the ranks of a
+distributed run to agree on.
 """
 
 from __future__ import annotations
@@ -30,33 +30,32 @@ from transformers import Trainer
 from tuneship.chat_tokens import IGNORE
 
 from .distill import token_losses
-from .ranks import agreed
 
 
 class OutputLayerLoss(torch.autograd.Function):
     """Summed loss of `hidden @ weight.T` over N tokens: cross-entropy against `targets`, or
-    KL(teacher || student) where `teacher` holds the teacher's hidden states. The gradient with
-    respect to `hidden` is computed chunk by chunk in the forward pass and kept for backward;
-    `weight` (the frozen output layer) gets none."""
+    KL(teacher || student) against the teacher's top-k ids and log-probabilities [N, k]. The
+    gradient with respect to `hidden` is computed chunk by chunk in the forward pass and kept
+    for backward; `weight` (the frozen output layer) gets none."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, teacher, chunk):
+    def forward(ctx, hidden, weight, targets, teacher_ids, teacher_logprobs, chunk):
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
         grad = torch.empty_like(hidden)
         for start in range(0, hidden.shape[0], chunk):
             rows = slice(start, start + chunk)
             logits = (hidden[rows].to(weight.dtype) @ weight.T).float()
             log_p = logits.sub_(logits.logsumexp(-1, keepdim=True))  # in place: one buffer
-            if teacher is None:
+            if teacher_ids is None:
                 picked = targets[rows, None]
                 total += -log_p.gather(-1, picked).sum()
                 dlogits = log_p.exp_()  # softmax minus the one-hot target
                 dlogits.scatter_add_(-1, picked, torch.full_like(picked, -1, dtype=dlogits.dtype))
             else:
-                log_q = (teacher[rows].to(weight.dtype) @ weight.T).float().log_softmax(-1)
-                q = log_q.exp()
-                total += torch.sub(log_q, log_p).mul_(q).sum()
-                dlogits = log_p.exp_().sub_(q)  # student minus teacher probabilities
+                loss, dlogits = top_k_kl_and_gradient(
+                    log_p, teacher_ids[rows], teacher_logprobs[rows]
+                )
+                total += loss
             grad[rows] = (dlogits.to(weight.dtype) @ weight).to(grad.dtype)
         ctx.save_for_backward(grad)
         return total
@@ -64,11 +63,36 @@ class OutputLayerLoss(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_total):
         (grad,) = ctx.saved_tensors
-        return grad * grad_total.to(grad.dtype), None, None, None, None
+        return grad * grad_total.to(grad.dtype), None, None, None, None, None
+
+
+def top_k_kl_and_gradient(log_p: Any, ids: Any, logprobs: Any) -> tuple[Any, Any]:
+    """distill.top_k_kl and its gradient with respect to the logits, reusing log_p's buffer:
+    the student's probabilities minus the teacher's, where the teacher's bucket mass is spread
+    over the tokens outside its top k in the student's proportions."""
+    logprobs = logprobs.to(log_p.dtype)
+    p = logprobs.exp()
+    ids = ids.long()
+    log_q = log_p.gather(-1, ids)
+    loss = (p * (logprobs - log_q)).sum()
+    mass = p.sum(-1, keepdim=True)  # what the gradient's student term is scaled by
+    if ids.shape[-1] == log_p.shape[-1]:  # every token is in the top k: no bucket
+        dlogits = log_p.exp_().mul_(mass)
+        return loss, dlogits.scatter_add_(-1, ids, -p)
+    p_rest = (1 - p.sum(-1)).clamp(min=0)
+    log_p.scatter_(-1, ids, float("-inf"))  # from here on: the tokens outside the top k
+    log_q_rest = log_p.logsumexp(-1)
+    log_ratio = torch.where(p_rest > 0, p_rest.clamp(min=1e-30).log() - log_q_rest, -torch.inf)
+    loss = loss + torch.where(p_rest > 0, p_rest * log_ratio, 0).sum()
+    spread = (log_p + log_ratio[:, None]).exp_()
+    mass = mass + p_rest[:, None]
+    dlogits = log_p.exp_().mul_(mass).sub_(spread)
+    dlogits.scatter_(-1, ids, log_q.exp() * mass - p)
+    return loss, dlogits
 
 
 def chunked_token_losses(
-    hidden: Any, teacher: Any | None, labels: Any, distill: Any, weight: Any, chunk: int
+    hidden: Any, teacher: tuple[Any, Any] | None, labels: Any, distill: Any, weight: Any, chunk: int
 ) -> tuple[Any, Any]:
     """token_losses (distill.py) from final hidden states [batch, seq, hidden] and the output
     layer's weight [vocab, hidden], never holding more than `chunk` tokens' logits."""
@@ -77,10 +101,9 @@ def chunked_token_losses(
     soft = trained & distill[:, None]
     hard = trained & ~soft
     predicted = hidden[:, :-1]
-    total = OutputLayerLoss.apply(predicted[hard], weight, targets[hard], None, chunk)
+    total = OutputLayerLoss.apply(predicted[hard], weight, targets[hard], None, None, chunk)
     if soft.any():
-        taught = teacher[:, :-1][soft[distill]]
-        total = total + OutputLayerLoss.apply(predicted[soft], weight, None, taught, chunk)
+        total = total + OutputLayerLoss.apply(predicted[soft], weight, None, *teacher, chunk)
     return total, trained.sum().to(torch.float32)
 
 
@@ -97,6 +120,13 @@ def not_chunkable(causal_lm: Any) -> str | None:
     if "logits_to_keep" not in inspect.signature(causal_lm.forward).parameters:
         return "its forward has no logits_to_keep"
     return None
+
+
+def one_position(device: Any) -> Any:
+    """`logits_to_keep` for one position, as indices: an int keeps a strided slice of the hidden
+    states, and the output layer on a non-contiguous 3-d input takes a batched matmul that
+    copies its weight once per row (on CPU, about 1 s of a demo step)."""
+    return torch.zeros(1, dtype=torch.long, device=device)
 
 
 @contextmanager
@@ -120,13 +150,14 @@ def full_weight(weight: Any) -> Any:
 
 
 class LossTrainer(Trainer):
-    """A Trainer whose batches may carry `distill` (a bool per row): those rows learn the base
-    model's distribution, the others its text. loss_chunk: tokens per chunk of the output layer
-    (0: the model's full logits); distills: the data has distilled rows (else no teacher check)."""
+    """A Trainer whose batches may carry `distill` (a bool per row) with the teacher's top-k
+    `teacher_ids` and `teacher_logprobs` of those rows: they learn the base model's
+    distribution, the others their text. loss_chunk: tokens per chunk of the output layer (0:
+    the model's full logits)."""
 
-    def __init__(self, *args: Any, loss_chunk: int = 0, distills: bool = False, **kwargs: Any):
+    def __init__(self, *args: Any, loss_chunk: int = 0, **kwargs: Any):
         super().__init__(*args, **kwargs)
-        self.loss_chunk, self.distills = loss_chunk, distills
+        self.loss_chunk = loss_chunk
         # compute_loss divides by the token count of the whole accumulated batch itself: the
         # Trainer must not divide again by the accumulation steps
         self.model_accepts_loss_kwargs = True
@@ -136,11 +167,13 @@ class LossTrainer(Trainer):
         distill = inputs.pop("distill", None)
         if distill is None:
             distill = torch.zeros(labels.shape[0], dtype=torch.bool, device=labels.device)
+        teacher = (inputs.pop("teacher_ids", None), inputs.pop("teacher_logprobs", None))
+        if bool(distill.any()) and teacher[0] is None:
+            raise ValueError("distilled rows need their teacher targets (teacher.py)")
         causal_lm = self.accelerator.unwrap_model(model).get_base_model()
-        teacher = self.teacher_pass(model, inputs, distill, causal_lm)
         if self.loss_chunk:
             with final_hidden(causal_lm) as seen:
-                outputs = model(**inputs, logits_to_keep=1)
+                outputs = model(**inputs, logits_to_keep=one_position(labels.device))
             weight = full_weight(causal_lm.get_output_embeddings().weight)
             total, tokens = chunked_token_losses(
                 seen[-1], teacher, labels, distill, weight, self.loss_chunk
@@ -157,19 +190,3 @@ class LossTrainer(Trainer):
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
-
-    def teacher_pass(self, model: Any, inputs: dict, distill: Any, causal_lm: Any) -> Any | None:
-        """The base model's (adapter off) hidden states or logits for the distilled rows; None
-        when no rank has any. Runs on every rank when any rank needs it."""
-        if not (self.distills and agreed(bool(distill.any()), distill.device)):
-            return None
-        # a rank without distilled rows joins in on its first row and drops the result
-        rows = distill if distill.any() else torch.arange(len(distill), device=distill.device) < 1
-        batch = {key: value[rows] for key, value in inputs.items()}
-        adapter_off = self.accelerator.unwrap_model(model).disable_adapter()
-        with torch.no_grad(), adapter_off:
-            if not self.loss_chunk:
-                return model(**batch).logits
-            with final_hidden(causal_lm) as seen:
-                model(**batch, logits_to_keep=1)
-            return seen[-1]

@@ -29,6 +29,7 @@ from tuneship.manifest import (
     BaseInfo,
     DatasetRecord,
     DeviceInfo,
+    Distillation,
     EvalSplit,
     ExampleStats,
     RunManifest,
@@ -46,6 +47,7 @@ from .examples import TrainingRows, tokenize
 from .model import checkpoint_bytes, load_model, pick_precision
 from .observe import METRICS_JSONL, Reporter, read_rows, write_csv, write_plots
 from .ranks import backend_for, rank_and_world
+from .teacher import teacher_targets
 from .trainer import Context, build_training, fit
 
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes")
@@ -81,6 +83,7 @@ def run(
     model = load_model(cfg, base, dtype, world)
     ckpt.preflight(ctx.work, checkpoint_bytes(model) * (cfg.keep_checkpoints + 2))
     resume_from = find_resume_point(ctx, prepared, restart, rank)
+    distillation = distill_targets(ctx, model, prepared.rows, base, precision, tokenizer, rank)
     reporter.event(
         "start",
         f"training {cfg.name}: {prepared.stats.used} conversations, {prepared.stats.tokens} "
@@ -100,7 +103,10 @@ def run(
     training.trainer.save_model(str(final_adapter))  # every rank takes part (FSDP gathers)
     if rank == 0:
         base_info = describe_base(cfg, base, tokenizer, eot_id)
-        write_run(ctx, out_dir, final_adapter, tokenizer, base_info, prepared, precision, metrics)
+        write_run(
+            ctx, out_dir, final_adapter, tokenizer, base_info, prepared, precision, metrics,
+            distillation,
+        )  # fmt: skip
     leave_process_group(world)
     if rank == 0:
         shutil.rmtree(ctx.work, ignore_errors=True)
@@ -138,6 +144,43 @@ def prepare_data(cfg: TrainConfig, tokenizer: Any, reporter: Reporter) -> Prepar
         rows=TrainingRows(examples, eval_examples, data.distill_ids),
         stats=ExampleStats(**stats.as_dict(), **report, eval=split),
         datasets=describe_datasets(cfg, data),
+    )
+
+
+def distill_targets(
+    ctx: Context,
+    model: Any,
+    rows: TrainingRows,
+    base: str,
+    precision: str,
+    tokenizer: Any,
+    rank: int,
+) -> Distillation | None:
+    """The base model's top-k targets for the distilled rows (teacher.py), on the device the
+    model trains on; every rank computes them (no collective), rank 0 caches them."""
+    if not rows.distill_ids:
+        return None
+    if torch.cuda.is_available() and not ctx.cfg.qlora:
+        model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
+    targets = teacher_targets(
+        model,
+        rows.train,
+        rows.distilled,
+        base=f"{ctx.cfg.base} {base}",
+        top_k=ctx.cfg.distill_top_k,
+        precision=precision,
+        pad_id=tokenizer.pad_token_id,
+        batch_size=ctx.cfg.batch_size,
+        cache_dir=ctx.work,
+        write_cache=rank == 0,
+    )
+    rows.teacher = targets
+    return Distillation(
+        rows=targets.rows,
+        positions=targets.positions,
+        top_k=targets.top_k,
+        targets_sha256=targets.sha256,
+        seconds=targets.seconds,
     )
 
 
@@ -205,6 +248,7 @@ def write_run(
     prepared: Prepared,
     precision: str,
     metrics: TrainMetrics,
+    distillation: Distillation | None,
 ) -> None:
     """The run folder, in one rename: adapter/, metrics, plots and run.json."""
     cfg = ctx.cfg
@@ -223,6 +267,7 @@ def write_run(
             base=base,
             datasets=prepared.datasets,
             examples=prepared.stats,
+            distillation=distillation,
             config=cfg.model_dump(),
             versions=versions(*LIBRARIES),
             device=DeviceInfo(precision=precision, qlora=cfg.qlora, world_size=ctx.world),

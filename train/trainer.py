@@ -152,7 +152,6 @@ def build_training(
         keep_checkpoints=cfg.keep_checkpoints,
         extra_state=best,
         loss_chunk=loss_chunk,
-        distills=bool(rows.distill_ids),
     )
     trainer.remove_callback(PrinterCallback)  # RunObserver reports instead
     return Training(trainer, observer, sigterm, best, server)

@@ -183,6 +183,12 @@ class TrainConfig(StrictModel):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, ~30% slower."
     )
+    distill_top_k: int = Field(
+        64,
+        ge=1,
+        description="Distilled rows learn the base model's k most likely next tokens at each "
+        "position (the rest of its probability as one bucket), computed once before training.",
+    )
     loss_chunk: int = Field(
         1024,
         ge=0,

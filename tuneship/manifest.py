@@ -156,11 +156,23 @@ class TrainMetrics(Section):
     plots: list[str] = []
 
 
+class Distillation(Section):
+    """The targets the distilled rows learned: the base model's top-k next tokens, computed
+    once before training (train/teacher.py)."""
+
+    rows: int
+    positions: int
+    top_k: int
+    targets_sha256: str
+    seconds: float | None = Field(None, description="Time to compute them (None: from cache).")
+
+
 class RunManifest(Header):
     kind: Literal["tuneship.run"]
     base: BaseInfo
     datasets: list[DatasetRecord]
     examples: ExampleStats
+    distillation: Distillation | None = None
     config: dict[str, Any] = Field(
         description="The resolved TrainConfig, verbatim. Readers take what they need through "
         "a tolerant view (tuneship.config.DataMix), so keys a later tuneship removed or added "
