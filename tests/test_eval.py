@@ -312,3 +312,21 @@ def test_judging_against_the_base_in_4bit_needs_that_figure(tmp_path):
     )
     with pytest.raises(TuneshipError, match="needs quantized_base: true"):
         load_questions(cfg, None)
+
+
+def test_perplexity_in_batches_is_the_perplexity_reply_by_reply(tiny_base):
+    """Replies batched and padded give the same figure as one reply at a time."""
+    from transformers import AutoTokenizer
+
+    from tuneship.chat_tokens import ChatTokenizer
+    from tuneship.probes import perplexity
+
+    chat = ChatTokenizer(AutoTokenizer.from_pretrained(tiny_base))
+    items = [
+        EvalItem(f"q{n}", ({"role": "user", "content": "Policy " * n + "?"},), answer, None)
+        for n, answer in enumerate(["Yes.", "It says $70 a day.", None, "No, only " * 5 + "then."])
+    ]
+    one_by_one = perplexity(tiny_base, chat, items, batch_size=1)
+    batched = perplexity(tiny_base, chat, items, batch_size=3)
+    assert one_by_one > 1 and abs(batched - one_by_one) < 1e-3 * one_by_one
+    assert perplexity(tiny_base, chat, [items[2]]) is None  # no reference reply

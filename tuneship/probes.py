@@ -215,33 +215,42 @@ def serving_max_len(model_dir: Path, cap: int = SERVING_LEN_CAP) -> int:
     return min(int(config.get("max_position_embeddings", 2048)), cap)
 
 
-def perplexity(model_dir: Path, chat_tokenizer: Any, items: list[EvalItem]) -> float | None:
+def perplexity(
+    model_dir: Path, chat_tokenizer: Any, items: list[EvalItem], batch_size: int = 16
+) -> float | None:
     """exp(mean loss) over the reference replies' tokens (assistant tokens only); None when the
-    held-out data has no reference replies."""
+    held-out data has no reference replies. Replies of similar length are batched, padded on
+    the right (padding changes no real token's logits under the attention mask)."""
     import torch
     from transformers import AutoModelForCausalLM
 
-    if not any(item.answer for item in items):
+    examples = [
+        chat_tokenizer(Conversation(item.id, "openai", (*item.messages, reply)))
+        for item in items
+        if item.answer
+        for reply in [{"role": "assistant", "content": item.answer}]
+    ]
+    if not examples:
         return None
-
+    examples.sort(key=lambda e: len(e.input_ids))
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
     total, count = 0.0, 0
-    for item in items:
-        if not item.answer:
-            continue
-        reply = {"role": "assistant", "content": item.answer}
-        example = chat_tokenizer(Conversation(item.id, "openai", (*item.messages, reply)))
-        ids = torch.tensor([example.input_ids])
-        labels = torch.tensor([example.labels])
+    for start in range(0, len(examples), batch_size):
+        batch = examples[start : start + batch_size]
+        width = max(len(e.input_ids) for e in batch)
+        ids = torch.tensor([e.input_ids + [0] * (width - len(e.input_ids)) for e in batch])
+        labels = torch.tensor([e.labels + [-100] * (width - len(e.labels)) for e in batch])
+        mask = torch.tensor(
+            [[1] * len(e.input_ids) + [0] * (width - len(e.input_ids)) for e in batch]
+        )
         with torch.no_grad():
-            logits = model(input_ids=ids).logits[:, :-1].float()
-        loss = torch.nn.functional.cross_entropy(
+            logits = model(input_ids=ids, attention_mask=mask).logits[:, :-1].float()
+        total += torch.nn.functional.cross_entropy(
             logits.reshape(-1, logits.shape[-1]),
             labels[:, 1:].reshape(-1),
             ignore_index=-100,
             reduction="sum",
-        )
-        total += loss.item()
+        ).item()
         count += int((labels[:, 1:] != -100).sum())
     if not count:
         raise TuneshipError("no reference replies to measure perplexity on")
