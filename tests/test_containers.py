@@ -181,7 +181,8 @@ def test_the_whole_path_in_containers(images, volumes, timings):
     assert "checks not run yet" in docker("logs", refused, check=False).stderr
     docker("rm", "-f", refused, check=False)
     started = time.monotonic()
-    checked = run_in(SERVE, volumes, "bundle", "check", "/output/bundles/c", entrypoint="tuneship")
+    checked = run_in(SERVE, volumes, "bundle", "check", "/output/bundles/c", entrypoint="tuneship",
+                     mounts=("--shm-size", "1g"))  # as the check Job's memory /dev/shm  # fmt: skip
     timings["bundle check (s)"] = round(time.monotonic() - started, 1)
     assert "checked" in checked.stdout
     assert json.loads((bundle / "checks.json").read_text())["checks"]["template_parity"]["passed"]

@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 from tests.support import fake_bundle
-from tuneship.launch import free_port
+from tuneship.errors import TuneshipError
+from tuneship.launch import Server, free_port
 
 STAND_IN = r"""
 import http.server, json, os, signal, sys, threading, time
@@ -133,3 +134,24 @@ def test_sigterm_while_the_bundle_is_hashed_stops_at_once_and_exits_0(tmp_path):
     assert proc.returncode == 0, output
     assert time.monotonic() - sent < 10
     assert log_events(output)["sigterm"]["before"] == "vllm_started", output
+
+
+def test_a_server_that_dies_at_start_up_is_reported_with_its_cause(tmp_path):
+    """vLLM's engine prints why it failed, then pages of tracebacks from every process that
+    waited on it: the error must carry the cause, not only the last tracebacks."""
+    script = (
+        "import sys\n"
+        "print('INFO loading the model')\n"
+        "print('(EngineCore pid=7) ERROR 12-02 Bus error: not enough shared memory (/dev/shm)')\n"
+        "for n in range(100): print(f'  File \"entry.py\", line {n}, in wait')\n"
+        "print('RuntimeError: Engine core initialization failed.')\n"
+        "sys.exit(1)\n"
+    )
+    server = Server([sys.executable, "-c", script], free_port(), tmp_path / "log", timeout_s=30)
+    with pytest.raises(TuneshipError) as failed:
+        server.__enter__()
+    message = str(failed.value)
+    assert "server exited with 1 before it was ready" in message
+    assert "not enough shared memory" in message
+    assert message.strip().endswith("RuntimeError: Engine core initialization failed.")
+    assert "INFO loading the model" not in message

@@ -7,6 +7,7 @@ runs in the other environment; it uses only the standard library.
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 import time
@@ -15,6 +16,9 @@ import urllib.request
 from pathlib import Path
 
 from tuneship.errors import TuneshipError
+
+# a line that names why a process failed (not a traceback's frame or source line)
+ERROR_LINE = re.compile(r"^\S.*(Error|Exception|Killed|killed)\b|ERROR")
 
 
 class Server:
@@ -52,8 +56,12 @@ class Server:
         return False
 
     def log_tail(self, lines: int = 40) -> str:
+        """The log's last lines, after the earlier lines that name an error: a vLLM engine that
+        fails prints its cause, then tracebacks of every process that waited on it."""
         text = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-        return "\n".join(text.splitlines()[-lines:])
+        every = text.splitlines()
+        causes = [line for line in every[:-lines] if ERROR_LINE.search(line)][:10]
+        return "\n".join([*causes, *(["..."] if causes else []), *every[-lines:]])
 
     def __enter__(self) -> Server:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
