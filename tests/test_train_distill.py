@@ -15,7 +15,7 @@ from tuneship.train.distill import token_losses, top_k_kl
 from tuneship.train.examples import pad_collate
 from tuneship.train.loss import LossTrainer
 from tuneship.train.run import run
-from tuneship.train.teacher import CACHE, compute, teacher_targets
+from tuneship.train.teacher import CACHE, TargetSettings, compute, teacher_targets
 
 VOCAB = 11
 
@@ -155,9 +155,8 @@ def test_the_trainer_distills_toward_the_base_with_the_adapter_off(tmp_path, tin
     labels = ids.clone()
     labels[:, :3] = IGNORE
     # the teacher targets as a run computes them before training, every token kept
-    teacher_ids, teacher_logprobs = compute(
-        model, examples_of(ids, labels), vocab, "fp32", pad_id=0, batch_size=2
-    )
+    settings = TargetSettings("tiny", top_k=vocab, precision="fp32", pad_id=0, batch_size=2)
+    teacher_ids, teacher_logprobs = compute(model, examples_of(ids, labels), settings)
     assert model.training is False  # left as found (adapted_model is in eval mode)
 
     def distilled(*rows: bool) -> dict:
@@ -201,13 +200,12 @@ def test_teacher_targets_are_cached_and_recomputed_when_anything_they_depend_on_
     labels = ids.clone()
     labels[:, :4] = IGNORE
     examples = examples_of(ids, labels)
-    settings = {"base": "tiny", "precision": "fp32", "pad_id": 0, "batch_size": 2}
 
-    def targets(top_k: int = 4, distilled=(True, False, True), **changed):
+    def targets(top_k: int = 4, distilled=(True, False, True), precision: str = "fp32"):
+        settings = TargetSettings("tiny", top_k, precision, pad_id=0, batch_size=2)
         return teacher_targets(
-            model, examples, list(distilled), top_k=top_k, cache_dir=tmp_path / "work",
-            write_cache=True, **settings | changed,
-        )  # fmt: skip
+            model, examples, list(distilled), settings, tmp_path / "work", write_cache=True
+        )
 
     first = targets()
     assert first.seconds is not None and (tmp_path / "work" / CACHE).is_file()

@@ -47,7 +47,7 @@ from .examples import TrainingRows, tokenize
 from .model import checkpoint_bytes, load_model, pick_precision
 from .observe import METRICS_JSONL, Reporter, read_rows, write_csv, write_plots
 from .ranks import backend_for, rank_and_world
-from .teacher import teacher_targets
+from .teacher import TargetSettings, teacher_targets
 from .trainer import Context, build_training, fit
 
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes")
@@ -60,6 +60,7 @@ class Prepared:
     rows: TrainingRows
     stats: ExampleStats
     datasets: list[DatasetRecord]
+    distillation: Distillation | None = None  # once the teacher targets are computed
 
 
 def run(
@@ -83,7 +84,9 @@ def run(
     model = load_model(cfg, base, dtype, world)
     ckpt.preflight(ctx.work, checkpoint_bytes(model) * (cfg.keep_checkpoints + 2))
     resume_from = find_resume_point(ctx, prepared, restart, rank)
-    distillation = distill_targets(ctx, model, prepared.rows, base, precision, tokenizer, rank)
+    prepared.distillation = distill_targets(
+        ctx, model, prepared.rows, base, precision, tokenizer, rank
+    )
     reporter.event(
         "start",
         f"training {cfg.name}: {prepared.stats.used} conversations, {prepared.stats.tokens} "
@@ -103,10 +106,7 @@ def run(
     training.trainer.save_model(str(final_adapter))  # every rank takes part (FSDP gathers)
     if rank == 0:
         base_info = describe_base(cfg, base, tokenizer, eot_id)
-        write_run(
-            ctx, out_dir, final_adapter, tokenizer, base_info, prepared, precision, metrics,
-            distillation,
-        )  # fmt: skip
+        write_run(ctx, out_dir, final_adapter, tokenizer, base_info, prepared, precision, metrics)
     leave_process_group(world)
     if rank == 0:
         shutil.rmtree(ctx.work, ignore_errors=True)
@@ -162,17 +162,15 @@ def distill_targets(
         return None
     if torch.cuda.is_available() and not ctx.cfg.qlora:
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
-    targets = teacher_targets(
-        model,
-        rows.train,
-        rows.distilled,
+    settings = TargetSettings(
         base=f"{ctx.cfg.base} {base}",
         top_k=ctx.cfg.distill_top_k,
         precision=precision,
         pad_id=tokenizer.pad_token_id,
         batch_size=ctx.cfg.batch_size,
-        cache_dir=ctx.work,
-        write_cache=rank == 0,
+    )
+    targets = teacher_targets(
+        model, rows.train, rows.distilled, settings, cache_dir=ctx.work, write_cache=rank == 0
     )
     rows.teacher = targets
     return Distillation(
@@ -248,7 +246,6 @@ def write_run(
     prepared: Prepared,
     precision: str,
     metrics: TrainMetrics,
-    distillation: Distillation | None,
 ) -> None:
     """The run folder, in one rename: adapter/, metrics, plots and run.json."""
     cfg = ctx.cfg
@@ -267,7 +264,7 @@ def write_run(
             base=base,
             datasets=prepared.datasets,
             examples=prepared.stats,
-            distillation=distillation,
+            distillation=prepared.distillation,
             config=cfg.model_dump(),
             versions=versions(*LIBRARIES),
             device=DeviceInfo(precision=precision, qlora=cfg.qlora, world_size=ctx.world),

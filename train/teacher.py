@@ -52,10 +52,21 @@ class TeacherTargets:
         return sum(len(ids) for ids in self.ids if ids is not None)
 
 
-def targets_key(
-    examples: list[Example], distilled: list[bool], base: str, top_k: int, precision: str
-) -> str:
-    digest = hashlib.sha256(json.dumps([base, top_k, precision]).encode())
+@dataclass(frozen=True)
+class TargetSettings:
+    """What the targets depend on besides the rows (base: a name for the base model)."""
+
+    base: str
+    top_k: int
+    precision: str
+    pad_id: int
+    batch_size: int
+
+
+def targets_key(examples: list[Example], distilled: list[bool], settings: TargetSettings) -> str:
+    digest = hashlib.sha256(
+        json.dumps([settings.base, settings.top_k, settings.precision]).encode()
+    )
     for example, flag in zip(examples, distilled, strict=True):
         if flag:
             digest.update(json.dumps([example.input_ids, example.labels]).encode())
@@ -66,26 +77,19 @@ def teacher_targets(
     model: Any,
     examples: list[Example],
     distilled: list[bool],
-    *,
-    base: str,
-    top_k: int,
-    precision: str,
-    pad_id: int,
-    batch_size: int,
+    settings: TargetSettings,
     cache_dir: Path,
     write_cache: bool,
 ) -> TeacherTargets:
     """The targets of the distilled rows: from the cache when its key matches, else computed
     with `model`'s adapter off (and cached when write_cache: rank 0 of a distributed run)."""
-    key = targets_key(examples, distilled, base, top_k, precision)
+    key = targets_key(examples, distilled, settings)
     cache = cache_dir / CACHE
     rows = [i for i, flag in enumerate(distilled) if flag]
     loaded, seconds = read_cache(cache, key, len(rows)), None
     if loaded is None:
         started = time.monotonic()
-        ids, logprobs = compute(
-            model, [examples[i] for i in rows], top_k, precision, pad_id, batch_size
-        )
+        ids, logprobs = compute(model, [examples[i] for i in rows], settings)
         if write_cache:
             cache_dir.mkdir(parents=True, exist_ok=True)
             write_cache_file(cache, key, ids, logprobs)
@@ -97,29 +101,29 @@ def teacher_targets(
     for row, row_ids, row_logprobs in zip(rows, ids, logprobs, strict=True):
         by_row_ids[row], by_row_logprobs[row] = row_ids, row_logprobs
     sha256 = tensors_sha256(ids, logprobs)
-    return TeacherTargets(by_row_ids, by_row_logprobs, top_k, sha256, seconds)
+    return TeacherTargets(by_row_ids, by_row_logprobs, settings.top_k, sha256, seconds)
 
 
 def compute(
-    model: Any, examples: list[Example], top_k: int, precision: str, pad_id: int, batch_size: int
+    model: Any, examples: list[Example], settings: TargetSettings
 ) -> tuple[list[Any], list[Any]]:
     """Top-k next-token ids and log-probabilities of the base (adapter off) at the trained
     positions of each example, in batches of similar lengths."""
     causal_lm = model.get_base_model()
     device = next(causal_lm.parameters()).device
     chunkable = not_chunkable(causal_lm) is None
-    collate = pad_collate(pad_id)
+    collate = pad_collate(settings.pad_id)
     order = sorted(range(len(examples)), key=lambda i: len(examples[i].input_ids))
     ids: list[Any] = [None] * len(examples)
     logprobs: list[Any] = [None] * len(examples)
-    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision)
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(settings.precision)
     autocast = torch.autocast(device.type, dtype=dtype, enabled=dtype is not None)
     was_training = model.training
     model.eval()
-    batches = range(0, len(order), batch_size)
+    batches = range(0, len(order), settings.batch_size)
     with torch.no_grad(), model.disable_adapter(), autocast:
         for start in tqdm(batches, desc="teacher targets (the base model, once)", unit="batch"):
-            picked = order[start : start + batch_size]
+            picked = order[start : start + settings.batch_size]
             rows = [
                 {"input_ids": examples[i].input_ids, "labels": examples[i].labels} for i in picked
             ]
@@ -129,7 +133,7 @@ def compute(
             for row, index in enumerate(picked):
                 trained = labels[row, 1:] != IGNORE
                 log_p = logprobs_of(causal_lm, outputs[row, :-1][trained], chunkable)
-                top = log_p.topk(top_k, dim=-1)
+                top = log_p.topk(settings.top_k, dim=-1)
                 ids[index], logprobs[index] = top.indices.to(torch.int32).cpu(), top.values.cpu()
     model.train(was_training)
     return ids, logprobs
