@@ -115,6 +115,7 @@ def training_arguments(ctx: Context, precision: str, model: Any) -> TrainingArgu
         use_cpu=not torch.cuda.is_available(),
         ddp_backend=backend_for(cfg) if world > 1 else None,
         ddp_find_unused_parameters=False if world > 1 else None,
+        ddp_timeout=cfg.distributed.timeout_s,  # when the Trainer starts the process group
         train_sampling_strategy="group_by_length"
         if cfg.batching == "group_by_length"
         else "random",
