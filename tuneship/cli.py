@@ -146,10 +146,27 @@ def data_check(
 @click.option(
     "--dry-run",
     is_flag=True,
-    help="Print the resolved config and the data report, then exit without loading weights.",
+    help="Print the fit estimate (peak memory per GPU, from config.json), the resolved config "
+    "and the data report, then exit without loading weights.",
+)
+@click.option(
+    "--gpus",
+    type=click.IntRange(min=1),
+    help="--dry-run: GPUs the estimate assumes (default: WORLD_SIZE, else 1).",
+)
+@click.option(
+    "--gpu-memory",
+    metavar="SIZE",
+    help="--dry-run: memory of one GPU, e.g. 80GiB or 24GB (default: the GPU here, if any).",
 )
 def train(
-    config_path: Path, overrides: tuple[str, ...], force: bool, restart: bool, dry_run: bool
+    config_path: Path,
+    overrides: tuple[str, ...],
+    force: bool,
+    restart: bool,
+    dry_run: bool,
+    gpus: int | None,
+    gpu_memory: str | None,
 ) -> None:
     """Fine-tune with LoRA (or QLoRA) and write runs/NAME/{adapter/,run.json}.
 
@@ -162,6 +179,12 @@ def train(
     cfg = load_config(TrainConfig, config_path, parse_overrides(overrides))
     from tuneship.train.run import run
 
+    if dry_run:
+        import yaml
+
+        from tuneship.train.estimate import report
+
+        print(yaml.safe_dump({"fit": report(cfg, gpus, gpu_memory)}, sort_keys=False), end="")
     run(cfg, force=force, restart=restart, dry_run=dry_run)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         leave_at_once(0)  # the run is written and every rank has left the process group
