@@ -42,7 +42,7 @@ def workers(agent_pid: int) -> dict[int, int]:
 def signal_at_step(argv: list[str], step: int, target: str) -> tuple[int, str, str]:
     """Start the job, send SIGTERM once rank 0 has logged `step`; (exit code, stdout, stderr)."""
     proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    guard = threading.Timer(240, kill_tree, (proc.pid,))  # a hung start
+    guard = threading.Timer(600, kill_tree, (proc.pid,))  # a hung start (a loaded machine is slow)
     guard.start()
     seen = []
     for line in proc.stdout:
