@@ -3,6 +3,7 @@ and the CLI runner. Fixtures are in conftest.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -115,18 +116,40 @@ def write_config(tmp_path, tiny_base, data, **overrides) -> Path:
     return path
 
 
-def run_job(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
-    """Run a command in its own process group; on timeout kill the whole group (torchrun's
-    workers too, which a hung collective would otherwise leave behind), then fail."""
+def descendants(pid: int) -> list[int]:
+    """Every process below `pid` (torchrun starts its workers in sessions of their own, so a
+    process group kill misses them)."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            ppid = int(stat.read_text().rsplit(")", 1)[1].split()[1])
+        except (OSError, IndexError, ValueError):
+            continue
+        children.setdefault(ppid, []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def kill_tree(pid: int) -> None:
     import signal
 
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    for target in [*descendants(pid), pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(target, signal.SIGKILL)
+
+
+def run_job(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+    """Run a command; on timeout kill it and everything it started (torchrun's workers, which a
+    hung collective would otherwise leave behind), then fail."""
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        kill_tree(proc.pid)
         stdout, stderr = proc.communicate()
         raise AssertionError(f"{argv} timed out after {timeout} s:\n{stderr[-3000:]}") from None
     return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)

@@ -90,3 +90,30 @@ def test_distillation_with_one_rank_distilling_and_the_other_not(tmp_path, tiny_
     assert two.keys() == one.keys()
     assert all((two[k] - one[k]).abs().max() < 1e-5 for k in one)
     assert any(one[k].abs().max() > 0 for k in one if "lora_B" in k)
+
+
+def test_keep_best_under_fsdp_keeps_the_same_adapter_as_ddp(tmp_path, tiny_base, small_dataset):
+    """The best-adapter snapshot under FSDP: gathered from the shards, written by rank 0 into
+    the checkpoints, and put back at the end; the result is DDP's. (Before the fix rank 0
+    wrote its shards and crashed at the first checkpoint after an eval.)"""
+    # a learning rate that grows to the end overshoots: the best eval comes early, so the
+    # snapshot outlives two checkpoints and putting it back changes the adapter
+    settings = {
+        "batch_size": 2, "max_steps": 8, "eval_fraction": 0.3, "eval_steps": 2,
+        "keep_best": True, "checkpoint_steps": 3, "learning_rate": 0.5, "warmup_steps": 8,
+        "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+    }  # fmt: skip
+    for strategy in ("ddp", "fsdp"):
+        cfg_path = write_config(
+            tmp_path, tiny_base, small_dataset, name=strategy,
+            distributed={"strategy": strategy}, **settings,
+        )  # fmt: skip
+        torchrun(cfg_path, timeout=240)
+    ddp, fsdp = read_run(tmp_path / "runs" / "ddp"), read_run(tmp_path / "runs" / "fsdp")
+    assert fsdp.metrics.distributed == "fsdp"  # sharded for real, not DDP in its place
+    assert ddp.metrics.best.restored and fsdp.metrics.best.restored
+    assert ddp.metrics.best.best_step == fsdp.metrics.best.best_step < 6
+    assert abs(ddp.metrics.best.best_eval_loss - fsdp.metrics.best.best_eval_loss) < 1e-5
+    one, two = adapter(tmp_path / "runs" / "ddp"), adapter(tmp_path / "runs" / "fsdp")
+    assert one.keys() == two.keys()
+    assert all(one[k].shape == two[k].shape and (one[k] - two[k]).abs().max() < 1e-5 for k in one)

@@ -8,11 +8,12 @@ import json
 import os
 import signal
 import subprocess
+import threading
 from pathlib import Path
 
 import pytest
 
-from tests.support import TORCHRUN, events, run_job, write_config
+from tests.support import TORCHRUN, events, kill_tree, run_job, write_config
 from tuneship.manifest import read_run
 from tuneship.train import checkpoints as ckpt
 
@@ -40,9 +41,9 @@ def workers(agent_pid: int) -> dict[int, int]:
 
 def signal_at_step(argv: list[str], step: int, target: str) -> tuple[int, str, str]:
     """Start the job, send SIGTERM once rank 0 has logged `step`; (exit code, stdout, stderr)."""
-    proc = subprocess.Popen(
-        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
-    )
+    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    guard = threading.Timer(600, kill_tree, (proc.pid,))  # a hung start (a loaded machine is slow)
+    guard.start()
     seen = []
     for line in proc.stdout:
         seen.append(line)
@@ -52,8 +53,9 @@ def signal_at_step(argv: list[str], step: int, target: str) -> tuple[int, str, s
     try:
         stdout, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)  # a rank left waiting in a collective
+        kill_tree(proc.pid)  # a rank left waiting in a collective
         stdout, stderr = proc.communicate()
+    guard.cancel()
     return proc.returncode, "".join(seen) + stdout, stderr
 
 

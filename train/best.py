@@ -1,4 +1,8 @@
-"""Early stopping on the eval loss, keeping the best adapter (LoRA weights are small)."""
+"""Early stopping on the eval loss, keeping the best adapter (LoRA weights are small).
+
+Under FSDP each rank holds a shard of the adapter: the snapshot gathers it whole on every rank
+(every rank evaluates, so every rank takes part), rank 0 writes it into checkpoints, and putting
+it back hands each rank its shard again."""
 
 from __future__ import annotations
 
@@ -6,9 +10,10 @@ import json
 from pathlib import Path
 from typing import Any
 
-from peft import get_peft_model_state_dict, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 from transformers import TrainerCallback
+
+from .sharded import load_trainable, trainable_state
 
 BEST_WEIGHTS = "best_adapter.safetensors"
 BEST_STATE = "best.json"
@@ -32,10 +37,7 @@ class BestAdapter(TrainerCallback):
             return
         if self.best_loss is None or loss < self.best_loss:
             self.best_loss, self.best_step, self.bad_evals = loss, state.global_step, 0
-            self.weights = {
-                k: v.detach().to("cpu", copy=True)
-                for k, v in get_peft_model_state_dict(self.model).items()
-            }
+            self.weights = trainable_state(self.model)
         else:
             self.bad_evals += 1
             if self.patience and self.bad_evals >= self.patience:
@@ -59,7 +61,7 @@ class BestAdapter(TrainerCallback):
         """Put the best adapter back into the model if it is not the current one."""
         if self.weights is None:
             return False
-        set_peft_model_state_dict(self.model, self.weights)
+        load_trainable(self.model, self.weights)
         return True
 
     def summary(self) -> dict[str, Any]:

@@ -19,12 +19,15 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors.torch import load_file
 from transformers import Trainer, TrainerCallback
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
+from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME
 
 from tuneship.errors import TuneshipError
 from tuneship.fsutil import fsync_tree, write_json_atomic
 
+from . import sharded
 from .ranks import agreed
 
 PLAN = "plan.json"
@@ -156,21 +159,53 @@ class CheckpointingTrainer(Trainer):
             publish(written, self.work, self.keep_checkpoints)
         self.accelerator.wait_for_everyone()
 
+    def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
+        if not self.is_fsdp_enabled:
+            return super().save_model(output_dir, _internal_call)
+        state = sharded.trainable_state(self.model)  # the adapter alone (sharded.py says why)
+        if self.args.should_save:
+            self.model.save_pretrained(output_dir or self.args.output_dir, state_dict=state)
+        return None
+
+    def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._save_optimizer_and_scheduler(output_dir)
+        state = sharded.optimizer_state(self.model, self.optimizer)
+        if self.args.should_save:
+            torch.save(state, Path(output_dir) / OPTIMIZER_NAME)
+            torch.save(self.lr_scheduler.state_dict(), Path(output_dir) / SCHEDULER_NAME)
+        return None
+
+    def _load_from_checkpoint(self, resume_from_checkpoint: str, model: Any = None) -> None:
+        if not self.is_fsdp_enabled:
+            return super()._load_from_checkpoint(resume_from_checkpoint, model)
+        saved = load_file(Path(resume_from_checkpoint) / ADAPTER_SAFE_WEIGHTS_NAME)
+        # the adapter file's keys are PEFT's: the parameter names without the adapter's name
+        adapter = f".{self.model.active_adapter}."
+        by_param = {
+            name: saved[name.replace(adapter, ".")]
+            for name, param in self.model.named_parameters()
+            if param.requires_grad
+        }
+        sharded.load_trainable(self.model, by_param)
+        return None
+
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
-        # With several processes the Trainer loads the optimizer state onto args.device; on CPU
-        # that is `cpu:0`, which torch.load cannot map to ("don't know how to restore data
-        # location ... cpu:0"), so a distributed CPU run could never resume. The state is
-        # loaded on the CPU instead; load_state_dict moves it to each parameter's device.
-        # (FSDP loads its sharded state its own way.)
-        device = self.args.device
-        cpu_n = device.type == "cpu" and device.index is not None
-        if checkpoint is None or self.is_fsdp_enabled or not cpu_n:
-            return super()._load_optimizer_and_scheduler(checkpoint)
-        folder = Path(checkpoint)
-        if not (folder / OPTIMIZER_NAME).is_file() or not (folder / SCHEDULER_NAME).is_file():
+        if checkpoint is None:
             return None
-        optimizer = torch.load(folder / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(optimizer)
+        folder = Path(checkpoint)
+        if self.is_fsdp_enabled:
+            saved = torch.load(folder / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
+            sharded.load_optimizer_state(self.model, self.optimizer, saved)
+        elif self.args.device.type == "cpu" and self.args.device.index is not None:
+            # With several processes the Trainer loads the optimizer state onto args.device; on
+            # CPU that is `cpu:0`, which torch.load cannot map to ("don't know how to restore
+            # data location ... cpu:0"), so a distributed CPU run could not resume. Loaded on
+            # the CPU instead; load_state_dict moves it to each parameter's device.
+            saved = torch.load(folder / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
+            self.optimizer.load_state_dict(saved)
+        else:
+            return super()._load_optimizer_and_scheduler(checkpoint)
         self.lr_scheduler.load_state_dict(torch.load(folder / SCHEDULER_NAME, weights_only=True))
         return None
 

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 from dataclasses import dataclass
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +44,7 @@ from tuneship.mixing import PreparedData, prepare
 from tuneship.template import align_eos
 
 from . import checkpoints as ckpt
+from . import tokenized
 from .base import quantized_origin, resolve_base
 from .examples import TrainingRows, tokenize
 from .model import checkpoint_bytes, load_model, pick_precision
@@ -73,7 +76,10 @@ def run(
     base = resolve_base(cfg.base)
     tokenizer = AutoTokenizer.from_pretrained(base)
     eot_id = align_eos(tokenizer)
-    prepared = prepare_data(cfg, tokenizer, reporter)
+    if dry_run or world == 1:
+        prepared = prepare_data(cfg, tokenizer, reporter)
+    else:
+        prepared = shared_data(cfg, tokenizer, reporter, ckpt.work_dir(out_dir), rank, world)
     if dry_run:
         stats = prepared.stats.model_dump(mode="json")
         print(yaml.safe_dump({"config": cfg.model_dump(), "data": stats}, sort_keys=False))
@@ -182,6 +188,34 @@ def distill_targets(
     )
 
 
+def shared_data(
+    cfg: TrainConfig, tokenizer: Any, reporter: Reporter, work: Path, rank: int, world: int
+) -> Prepared:
+    """Under several processes: rank 0 prepares the data and writes it for the others
+    (tokenized.py)."""
+    key = tokenized.cache_key(cfg, tokenizer)
+
+    def step() -> Prepared:
+        if rank == 0:
+            prepared = prepare_data(cfg, tokenizer, reporter)
+            tokenized.write(work, key, prepared)
+            return prepared
+        found = tokenized.read(work, key)
+        if found is None:
+            print(
+                f"rank {rank}: no tokenized data from rank 0 at "
+                f"{tokenized.cache_path(work, key)} (is the output folder shared by every "
+                "node, with the same data?); tokenizing here",
+                file=sys.stderr,
+            )
+            return prepare_data(cfg, tokenizer, reporter)
+        return found
+
+    prepared = main_first(step, rank, world, backend_for(cfg), cfg.distributed.timeout_s)
+    dist.barrier()  # all have read it before rank 0 may clear the work folder (--restart)
+    return prepared
+
+
 def describe_datasets(cfg: TrainConfig, data: PreparedData) -> list[DatasetRecord]:
     files = [(p, "train") for p in cfg.data_paths] + (
         [(cfg.eval_data, "eval")] * bool(cfg.eval_data)
@@ -225,6 +259,7 @@ def find_resume_point(ctx: Context, prepared: Prepared, restart: bool, rank: int
         rank,
         ctx.world,
         backend_for(ctx.cfg),
+        ctx.cfg.distributed.timeout_s,
     )
     if resume_from is not None:
         step = ckpt.checkpoint_step(resume_from)
@@ -274,15 +309,17 @@ def write_run(
         write_manifest(stage / RUN_FILE, manifest)
 
 
-def main_first(step, rank: int, world: int, backend: str):
+def main_first(step, rank: int, world: int, backend: str, timeout_s: float):
     """Run `step` on rank 0, then, after a barrier, on the others (which only read what rank 0
-    wrote). Joins the process group torchrun prepared; the Trainer reuses it."""
+    wrote). Joins the process group torchrun prepared; the Trainer reuses it, with its timeout:
+    how long a rank waits in a collective (this barrier while rank 0 tokenizes, the barriers
+    around rank 0's checkpoint writes) before the run fails."""
     if world == 1:
         return step()
     if not dist.is_initialized():
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        dist.init_process_group(backend, timeout=timedelta(seconds=timeout_s))
     result = step() if rank == 0 else None
     dist.barrier()
     return result if rank == 0 else step()

@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import PrinterCallback, TrainingArguments
 
 from tuneship.config import TrainConfig
@@ -36,6 +37,19 @@ from .ranks import backend_for
 
 class TuneshipTrainer(ckpt.CheckpointingTrainer, LossTrainer):
     """Atomic checkpoints and the chunked, distilling loss in one Trainer."""
+
+    def create_accelerator_and_postprocess(self) -> None:
+        super().create_accelerator_and_postprocess()
+        state = self.accelerator.state
+        if self.args.fsdp_plugin_args and state.distributed_type == DistributedType.MULTI_CPU:
+            # accelerate turns FSDP on for GPU kinds only: CPU processes asked for FSDP would
+            # silently train with DDP. FSDP2 runs on CPU with gloo, so CPU runs (and the tests
+            # of every FSDP path) shard for real.
+            plugin = FullyShardedDataParallelPlugin(**self.args.fsdp_plugin_args)
+            if state.mixed_precision != "no":
+                plugin.set_mixed_precision(state.mixed_precision)
+            state.distributed_type, state.fsdp_plugin = DistributedType.FSDP, plugin
+            self.is_fsdp_enabled = True
 
 
 @dataclass(frozen=True)
@@ -101,6 +115,7 @@ def training_arguments(ctx: Context, precision: str, model: Any) -> TrainingArgu
         use_cpu=not torch.cuda.is_available(),
         ddp_backend=backend_for(cfg) if world > 1 else None,
         ddp_find_unused_parameters=False if world > 1 else None,
+        ddp_timeout=cfg.distributed.timeout_s,  # when the Trainer starts the process group
         train_sampling_strategy="group_by_length"
         if cfg.batching == "group_by_length"
         else "random",
@@ -201,6 +216,7 @@ def fit(ctx: Context, training: Training, resume_from: Path | None) -> TrainMetr
         tokens_per_s=round(training.observer.session_tokens / session_s, 1) if session_s else None,
         peak_memory_bytes=peak_memory_bytes(),
         world_size=ctx.world,
-        distributed=cfg.distributed.strategy if ctx.world > 1 else None,
+        # what ran, not what was asked: accelerate once fell back to DDP without a word
+        distributed=("fsdp" if trainer.is_fsdp_enabled else "ddp") if ctx.world > 1 else None,
         cuda=torch.cuda.is_available(),
     )

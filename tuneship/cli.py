@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -11,7 +12,7 @@ import click
 
 from tuneship import __version__
 from tuneship.config import ServeConfig
-from tuneship.errors import TuneshipError
+from tuneship.errors import Preempted, TuneshipError
 
 
 class _Group(click.Group):
@@ -20,6 +21,11 @@ class _Group(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
+        except Preempted as exc:
+            click.echo(f"error: {exc}", err=True)
+            # The checkpoint is on disk. Leave at once (leave_at_once says why); torchrun
+            # would kill a hung rank and report a failure instead of 143.
+            leave_at_once(exc.exit_code)
         except TuneshipError as exc:
             click.echo(f"error: {exc}", err=True)
             sys.exit(exc.exit_code)
@@ -31,6 +37,16 @@ class _Group(click.Group):
                 err=True,
             )
             sys.exit(4)
+
+
+def leave_at_once(code: int) -> None:
+    """Exit without the interpreter's teardown. Under torchrun, a rank's exit can hang in the
+    gloo process group's destructor (run by DDP's reducer at interpreter exit, seen after a
+    finished run as after a preempted one), joining a thread that waits for the peer that has
+    already gone."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 SET_HELP = "Override a config key, e.g. --set epochs=3 --set lora.r=8 (repeatable)."
@@ -130,10 +146,27 @@ def data_check(
 @click.option(
     "--dry-run",
     is_flag=True,
-    help="Print the resolved config and the data report, then exit without loading weights.",
+    help="Print the fit estimate (peak memory per GPU, from config.json), the resolved config "
+    "and the data report, then exit without loading weights.",
+)
+@click.option(
+    "--gpus",
+    type=click.IntRange(min=1),
+    help="--dry-run: GPUs the estimate assumes (default: WORLD_SIZE, else 1).",
+)
+@click.option(
+    "--gpu-memory",
+    metavar="SIZE",
+    help="--dry-run: memory of one GPU, e.g. 80GiB or 24GB (default: the GPU here, if any).",
 )
 def train(
-    config_path: Path, overrides: tuple[str, ...], force: bool, restart: bool, dry_run: bool
+    config_path: Path,
+    overrides: tuple[str, ...],
+    force: bool,
+    restart: bool,
+    dry_run: bool,
+    gpus: int | None,
+    gpu_memory: str | None,
 ) -> None:
     """Fine-tune with LoRA (or QLoRA) and write runs/NAME/{adapter/,run.json}.
 
@@ -146,7 +179,15 @@ def train(
     cfg = load_config(TrainConfig, config_path, parse_overrides(overrides))
     from tuneship.train.run import run
 
+    if dry_run:
+        import yaml
+
+        from tuneship.train.estimate import report
+
+        print(yaml.safe_dump({"fit": report(cfg, gpus, gpu_memory)}, sort_keys=False), end="")
     run(cfg, force=force, restart=restart, dry_run=dry_run)
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        leave_at_once(0)  # the run is written and every rank has left the process group
 
 
 @main.command()

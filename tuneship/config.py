@@ -64,6 +64,13 @@ class Distributed(StrictModel):
         "auto", description="Process-group backend: auto = nccl on CUDA, gloo on CPU."
     )
     fsdp_cpu_offload: bool = Field(False, description="FSDP: keep sharded parameters on CPU.")
+    timeout_s: int = Field(
+        1800,
+        ge=1,
+        description="Seconds a rank waits for the others in a collective (e.g. while rank 0 "
+        "tokenizes the data or writes a checkpoint) before the run fails "
+        "(init_process_group's timeout).",
+    )
 
 
 class DataMix(StrictModel):

@@ -1,0 +1,224 @@
+"""Will it fit? Peak GPU memory per device for a training config, from the base model's
+config.json alone: the model is built on the meta device (no weights read, none allocated), so
+its parameters and layer shapes are exact for any architecture transformers knows; memory then
+follows from what each part is stored as while training.
+
+The parts, per GPU:
+- weights: at the load dtype (bf16; fp32 for fp16 runs, which train under autocast). QLoRA: the
+  decoder blocks' linear layers in NF4 with double-quantized scales (~0.516 bytes a parameter);
+  everything else in fp32, because peft's prepare_model_for_kbit_training upcasts it (a 128k
+  vocabulary's embedding and output layer: 4 GB for 8B). FSDP divides them by the GPUs and
+  gathers two blocks whole at a time (the one running, the one prefetched).
+- LoRA: fp32 weights, their gradients and two AdamW moments, 16 bytes a parameter (FSDP:
+  divided by the GPUs).
+- activations at batch_size x max_length tokens (the longest micro-batch, packed or padded):
+  what each block saves for the backward pass. Without checkpointing every block's; with it,
+  each block's input plus one block recomputed and its gradients. The count is a Llama-style
+  block (attention over all heads, gated MLP, RMSNorm in fp32, LoRA dropout copies); other
+  architectures get the same arithmetic as an approximation.
+- the loss: one `loss_chunk` of logits (and the teacher's on distilled rows), or the whole
+  batch's fp32 logits and their gradient when loss_chunk is 0.
+- a fixed allowance for the CUDA context, cuBLAS/NCCL workspaces and allocator slack.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Any
+
+from tuneship.config import TrainConfig
+from tuneship.errors import TuneshipError
+
+GiB = 2**30
+# NF4: 4 bits a weight, an 8-bit scale per 64 weights, an fp32 scale per 256 of those
+NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
+ADAM_LORA_BYTES = 4 * 4  # fp32 weight, gradient, two moments
+RUNTIME_BYTES = 1 * GiB  # CUDA context, workspaces, allocator slack: measured ~0.6-1 GiB
+
+
+@dataclass(frozen=True)
+class Shape:
+    """What the estimate needs to know about the base model."""
+
+    parameters: int
+    block_parameters: int  # the largest decoder block
+    block_linear_parameters: int  # in all blocks: the ones QLoRA stores in 4 bits
+    largest_linear: int
+    layers: int
+    hidden: int
+    intermediate: int
+    vocab: int
+    lora_parameters: int
+    lora_inputs: int  # summed input widths of one block's LoRA targets (dropout copies them)
+    lora_targets: int  # per block
+
+
+def model_shape(base: str, cfg: TrainConfig) -> Shape:
+    """The base's shape from its config.json, with cfg's LoRA targets counted on it."""
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(base)
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config)
+    model.tie_weights()  # from_pretrained ties; on the meta device from_config leaves them apart
+    block_names = set(getattr(model, "_no_split_modules", None) or [])
+    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
+    if not blocks:
+        raise TuneshipError(f"cannot find the decoder blocks of {base} to estimate its memory")
+    linears = [[m for m in block.modules() if isinstance(m, torch.nn.Linear)] for block in blocks]
+    targets = set(cfg.lora.target_modules)
+    per_block = [
+        [m for name, m in block.named_modules() if name.rsplit(".", 1)[-1] in targets]
+        for block in blocks
+    ]
+    r = cfg.lora.r
+    hidden = config.get_text_config().hidden_size
+    return Shape(
+        parameters=sum(p.numel() for p in model.parameters()),
+        block_parameters=max(sum(p.numel() for p in b.parameters()) for b in blocks),
+        block_linear_parameters=sum(m.weight.numel() for ms in linears for m in ms),
+        largest_linear=max(m.weight.numel() for ms in linears for m in ms),
+        layers=len(blocks),
+        hidden=hidden,
+        intermediate=getattr(config.get_text_config(), "intermediate_size", None) or 4 * hidden,
+        vocab=model.get_output_embeddings().weight.shape[0],
+        lora_parameters=sum(r * (m.in_features + m.out_features) for ms in per_block for m in ms),
+        lora_inputs=max(sum(m.in_features for m in ms) for ms in per_block),
+        lora_targets=max(len(ms) for ms in per_block),
+    )
+
+
+def block_bytes_per_token(shape: Shape, cfg: TrainConfig, e: int) -> int:
+    """Bytes one decoder block saves for backward per token (e: bytes of the compute dtype)."""
+    h, i = shape.hidden, shape.intermediate
+    norms = 2 * 4 * h  # RMSNorm keeps its input in fp32, before attention and before the MLP
+    attention = e * 5 * h  # normed input, q, k and v over all heads (GQA repeated), output
+    mlp = e * (h + 4 * i)  # normed input, gate, up, act(gate), act(gate) * up
+    lora = e * shape.lora_targets * cfg.lora.r
+    if cfg.lora.dropout > 0:
+        lora += shape.lora_inputs * (e + 1)  # each target's dropped-out input, and its mask
+    return norms + attention + mlp + lora
+
+
+def estimate(
+    shape: Shape, cfg: TrainConfig, gpus: int = 1, gpu_memory: int | None = None
+) -> dict[str, Any]:
+    """Peak memory per GPU, part by part, in bytes; `fits` when gpu_memory is known."""
+    e = 4 if cfg.precision == "fp32" else 2  # auto: bf16 on the GPUs this is for
+    fsdp = gpus > 1 and cfg.distributed.strategy == "fsdp"
+    share = gpus if fsdp else 1
+    if cfg.qlora:
+        quantized = shape.block_linear_parameters
+        weights = quantized * NF4_BYTES + (shape.parameters - quantized) * 4
+        block = shape.block_parameters * NF4_BYTES
+        weights_extra = shape.largest_linear * e  # one weight dequantized for its matmul
+    else:
+        load = 4 if cfg.precision in ("fp32", "fp16") else 2
+        weights, block, weights_extra = shape.parameters * load, shape.block_parameters * load, 0
+    weights = weights / share + (2 * block if fsdp else 0) + weights_extra
+
+    tokens = cfg.batch_size * cfg.max_length
+    per_block = block_bytes_per_token(shape, cfg, e) * tokens
+    checkpointed = shape.layers * tokens * shape.hidden * e + 2 * per_block
+    everything = shape.layers * per_block + per_block
+    activations = checkpointed if cfg.gradient_checkpointing else everything
+
+    distills = any(source.distill for source in cfg.data)
+    if cfg.loss_chunk:
+        rows = min(cfg.loss_chunk, tokens)
+        logits = rows * shape.vocab * (e + 4) * (2 if distills else 1)
+        logits += tokens * shape.hidden * e * (2 if distills else 1)  # the hidden states' grad
+    else:
+        logits = tokens * shape.vocab * (e + 4 + 4) * (2 if distills else 1)
+
+    lora = shape.lora_parameters * ADAM_LORA_BYTES / share
+    total = weights + lora + activations + logits + RUNTIME_BYTES
+    return {
+        "parameters": shape.parameters,
+        "trainable_parameters": shape.lora_parameters,
+        "gpus": gpus,
+        "strategy": ("fsdp" if fsdp else "ddp") if gpus > 1 else None,
+        "tokens_per_micro_batch": tokens,
+        "weights": int(weights),
+        "lora_and_optimizer": int(lora),
+        "activations": int(activations),
+        "activations_with_checkpointing": int(checkpointed),
+        "activations_without_checkpointing": int(everything),
+        "logits": int(logits),
+        "runtime": RUNTIME_BYTES,
+        "total": int(total),
+        "gpu_memory": gpu_memory,
+        "fits": None if gpu_memory is None else total <= gpu_memory,
+    }
+
+
+def readable(result: dict[str, Any]) -> dict[str, Any]:
+    """The estimate with sizes in GiB, for the dry run's report."""
+    sizes = {
+        "weights", "lora_and_optimizer", "activations", "activations_with_checkpointing",
+        "activations_without_checkpointing", "logits", "runtime", "total", "gpu_memory",
+    }  # fmt: skip
+    return {
+        (f"{k}_gib" if k in sizes else k): round(v / GiB, 2) if k in sizes and v else v
+        for k, v in result.items()
+    }
+
+
+_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([kmgt]i?b?)?\s*$", re.IGNORECASE)
+
+
+def parse_size(text: str) -> int:
+    """'80GiB', '24GB', '81559MiB', '24G' (G: GiB, as nvidia-smi counts) -> bytes."""
+    match = _SIZE.match(text)
+    if not match:
+        raise TuneshipError(f"cannot read the memory size {text!r} (e.g. 80GiB, 24GB)")
+    number, unit = float(match.group(1)), (match.group(2) or "b").lower()
+    if unit == "b":
+        return int(number)
+    power = "kmgt".index(unit[0]) + 1
+    decimal = unit.endswith("b") and not unit.endswith("ib")
+    return int(number * (1000**power if decimal else 1024**power))
+
+
+def detected_gpu_memory() -> int | None:
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return torch.cuda.get_device_properties(0).total_memory
+
+
+def advice(result: dict[str, Any], cfg: TrainConfig) -> str:
+    """What would make a config that does not fit fit."""
+    ways = []
+    if not cfg.gradient_checkpointing:
+        ways.append("gradient_checkpointing: true")
+    if not cfg.qlora:
+        ways.append("qlora: true")
+    if result["gpus"] > 1 and result["strategy"] != "fsdp":
+        ways.append("distributed.strategy: fsdp")
+    ways.append("a smaller batch_size (with grad_accum) or max_length")
+    return (
+        f"{result['total'] / GiB:.1f} GiB per GPU does not fit in "
+        f"{result['gpu_memory'] / GiB:.1f} GiB; try {', '.join(ways)}"
+    )
+
+
+def report(cfg: TrainConfig, gpus: int | None, gpu_memory: str | None) -> dict[str, Any]:
+    """The dry run's estimate for cfg: on `gpus` GPUs (default: this launch's WORLD_SIZE) of
+    `gpu_memory` each (default: the GPU here, if any); a warning when it does not fit."""
+    import os
+    import sys
+
+    from .base import resolve_base
+
+    gpus = gpus or int(os.environ.get("WORLD_SIZE", "1"))
+    memory = parse_size(gpu_memory) if gpu_memory else detected_gpu_memory()
+    base = resolve_base(cfg.base)
+    result = estimate(model_shape(base, cfg), cfg, gpus, memory)
+    if result["fits"] is False:
+        print(f"warning: {advice(result, cfg)}", file=sys.stderr)
+    return readable(result)
