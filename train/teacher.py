@@ -133,7 +133,7 @@ def compute(
             for row, index in enumerate(picked):
                 trained = labels[row, 1:] != IGNORE
                 log_p = logprobs_of(causal_lm, outputs[row, :-1][trained], chunkable)
-                top = log_p.topk(settings.top_k, dim=-1)
+                top = log_p.topk(min(settings.top_k, log_p.shape[-1]), dim=-1)  # tiny vocabularies
                 ids[index], logprobs[index] = top.indices.to(torch.int32).cpu(), top.values.cpu()
     model.train(was_training)
     return ids, logprobs
