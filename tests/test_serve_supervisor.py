@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -15,10 +16,11 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import fake_bundle
+from tests.support import REPO, fake_bundle
 from tuneship.errors import TuneshipError
 from tuneship.launch import Server, free_port
 
+DOCKERFILE_SERVE = REPO / "Dockerfile.serve"
 STAND_IN = r"""
 import http.server, json, os, signal, sys, threading, time
 port, load_s, reply_delay_s, busy_s = int(sys.argv[1]), *map(float, sys.argv[2:5])
@@ -50,7 +52,7 @@ SUPERVISE = (
 )
 
 
-def start(tmp_path: Path, load_s: float, reply_delay_s: float, busy_s: float, env=None):
+def start(tmp_path: Path, load_s: float, reply_delay_s: float, busy_s: float, env=None, pid1=()):
     port = free_port()
     script = tmp_path / "stand_in.py"
     script.write_text(STAND_IN)
@@ -58,7 +60,7 @@ def start(tmp_path: Path, load_s: float, reply_delay_s: float, busy_s: float, en
     child = [sys.executable, str(script), str(port), str(load_s), str(reply_delay_s),
              str(busy_s), str(events)]  # fmt: skip
     proc = subprocess.Popen(
-        [sys.executable, "-c", SUPERVISE, json.dumps(child), str(port)],
+        [*pid1, sys.executable, "-c", SUPERVISE, json.dumps(child), str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ | (env or {}),
     )  # fmt: skip
     deadline = time.monotonic() + 60
@@ -98,6 +100,26 @@ def test_a_busy_server_is_waited_for_until_its_requests_finish(tmp_path):
     assert logged["drained"]["inflight_left"] == 0, output
     assert logged["drained"]["seconds"] >= 4
     assert time.monotonic() - sent >= 4
+    assert events.read_text().splitlines() == ["started", "sigusr1", "sigterm"]
+
+
+@pytest.mark.processes
+def test_docker_stop_on_the_serve_image_drains_before_vllm_hears_of_it(tmp_path):
+    """The serve image's PID 1 (its ENTRYPOINT up to `tuneship`) gets docker's or the
+    kubelet's SIGTERM. dumb-init's default forwards it to the whole process group, vLLM
+    included, which then stopped at once, undrained, and died of the drain signal (exit 138):
+    only tuneship serve may hear it."""
+    entrypoint = re.search(r"^ENTRYPOINT (\[.*\])$", DOCKERFILE_SERVE.read_text(), re.M)
+    argv = json.loads(entrypoint.group(1))
+    pid1 = argv[: argv.index("tuneship")]
+    assert pid1[0] == "dumb-init", pid1
+    pid1[0] = str(Path(sys.executable).parent / "dumb-init")
+    proc, events = start(tmp_path, load_s=0, reply_delay_s=0, busy_s=1, pid1=pid1)
+    time.sleep(1)  # the stand-in listens
+    os.kill(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0, output
+    assert log_events(output)["drained"]["inflight_left"] == 0, output
     assert events.read_text().splitlines() == ["started", "sigusr1", "sigterm"]
 
 
