@@ -142,10 +142,14 @@ def kill_tree(pid: int) -> None:
             os.kill(target, signal.SIGKILL)
 
 
-def run_job(argv: list[str], timeout: float) -> subprocess.CompletedProcess:
+def run_job(
+    argv: list[str], timeout: float, env: dict | None = None
+) -> subprocess.CompletedProcess:
     """Run a command; on timeout kill it and everything it started (torchrun's workers, which a
     hung collective would otherwise leave behind), then fail."""
-    proc = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
+    )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:

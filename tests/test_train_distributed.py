@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 from pathlib import Path
 
@@ -14,8 +15,8 @@ from tuneship.manifest import read_run
 pytestmark = pytest.mark.processes
 
 
-def torchrun(cfg_path: Path, *extra: str, timeout: float = 300) -> None:
-    done = run_job([*TORCHRUN, "train", "--config", str(cfg_path), *extra], timeout)
+def torchrun(cfg_path: Path, *extra: str, timeout: float = 300, env: dict | None = None) -> None:
+    done = run_job([*TORCHRUN, "train", "--config", str(cfg_path), *extra], timeout, env)
     assert done.returncode == 0, done.stderr[-3000:]
 
 
@@ -64,6 +65,33 @@ def test_fsdp_shards_and_gathers_the_same_adapter_as_ddp(tmp_path, tiny_base, sm
     assert ddp.keys() == fsdp.keys() and len(ddp) == 2 * 7 * 2  # A and B, 7 linears, 2 layers
     assert all((ddp[k] - fsdp[k]).abs().max() < 1e-5 for k in ddp)
     assert any(ddp[k].abs().max() > 0 for k in ddp if "lora_B" in k)  # B started at zero
+
+
+SLOW_BASE_HASH = """
+import time
+import tuneship.fsutil as fsutil
+hash_tree = fsutil.hash_tree
+def slow_hash_tree(path, *args, **kwargs):
+    if str(path) == {base!r}:  # the base's weights, 140 GB on network storage
+        time.sleep({seconds})
+    return hash_tree(path, *args, **kwargs)
+fsutil.hash_tree = slow_hash_tree
+"""
+
+
+def test_rank_0_hashing_the_base_for_longer_than_the_timeout_fails_no_rank(
+    tmp_path, tiny_base, small_dataset
+):
+    """After training, rank 0 alone hashes the base weights for run.json; the other ranks used
+    to wait for it in a barrier, and a hash longer than distributed.timeout_s failed the run."""
+    hooks = tmp_path / "hooks"  # every process of the job imports it first (sitecustomize)
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(SLOW_BASE_HASH.format(base=str(tiny_base), seconds=30))
+    path = os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])
+    env = os.environ | {"PYTHONPATH": path}
+    cfg_path = write_config(tmp_path, tiny_base, small_dataset, name="slow", max_steps=2)
+    torchrun(cfg_path, "--set", "distributed.timeout_s=15", env=env)
+    assert read_run(tmp_path / "runs" / "slow").base.weights_sha256
 
 
 @pytest.mark.parametrize("strategy", ["ddp", "fsdp"])

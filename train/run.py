@@ -110,21 +110,22 @@ def run(
         raise
     final_adapter = ctx.work / "adapter"
     training.trainer.save_model(str(final_adapter))  # every rank takes part (FSDP gathers)
-    if rank == 0:
-        base_info = describe_base(cfg, base, tokenizer, eot_id)
-        write_run(ctx, out_dir, final_adapter, tokenizer, base_info, prepared, precision, metrics)
+    # The group closes before rank 0's solo work (hashing a 140 GB base, fsync on network
+    # storage): no rank waits for it in a collective, so its length meets no timeout.
     leave_process_group(world)
-    if rank == 0:
-        shutil.rmtree(ctx.work, ignore_errors=True)
-        reporter.event(
-            "done",
-            f"run written to {out_dir} (step {metrics.steps}, final loss {metrics.final_loss})",
-            run=str(out_dir),
-            steps=metrics.steps,
-            final_loss=metrics.final_loss,
-        )
-        return out_dir
-    return None
+    if rank != 0:
+        return None
+    base_info = describe_base(cfg, base, tokenizer, eot_id)
+    write_run(ctx, out_dir, final_adapter, tokenizer, base_info, prepared, precision, metrics)
+    shutil.rmtree(ctx.work, ignore_errors=True)
+    reporter.event(
+        "done",
+        f"run written to {out_dir} (step {metrics.steps}, final loss {metrics.final_loss})",
+        run=str(out_dir),
+        steps=metrics.steps,
+        final_loss=metrics.final_loss,
+    )
+    return out_dir
 
 
 def prepare_data(cfg: TrainConfig, tokenizer: Any, reporter: Reporter) -> Prepared:
@@ -326,9 +327,8 @@ def main_first(step, rank: int, world: int, backend: str, timeout_s: float):
 
 
 def leave_process_group(world: int) -> None:
-    """Wait until rank 0 has written the run, then close the group: a rank that exits while
-    the group is alive can abort in gloo's threads ('terminate called without an active
-    exception')."""
+    """Close the group once every rank is done with it: a rank that exits while the group is
+    alive can abort in gloo's threads ('terminate called without an active exception')."""
     if world > 1 and dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
