@@ -8,7 +8,8 @@ The parts, per GPU:
   decoder blocks' linear layers in NF4 with double-quantized scales (~0.516 bytes a parameter);
   everything else in fp32, because peft's prepare_model_for_kbit_training upcasts it (a 128k
   vocabulary's embedding and output layer: 4 GB for 8B). FSDP divides them by the GPUs and
-  gathers two blocks whole at a time (the one running, the one prefetched).
+  gathers two blocks whole at a time (the one running, the one prefetched); QLoRA's 4-bit
+  weights it leaves whole on every GPU (model.py says why).
 - LoRA: fp32 weights, their gradients and two AdamW moments, 16 bytes a parameter (FSDP:
   divided by the GPUs).
 - activations at batch_size x max_length tokens (the longest micro-batch, packed or padded):
@@ -111,14 +112,15 @@ def estimate(
     fsdp = gpus > 1 and cfg.distributed.strategy == "fsdp"
     share = gpus if fsdp else 1
     if cfg.qlora:
+        # the 4-bit weights are whole on every GPU, FSDP or not (model.py says why); the rest
+        # (fp32) is sharded
         quantized = shape.block_linear_parameters
-        weights = quantized * NF4_BYTES + (shape.parameters - quantized) * 4
-        block = shape.block_parameters * NF4_BYTES
-        weights_extra = shape.largest_linear * e  # one weight dequantized for its matmul
+        weights = quantized * NF4_BYTES + (shape.parameters - quantized) * 4 / share
+        weights += shape.largest_linear * e  # one weight dequantized for its matmul
     else:
         load = 4 if cfg.precision in ("fp32", "fp16") else 2
-        weights, block, weights_extra = shape.parameters * load, shape.block_parameters * load, 0
-    weights = weights / share + (2 * block if fsdp else 0) + weights_extra
+        block = shape.block_parameters * load
+        weights = shape.parameters * load / share + (2 * block if fsdp else 0)
 
     tokens = cfg.batch_size * cfg.max_length
     per_block = block_bytes_per_token(shape, cfg, e) * tokens

@@ -40,10 +40,14 @@ def load_model(cfg: TrainConfig, base: str, dtype: torch.dtype, world: int) -> A
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
             bnb_4bit_compute_dtype=compute,
-            # FSDP shards parameters of one dtype: store the 4-bit weights as the compute dtype
-            bnb_4bit_quant_storage=compute if fsdp else torch.uint8,
+            # uint8 under FSDP too: accelerate then leaves the 4-bit weights out of fully_shard
+            # (whole on every GPU, the rest sharded). Stored as bf16, FSDP2 shards them, and on
+            # CUDA rewrites the NaN bit patterns some packed NF4 pairs form: other weights,
+            # silently (bitsandbytes issue 1945, open for the pinned versions).
+            bnb_4bit_quant_storage=torch.uint8,
         )
-    if world > 1 and not fsdp and torch.cuda.is_available():
+    if torch.cuda.is_available() and (cfg.qlora or (world > 1 and not fsdp)):
+        # each process's own GPU: bitsandbytes quantizes on the device it loads to
         kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
     model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     # no KV cache in training: it also disables transformers' packed-sequence masking
