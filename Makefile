@@ -7,7 +7,7 @@ LINT := .venv/lint
 LMEVAL := .venv/lmeval
 PIP_FLAGS := --quiet --disable-pip-version-check --no-deps
 
-.PHONY: demo test lint format unit e2e envs lock clean bench-train bench-serve images
+.PHONY: demo test lint format unit e2e envs lock clean bench-train bench-fit bench-serve images
 
 # The installs wait mostly on the network and the disk: build them side by side.
 envs:
@@ -82,6 +82,11 @@ images:
 bench-train: envs
 	$(TRAIN)/bin/tuneship base fetch
 	$(TRAIN)/bin/python bench/train.py
+
+# The fit estimate against measured peak memory, 4 short CPU trainings (~3 min on 2 cores)
+bench-fit: envs
+	$(TRAIN)/bin/tuneship base fetch
+	$(TRAIN)/bin/python bench/fit.py
 
 # Serving throughput against the article's FastAPI server (needs bundles/demo: `make demo`)
 bench-serve: envs

@@ -15,7 +15,7 @@ The parts, per GPU:
 - activations at batch_size x max_length tokens (the longest micro-batch, packed or padded):
   what each block saves for the backward pass. Without checkpointing every block's; with it,
   each block's input plus one block recomputed and its gradients. The count is a Llama-style
-  block (attention over all heads, gated MLP, RMSNorm in fp32, LoRA dropout copies); other
+  block (attention over all heads, gated MLP, RMSNorm in fp32, LoRA's input copies); other
   architectures get the same arithmetic as an approximation.
 - the loss: one `loss_chunk` of logits (and the teacher's on distilled rows), or the whole
   batch's fp32 logits and their gradient when loss_chunk is 0.
@@ -99,6 +99,9 @@ def block_bytes_per_token(shape: Shape, cfg: TrainConfig, e: int) -> int:
     attention = e * 5 * h  # normed input, q, k and v over all heads (GQA repeated), output
     mlp = e * (h + 4 * i)  # normed input, gate, up, act(gate), act(gate) * up
     lora = e * shape.lora_targets * cfg.lora.r
+    # peft casts each target's input to the adapter's fp32, and autocast that back to a copy
+    # in the compute dtype, which lora_A's backward keeps: one input copy per target
+    lora += e * shape.lora_inputs
     if cfg.lora.dropout > 0:
         lora += shape.lora_inputs * (e + 1)  # each target's dropped-out input, and its mask
     return norms + attention + mlp + lora
