@@ -146,16 +146,26 @@ def run_job(
     argv: list[str], timeout: float, env: dict | None = None
 ) -> subprocess.CompletedProcess:
     """Run a command; on timeout kill it and everything it started (torchrun's workers, which a
-    hung collective would otherwise leave behind), then fail."""
+    hung collective would otherwise leave behind), then fail with where each process was: they
+    run with faulthandler on, and SIGABRT makes it print every thread's stack first."""
+    import signal
+
+    env = (env or os.environ) | {"PYTHONFAULTHANDLER": "1"}
     proc = subprocess.Popen(
         argv, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env
     )
     try:
         stdout, stderr = proc.communicate(timeout=timeout)
     except subprocess.TimeoutExpired:
+        for worker in descendants(proc.pid):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(worker, signal.SIGABRT)
+        time.sleep(3)
         kill_tree(proc.pid)
         stdout, stderr = proc.communicate()
-        raise AssertionError(f"{argv} timed out after {timeout} s:\n{stderr[-3000:]}") from None
+        stacks = stderr.find("Fatal Python error")
+        told = stderr[-3000:] if stacks < 0 else stderr[:stacks][-2000:] + stderr[stacks:][:8000]
+        raise AssertionError(f"{argv} timed out after {timeout} s:\n{told}") from None
     return subprocess.CompletedProcess(argv, proc.returncode, stdout, stderr)
 
 
