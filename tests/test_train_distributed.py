@@ -7,9 +7,19 @@ import subprocess
 from pathlib import Path
 
 import pytest
+import torch
 from safetensors.torch import load_file
+from transformers import LlamaConfig, LlamaForCausalLM
 
-from tests.support import TORCHRUN, TUNESHIP, run_job, sharegpt, write_config, write_jsonl
+from tests.support import (
+    TORCHRUN,
+    TUNESHIP,
+    build_tokenizer,
+    run_job,
+    sharegpt,
+    write_config,
+    write_jsonl,
+)
 from tuneship.manifest import read_run
 
 pytestmark = pytest.mark.processes
@@ -100,16 +110,23 @@ fsutil.hash_tree = slow_hash_tree
 """
 
 
+def hooked(tmp_path: Path, code: str) -> dict:
+    """An environment whose every Python process (torchrun's workers too) runs `code` first
+    (as sitecustomize)."""
+    hooks = tmp_path / "hooks"
+    hooks.mkdir(parents=True)
+    (hooks / "sitecustomize.py").write_text(code)
+    return os.environ | {
+        "PYTHONPATH": os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])
+    }
+
+
 def test_rank_0_hashing_the_base_for_longer_than_the_timeout_fails_no_rank(
     tmp_path, tiny_base, small_dataset
 ):
     """After training, rank 0 alone hashes the base weights for run.json; the other ranks used
     to wait for it in a barrier, and a hash longer than distributed.timeout_s failed the run."""
-    hooks = tmp_path / "hooks"  # every process of the job imports it first (sitecustomize)
-    hooks.mkdir()
-    (hooks / "sitecustomize.py").write_text(SLOW_BASE_HASH.format(base=str(tiny_base), seconds=30))
-    path = os.pathsep.join([str(hooks), os.environ.get("PYTHONPATH", "")])
-    env = os.environ | {"PYTHONPATH": path}
+    env = hooked(tmp_path, SLOW_BASE_HASH.format(base=str(tiny_base), seconds=30))
     cfg_path = write_config(tmp_path, tiny_base, small_dataset, name="slow", max_steps=2)
     torchrun(cfg_path, "--set", "distributed.timeout_s=15", env=env)
     assert read_run(tmp_path / "runs" / "slow").base.weights_sha256
@@ -166,3 +183,54 @@ def test_keep_best_under_fsdp_keeps_the_same_adapter_as_ddp(tmp_path, tiny_base,
     one, two = adapter(tmp_path / "runs" / "ddp"), adapter(tmp_path / "runs" / "fsdp")
     assert one.keys() == two.keys()
     assert all(one[k].shape == two[k].shape and (one[k] - two[k]).abs().max() < 1e-5 for k in one)
+
+
+PEAK_MEMORY_ONCE_SHARDED = """
+import os, resource, sys
+import accelerate.accelerator
+
+prepare = accelerate.accelerator.fsdp2_prepare_model
+def prepare_and_record(accelerator, model):
+    model = prepare(accelerator, model)
+    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    with open(os.path.join({folder!r}, "rank" + os.environ["RANK"]), "w") as out:
+        out.write(str(peak_kib * 1024))
+    return model
+accelerate.accelerator.fsdp2_prepare_model = prepare_and_record
+"""
+
+
+def test_fsdp_loads_a_base_it_converts_on_rank_0_alone(tmp_path, small_dataset):
+    """A base stored in fp32 and trained in bf16 used to be loaded and converted by every rank,
+    each holding its own copy until FSDP sharded it (a 70B base: 140 GB a process). Now rank 0
+    alone loads it and the others get their shards from it: rank 1's peak memory, once the model
+    is sharded, drops by at least half the base, and it learns the same adapter."""
+    base = tmp_path / "base"
+    torch.manual_seed(0)
+    tokenizer = build_tokenizer()
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=512, intermediate_size=2048,
+        num_hidden_layers=12, num_attention_heads=4, num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )  # fmt: skip
+    LlamaForCausalLM(config).save_pretrained(base)  # 47M parameters, 190 MB in fp32
+    tokenizer.save_pretrained(base)
+    base_bytes = sum(f.stat().st_size for f in base.glob("*.safetensors"))
+    peaks = {}
+    for name, low_memory in (("whole", False), ("alone", None)):  # None: tuneship decides
+        folder = tmp_path / name / "peaks"
+        folder.mkdir(parents=True)
+        cfg_path = write_config(
+            tmp_path, base, small_dataset, name=name, batch_size=2, max_steps=2,
+            precision="bf16", distributed={"strategy": "fsdp", "low_memory_loading": low_memory},
+        )  # fmt: skip
+        env = hooked(tmp_path / name, PEAK_MEMORY_ONCE_SHARDED.format(folder=str(folder)))
+        torchrun(cfg_path, env=env)
+        peaks[name] = {p.name: int(p.read_text()) for p in folder.iterdir()}
+    whole, alone = peaks["whole"], peaks["alone"]
+    assert whole.keys() == alone.keys() == {"rank0", "rank1"}
+    saved = whole["rank1"] - alone["rank1"]
+    assert saved > base_bytes / 2, f"rank 1 peaks at {whole} then {alone} (base {base_bytes})"
+    runs = tmp_path / "runs"
+    one, two = adapter(runs / "whole"), adapter(runs / "alone")
+    assert all((one[k] - two[k]).abs().max() < 1e-5 for k in one)

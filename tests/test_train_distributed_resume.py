@@ -60,15 +60,17 @@ def signal_at_step(argv: list[str], step: int, target: str) -> tuple[int, str, s
 
 
 @pytest.mark.parametrize(
-    "strategy, target",
-    [("ddp", "agent"), ("ddp", "worker"), ("fsdp", "agent"), ("fsdp", "worker")],
-)
+    "strategy, target, precision",
+    # FSDP in bf16: the fp32 tiny base is converted, so rank 0 loads it alone (model.py)
+    [("ddp", "agent", "fp32"), ("ddp", "worker", "fp32"), ("fsdp", "agent", "fp32"),
+     ("fsdp", "worker", "bf16")],
+)  # fmt: skip
 def test_sigterm_under_torchrun_checkpoints_exits_143_and_resumes(
-    tmp_path, tiny_base, small_dataset, strategy, target
+    tmp_path, tiny_base, small_dataset, strategy, target, precision
 ):
     cfg_path = write_config(
         tmp_path, tiny_base, small_dataset, batch_size=2, max_steps=STEPS, checkpoint_steps=1000,
-        log_format="json", distributed={"strategy": strategy},
+        log_format="json", distributed={"strategy": strategy}, precision=precision,
     )  # fmt: skip
     argv = [*TORCHRUN, "train", "--config", str(cfg_path)]
     code, stdout, stderr = signal_at_step(argv, 3, target)
@@ -83,6 +85,8 @@ def test_sigterm_under_torchrun_checkpoints_exits_143_and_resumes(
     again = run_job(argv, timeout=300)
     assert again.returncode == 0, again.stderr[-3000:]
     assert [e["step"] for e in events(again.stdout) if e["event"] == "resume"] == [step]
+    alone = [e for e in events(again.stdout) if e["event"] == "loading"]
+    assert len(alone) == (precision == "bf16")
     metrics = read_run(tmp_path / "runs" / "t").metrics
     assert metrics.steps == STEPS and metrics.resumed_from_step == step
     assert [s for s, _ in metrics.loss] == list(range(1, STEPS + 1))

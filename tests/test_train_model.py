@@ -6,11 +6,14 @@ from __future__ import annotations
 
 import contextlib
 
+import pytest
 import torch
+from pydantic import ValidationError
 
-from tests.support import train_config
-from tuneship.train.model import load_model
-from tuneship.train.trainer import fsdp_settings
+from tests.support import train_config, write_jsonl
+from tuneship.train.model import load_model, rank_0_loads_alone
+from tuneship.train.observe import Reporter
+from tuneship.train.trainer import Context, fsdp_settings
 
 
 def test_qlora_under_fsdp_checkpoints_activations_once(tmp_path, tiny_base, small_dataset):
@@ -20,11 +23,12 @@ def test_qlora_under_fsdp_checkpoints_activations_once(tmp_path, tiny_base, smal
         tmp_path, tiny_base, small_dataset, qlora=True, gradient_checkpointing=True,
         distributed={"strategy": "fsdp"},
     )  # fmt: skip
-    model = load_model(cfg, str(tiny_base), torch.float32, world=2)
-    assert fsdp_settings(cfg, 2, model)["fsdp_config"]["activation_checkpointing"]
+    model = load_model(cfg, str(tiny_base), torch.float32, rank=0, world=2)
+    ctx = Context(cfg, tmp_path / "work", 2, Reporter("json", is_main=True))
+    assert fsdp_settings(ctx, model)["fsdp_config"]["activation_checkpointing"]
     assert not model.get_base_model().is_gradient_checkpointing
 
-    one = load_model(cfg, str(tiny_base), torch.float32, world=1)  # no FSDP: HF's, once
+    one = load_model(cfg, str(tiny_base), torch.float32, rank=0, world=1)  # no FSDP: HF's, once
     assert one.get_base_model().is_gradient_checkpointing
 
 
@@ -56,6 +60,39 @@ def test_qlora_loads_onto_each_process_own_gpu_with_4bit_weights_fsdp_leaves_who
         )
         seen.clear()
         with contextlib.suppress(Loaded):
-            load_model(cfg, str(tiny_base), torch.bfloat16, world=8)
+            load_model(cfg, str(tiny_base), torch.bfloat16, rank=0, world=8)
         assert seen["device_map"] == {"": 3}, strategy
         assert seen["quantization_config"].bnb_4bit_quant_storage == torch.uint8, strategy
+
+
+def test_rank_0_loads_alone_where_each_rank_would_convert_its_own_copy(
+    tmp_path, tiny_base, small_dataset
+):
+    """The tiny base is stored in fp32: loaded as bf16, every rank would hold a converted copy;
+    loaded as fp32, the ranks share its memory-mapped pages."""
+    fsdp = train_config(tmp_path, tiny_base, small_dataset, distributed={"strategy": "fsdp"})
+    base = str(tiny_base)
+    assert rank_0_loads_alone(fsdp, base, torch.bfloat16, world=2)
+    assert not rank_0_loads_alone(fsdp, base, torch.float32, world=2)
+    assert not rank_0_loads_alone(fsdp, base, torch.float16, world=2)  # fp16 loads fp32
+    assert not rank_0_loads_alone(fsdp, base, torch.bfloat16, world=1)
+    ddp = fsdp.model_copy(update={"distributed": fsdp.distributed.model_copy(
+        update={"strategy": "ddp"})})  # fmt: skip
+    assert not rank_0_loads_alone(ddp, base, torch.bfloat16, world=2)
+    qlora = fsdp.model_copy(update={"qlora": True})
+    assert not rank_0_loads_alone(qlora, base, torch.bfloat16, world=2)
+    forced = train_config(
+        tmp_path, tiny_base, small_dataset,
+        distributed={"strategy": "fsdp", "low_memory_loading": True},
+    )  # fmt: skip
+    assert rank_0_loads_alone(forced, base, torch.float32, world=2)
+
+    replay = write_jsonl(tmp_path / "replay.jsonl", [])
+    sources = [{"path": str(small_dataset)}, {"path": str(replay), "distill": True}]
+    distilled = train_config(tmp_path, tiny_base, sources, distributed={"strategy": "fsdp"})
+    assert not rank_0_loads_alone(distilled, base, torch.bfloat16, world=2)  # teacher first
+    with pytest.raises(ValidationError, match="low_memory_loading: distill sources"):
+        train_config(
+            tmp_path, tiny_base, sources,
+            distributed={"strategy": "fsdp", "low_memory_loading": True},
+        )  # fmt: skip

@@ -47,7 +47,7 @@ from . import checkpoints as ckpt
 from . import tokenized
 from .base import quantized_origin, resolve_base
 from .examples import TrainingRows, tokenize
-from .model import checkpoint_bytes, load_model, pick_precision
+from .model import checkpoint_bytes, load_model, pick_precision, rank_0_loads_alone
 from .observe import METRICS_JSONL, Reporter, read_rows, write_csv, write_plots
 from .ranks import backend_for, rank_and_world
 from .teacher import TargetSettings, teacher_targets
@@ -86,8 +86,15 @@ def run(
         return None
 
     precision, dtype = pick_precision(cfg.precision)
-    ctx = Context(cfg, ckpt.work_dir(out_dir), world, reporter)
-    model = load_model(cfg, base, dtype, world)
+    alone = rank_0_loads_alone(cfg, base, dtype, world)
+    if alone:
+        reporter.event(
+            "loading",
+            "rank 0 loads the base alone; the other ranks get their shards from it when FSDP "
+            "wraps the model (distributed.low_memory_loading)",
+        )
+    ctx = Context(cfg, ckpt.work_dir(out_dir), world, reporter, alone)
+    model = load_model(cfg, base, dtype, rank, world, alone)
     ckpt.preflight(ctx.work, checkpoint_bytes(model) * (cfg.keep_checkpoints + 2))
     resume_from = find_resume_point(ctx, prepared, restart, rank)
     prepared.distillation = distill_targets(

@@ -60,6 +60,7 @@ class Context:
     work: Path
     world: int
     reporter: Reporter
+    rank_0_loads_alone: bool = False  # FSDP's low-memory loading (model.rank_0_loads_alone)
 
     @property
     def is_main(self) -> bool:
@@ -75,10 +76,11 @@ class Training:
     metrics_server: Any = None
 
 
-def fsdp_settings(cfg: TrainConfig, world: int, model: Any) -> dict[str, Any]:
+def fsdp_settings(ctx: Context, model: Any) -> dict[str, Any]:
     """The Trainer's FSDP arguments ({} without FSDP). FSDP checkpoints the activations of each
     wrapped block itself, so HF's gradient checkpointing stays off (model.py)."""
-    if world == 1 or cfg.distributed.strategy != "fsdp":
+    cfg = ctx.cfg
+    if ctx.world == 1 or cfg.distributed.strategy != "fsdp":
         return {}
     return {
         "fsdp": True,
@@ -87,7 +89,8 @@ def fsdp_settings(cfg: TrainConfig, world: int, model: Any) -> dict[str, Any]:
             "auto_wrap_policy": "TRANSFORMER_BASED_WRAP",
             "cpu_offload": cfg.distributed.fsdp_cpu_offload,
             "transformer_layer_cls_to_wrap": list(model.base_model.model._no_split_modules),
-            "cpu_ram_efficient_loading": False,
+            # rank 0 broadcasts the weights the other ranks did not load (model.load_model)
+            "cpu_ram_efficient_loading": ctx.rank_0_loads_alone,
             "activation_checkpointing": cfg.gradient_checkpointing,
         },
     }
@@ -95,7 +98,7 @@ def fsdp_settings(cfg: TrainConfig, world: int, model: Any) -> dict[str, Any]:
 
 def training_arguments(ctx: Context, precision: str, model: Any) -> TrainingArguments:
     cfg, world = ctx.cfg, ctx.world
-    fsdp = fsdp_settings(cfg, world, model)
+    fsdp = fsdp_settings(ctx, model)
     has_eval = cfg.has_eval
     return TrainingArguments(
         output_dir=str(ctx.work / ckpt.INCOMING),

@@ -64,6 +64,16 @@ class Distributed(StrictModel):
         "auto", description="Process-group backend: auto = nccl on CUDA, gloo on CPU."
     )
     fsdp_cpu_offload: bool = Field(False, description="FSDP: keep sharded parameters on CPU.")
+    low_memory_loading: bool | None = Field(
+        None,
+        description="FSDP without QLoRA: only rank 0 reads the base weights; the other ranks "
+        "build the model empty (meta device) and receive their shards from rank 0 when FSDP "
+        "wraps it. null: on when the load converts the checkpoint's dtype (each rank would hold "
+        "its own converted copy: 70B in bf16 is 140 GB per process) and no source is distilled; "
+        "a checkpoint already in the training dtype is memory-mapped, one copy in the page "
+        "cache for all ranks. Distilled sources need it off: their teacher pass runs on every "
+        "rank's whole model before training.",
+    )
     timeout_s: int = Field(
         1800,
         ge=1,
@@ -239,6 +249,12 @@ class TrainConfig(StrictModel):
             )
         if self.eval_data and self.eval_fraction:
             raise ValueError("set eval_data or eval_fraction, not both")
+        low_memory = self.distributed.strategy == "fsdp" and self.distributed.low_memory_loading
+        if low_memory and any(s.distill for s in self.data):
+            raise ValueError(
+                "distributed.low_memory_loading: distill sources need every rank to hold the "
+                "whole base for their teacher pass before training; set it to false or null"
+            )
         if (self.early_stopping_patience or self.keep_best) and not self.has_eval:
             raise ValueError(
                 "early_stopping_patience and keep_best need eval_data or eval_fraction"
