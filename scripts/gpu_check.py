@@ -1,5 +1,6 @@
 """GPU check: 10 LoRA and 10 QLoRA steps of a Llama-3-8B-architecture model on one GPU, at the
-shipped configs' batch and length, with peak GPU memory and tokens/s beside the fit estimate.
+shipped configs' batch and length, with peak GPU memory and tokens/s beside the fit estimate
+(and the step-time estimate's tokens/s, for a GPU its table knows).
 
     python scripts/gpu_check.py --work /scratch/gpu-check        (one H100/H200, train image)
 
@@ -119,7 +120,15 @@ def skip_reason(name: str, cuda: bool) -> str | None:
 def run_check(name: str, base: Path, work: Path, args: argparse.Namespace) -> dict:
     import torch
 
-    from tuneship.train.estimate import detected_gpu_memory, estimate, model_shape, readable
+    from tuneship.train.estimate import (
+        GPUS,
+        detected_gpu,
+        detected_gpu_memory,
+        estimate,
+        model_shape,
+        readable,
+        step_time,
+    )
 
     cuda = torch.cuda.is_available()
     reason = skip_reason(name, cuda)
@@ -133,7 +142,10 @@ def run_check(name: str, base: Path, work: Path, args: argparse.Namespace) -> di
     if done.returncode != 0:
         return {"failed": done.stderr[-3000:]}
     metrics = json.loads((work / "runs" / cfg.name / "run.json").read_text())["metrics"]
-    fit = estimate(model_shape(str(base), cfg), cfg, 1, detected_gpu_memory())
+    shape = model_shape(str(base), cfg)
+    fit = estimate(shape, cfg, 1, detected_gpu_memory())
+    gpu = detected_gpu()
+    speed = step_time(shape, cfg, 1, GPUS[gpu]) if gpu else None
     return {
         "config": CHECKS[name],
         "batch_size": cfg.batch_size,
@@ -143,22 +155,25 @@ def run_check(name: str, base: Path, work: Path, args: argparse.Namespace) -> di
         "peak_memory_bytes": metrics["peak_memory_bytes"],
         "estimate_bytes": fit["total"],
         "estimate": readable(fit),
+        "gpu": gpu,
+        "estimate_tokens_per_s": speed["tokens_per_s"] if speed else None,
         "cuda": metrics["cuda"],
     }
 
 
 def table(results: dict) -> str:
     lines = [
-        "| check | batch x length | tokens/s | peak memory | estimate |",
-        "|---|---|---|---|---|",
+        "| check | batch x length | tokens/s | estimated tokens/s | peak memory | estimate |",
+        "|---|---|---|---|---|---|",
     ]
     for name, r in results.items():
         if "peak_memory_bytes" not in r:
-            lines.append(f"| {name} | {r.get('skipped') or 'failed'} | | | |")
+            lines.append(f"| {name} | {r.get('skipped') or 'failed'} | | | | |")
             continue
         lines.append(
             f"| {name} | {r['batch_size']} x {r['max_length']} | {r['tokens_per_s']} | "
-            f"{r['peak_memory_bytes'] / GiB:.2f} GiB | {r['estimate_bytes'] / GiB:.2f} GiB |"
+            f"{r['estimate_tokens_per_s'] or '-'} | {r['peak_memory_bytes'] / GiB:.2f} GiB | "
+            f"{r['estimate_bytes'] / GiB:.2f} GiB |"
         )
     return "\n".join(lines)
 

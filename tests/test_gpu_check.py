@@ -32,3 +32,4 @@ def test_gpu_check_runs_tiny_on_cpu(tmp_path, tiny_base):
     assert lora["estimate_bytes"] > 0 and "| lora | 2 x 64 |" in done.stdout
     if not torch.cuda.is_available():
         assert "no GPU here" in results["qlora"]["skipped"]
+        assert lora["estimate_tokens_per_s"] is None  # no GPU to estimate the speed of

@@ -14,7 +14,15 @@ from tests.support import REPO, tuneship, write_config
 from tuneship.config import TrainConfig
 from tuneship.errors import TuneshipError
 from tuneship.loading import load_config
-from tuneship.train.estimate import GiB, estimate, model_shape, parse_size
+from tuneship.train.estimate import (
+    GPUS,
+    GiB,
+    estimate,
+    gpu_of_device,
+    model_shape,
+    parse_size,
+    step_time,
+)
 
 LLAMA3 = {
     "8b": {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
@@ -102,6 +110,48 @@ def test_the_loss_chunk_keeps_128k_vocabulary_logits_small(llama8b):
     assert chunked < GiB < 7 * GiB < full  # 8192 x 128256 x 10 bytes
 
 
+def test_step_time_follows_the_llama3_8b_flops_and_the_gpu(llama8b):
+    cfg = shipped("llama3-8b-qlora-1gpu", llama8b)
+    shape = model_shape(cfg.base, cfg)
+    h100 = step_time(shape, cfg, 1, GPUS["H100"])
+    # 8B at 4 x 2048 tokens: about 6 FLOPs a weight a token with the recompute (the embedding
+    # none, the output layer 4; attention adds some); compute-bound
+    flops = 6 * 8.03e9 * cfg.batch_size * cfg.max_length * cfg.grad_accum
+    assert h100["bound_by"] == "compute"
+    assert 0.9 < h100["step_s"] / (flops / (989e12 * 0.4)) < 1.1
+    # an A100 has a third of the H100's FLOP/s; an H200 the same, with faster memory
+    a100 = step_time(shape, cfg, 1, GPUS["A100-80GB"])
+    assert a100["step_s"] / h100["step_s"] == pytest.approx(989 / 312, rel=0.01)
+    assert step_time(shape, cfg, 1, GPUS["H200"])["step_s"] == h100["step_s"]
+    # the recompute costs a third more compute than without checkpointing
+    plain = step_time(shape, cfg.model_copy(update={"gradient_checkpointing": False}), 1,
+                      GPUS["H100"])  # fmt: skip
+    assert 1.3 < h100["step_s"] / plain["step_s"] < 1.5
+
+
+def test_step_time_under_ddp_scales_and_fsdp_waits_for_slow_links(llama8b):
+    ddp = shipped("llama3-8b-lora-8gpu-ddp", llama8b)
+    shape = model_shape(ddp.base, ddp)
+    one, eight = step_time(shape, ddp, 1, GPUS["H100"]), step_time(shape, ddp, 8, GPUS["H100"])
+    assert eight["tokens_per_s"] == pytest.approx(8 * one["tokens_per_s"], rel=0.01)
+    # 16-bit FSDP gathers 16 GB twice a micro-batch: NVLink hides it behind the compute of
+    # 1024 tokens, PCIe cards do not
+    fsdp = ddp.model_copy(update={"batch_size": 1, "max_length": 1024, "distributed":
+        ddp.distributed.model_copy(update={"strategy": "fsdp"})})  # fmt: skip
+    assert step_time(shape, fsdp, 8, GPUS["H100"])["bound_by"] == "compute"
+    slow = step_time(shape, fsdp, 8, GPUS["L40S"])
+    assert slow["bound_by"] == "communication", slow
+
+
+def test_gpu_names_as_cuda_reports_them():
+    assert gpu_of_device("NVIDIA H100 80GB HBM3") == "H100"
+    assert gpu_of_device("NVIDIA H100 PCIe") == "H100-PCIE"
+    assert gpu_of_device("NVIDIA A100-SXM4-40GB") == "A100-40GB"
+    assert gpu_of_device("NVIDIA GeForce RTX 4090") == "RTX4090"
+    assert gpu_of_device("NVIDIA A10G") == "A10G"
+    assert gpu_of_device("NVIDIA L40") is None  # not L4, not L40S: no step time
+
+
 def test_sizes_read_as_written():
     assert parse_size("80GiB") == 80 * GiB
     assert parse_size("24GB") == 24 * 10**9
@@ -123,6 +173,18 @@ def test_dry_run_prints_the_estimate_for_the_tiny_model(tmp_path, tiny_base, sma
     assert fit["tokens_per_micro_batch"] == 256 and fit["fits"] is True
     assert report["data"]["used"] > 0  # the data report is still there
     assert not (tmp_path / "runs").exists()  # nothing written, no weights loaded
+
+    assert "--gpu" in fit["step_time"]  # no GPU here: it asks for one
+    on_h100 = tuneship(
+        "train", "--config", str(cfg_path), "--dry-run", "--gpu", "h100", cwd=tmp_path
+    )
+    h100 = yaml.safe_load(on_h100.stdout)["fit"]
+    assert h100["gpu_memory_gib"] == 80 and h100["step_time"]["tokens_per_s"] > 0
+    unknown = tuneship(
+        "train", "--config", str(cfg_path), "--dry-run", "--gpu", "V100", cwd=tmp_path,
+        check=False,
+    )  # fmt: skip
+    assert unknown.returncode != 0 and "unknown GPU 'V100'" in unknown.stderr
 
     small = tuneship(
         "train", "--config", str(cfg_path), "--dry-run", "--gpu-memory", "100MB", cwd=tmp_path

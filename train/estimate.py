@@ -20,12 +20,27 @@ The parts, per GPU:
 - the loss: one `loss_chunk` of logits (and the teacher's on distilled rows), or the whole
   batch's fp32 logits and their gradient when loss_chunk is 0.
 - a fixed allowance for the CUDA context, cuBLAS/NCCL workspaces and allocator slack.
+
+Step time (`step_time`), for a GPU of the table below, from three bounds taken per micro-batch:
+- compute: matmul FLOPs at MATMUL_EFFICIENCY of the GPU's dense bf16 peak. Per token, the frozen
+  base costs 2 FLOPs a weight forward and 2 backward (the gradient of the input only: its
+  weights get none), 2 more recomputing the blocks under checkpointing; attention 2 x length x
+  hidden a layer forward (causal: half the scores), twice that backward; LoRA 6 a parameter.
+  The output layer counts on every token (the loss applies it to the trained ones only: an
+  upper bound).
+- memory: every weight read once a pass (forward, backward, the recompute), at the GPU's
+  bandwidth; QLoRA also writes and reads each weight dequantized to 16 bits.
+- communication: FSDP gathers the sharded weights twice a micro-batch (forward and backward)
+  over one node's NVLink (PCIe cards: their PCIe link); DDP all-reduces LoRA's gradients once a
+  step. FSDP overlaps it with compute, so the step takes the largest of the three bounds.
+Nodes linked by a network slower than NVLink make FSDP's gathers slower than this says.
 """
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
+from itertools import pairwise
 from typing import Any
 
 from tuneship.config import TrainConfig
@@ -36,6 +51,35 @@ GiB = 2**30
 NF4_BYTES = 0.5 + 1 / 64 + 4 / (64 * 256)
 ADAM_LORA_BYTES = 4 * 4  # fp32 weight, gradient, two moments
 RUNTIME_BYTES = 1 * GiB  # CUDA context, workspaces, allocator slack: measured ~0.6-1 GiB
+# A Trainer step of LoRA reaches 35-50% of the dense peak in published runs; not yet measured
+# here (scripts/gpu_check.py prints the estimate beside what a GPU does)
+MATMUL_EFFICIENCY = 0.4
+
+
+@dataclass(frozen=True)
+class Gpu:
+    """Datasheet figures: dense bf16 FLOP/s (no sparsity), memory and its bandwidth, and the
+    bandwidth one GPU has to the others of its node (one direction)."""
+
+    memory: int
+    bf16_flops: float
+    bandwidth: float
+    link: float
+
+
+GB = 10**9
+GPUS = {
+    "H200": Gpu(141 * GB, 989e12, 4800 * GB, 450 * GB),
+    "H100": Gpu(80 * GiB, 989e12, 3350 * GB, 450 * GB),  # SXM
+    "H100-PCIE": Gpu(80 * GiB, 756e12, 2000 * GB, 32 * GB),
+    "A100-80GB": Gpu(80 * GiB, 312e12, 2039 * GB, 300 * GB),  # SXM
+    "A100-40GB": Gpu(40 * GiB, 312e12, 1555 * GB, 300 * GB),
+    "L40S": Gpu(48 * GiB, 362e12, 864 * GB, 32 * GB),
+    "A10G": Gpu(24 * GiB, 70e12, 600 * GB, 16 * GB),  # AWS g5
+    "A10": Gpu(24 * GiB, 125e12, 600 * GB, 32 * GB),
+    "L4": Gpu(24 * GiB, 121e12, 300 * GB, 32 * GB),
+    "RTX4090": Gpu(24 * GiB, 165e12, 1008 * GB, 32 * GB),
+}
 
 
 @dataclass(frozen=True)
@@ -160,6 +204,78 @@ def estimate(
     }
 
 
+def step_time(shape: Shape, cfg: TrainConfig, gpus: int, gpu: Gpu) -> dict[str, Any]:
+    """Seconds per optimizer step on `gpus` GPUs of kind `gpu` (the module docstring says what
+    is counted), and the tokens per second that makes, at batch_size x max_length tokens a
+    micro-batch (packed batches: exactly; padded ones: the longest they can be)."""
+    e = 4 if cfg.precision == "fp32" else 2
+    fsdp = gpus > 1 and cfg.distributed.strategy == "fsdp"
+    recompute = 1 if cfg.gradient_checkpointing else 0
+    tokens = cfg.batch_size * cfg.max_length
+    output_layer = shape.vocab * shape.hidden
+    per_token = (
+        (4 + 2 * recompute) * shape.block_linear_parameters
+        + 4 * output_layer
+        + (6 + 2 * recompute) * shape.layers * cfg.max_length * shape.hidden
+        + 6 * shape.lora_parameters
+    )
+    compute_s = per_token * tokens / (gpu.bf16_flops * MATMUL_EFFICIENCY)
+
+    passes = 2 + recompute
+    if cfg.qlora:
+        quantized = shape.block_linear_parameters
+        per_pass = quantized * (NF4_BYTES + 2 * e) + (shape.parameters - quantized) * 4
+        gathered = (shape.parameters - quantized) * 4  # FSDP leaves the 4-bit weights whole
+    else:
+        per_pass = gathered = shape.parameters * e
+    memory_s = passes * per_pass / gpu.bandwidth
+    if fsdp:
+        communication_s = 2 * gathered * (gpus - 1) / gpus / gpu.link
+    elif gpus > 1:  # a ring all-reduce of the fp32 LoRA gradients, once a step
+        communication_s = 2 * shape.lora_parameters * 4 * (gpus - 1) / gpus / gpu.link
+        communication_s /= cfg.grad_accum
+    else:
+        communication_s = 0.0
+    bounds = {"compute": compute_s, "memory": memory_s, "communication": communication_s}
+    bound = max(bounds, key=bounds.__getitem__)
+    step_s = bounds[bound] * cfg.grad_accum
+    return {
+        "step_s": round(step_s, 3),
+        "tokens_per_s": round(tokens * cfg.grad_accum * gpus / step_s),
+        "bound_by": bound,
+        "matmul_efficiency": MATMUL_EFFICIENCY,
+        **{f"{name}_s_per_micro_batch": round(value, 4) for name, value in bounds.items()},
+    }
+
+
+def gpu_named(name: str) -> Gpu:
+    key = name.upper().replace(" ", "-").removeprefix("NVIDIA-")
+    known = {k.replace("-", ""): v for k, v in GPUS.items()}
+    found = GPUS.get(key) or known.get(key.replace("-", ""))
+    if found is None:
+        raise TuneshipError(f"unknown GPU {name!r}; the estimate knows {', '.join(GPUS)}")
+    return found
+
+
+def detected_gpu() -> str | None:
+    """The table's name for the GPU here (None: no GPU, or one the table lacks)."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return None
+    return gpu_of_device(torch.cuda.get_device_name(0))
+
+
+def gpu_of_device(device: str) -> str | None:
+    """'NVIDIA H100 80GB HBM3' -> 'H100', 'NVIDIA GeForce RTX 4090' -> 'RTX4090'."""
+    words = re.split(r"[\s_-]+", device.upper())
+    tokens = set(words) | {a + b for a, b in pairwise(words)}
+    for name in sorted(GPUS, key=len, reverse=True):  # H100-PCIE before H100
+        if set(name.split("-")) <= tokens:
+            return name
+    return None
+
+
 def readable(result: dict[str, Any]) -> dict[str, Any]:
     """The estimate with sizes in GiB, for the dry run's report."""
     sizes = {
@@ -212,18 +328,32 @@ def advice(result: dict[str, Any], cfg: TrainConfig) -> str:
     )
 
 
-def report(cfg: TrainConfig, gpus: int | None, gpu_memory: str | None) -> dict[str, Any]:
+def report(
+    cfg: TrainConfig, gpus: int | None, gpu_memory: str | None, gpu: str | None = None
+) -> dict[str, Any]:
     """The dry run's estimate for cfg: on `gpus` GPUs (default: this launch's WORLD_SIZE) of
-    `gpu_memory` each (default: the GPU here, if any); a warning when it does not fit."""
+    kind `gpu` (default: the GPU here, if the table has it) with `gpu_memory` each (default:
+    that GPU's); a warning when it does not fit. Step time only for a GPU of the table."""
     import os
     import sys
 
     from .base import resolve_base
 
     gpus = gpus or int(os.environ.get("WORLD_SIZE", "1"))
-    memory = parse_size(gpu_memory) if gpu_memory else detected_gpu_memory()
-    base = resolve_base(cfg.base)
-    result = estimate(model_shape(base, cfg), cfg, gpus, memory)
-    if result["fits"] is False:
-        print(f"warning: {advice(result, cfg)}", file=sys.stderr)
-    return readable(result)
+    gpu = gpu or detected_gpu()
+    kind = gpu_named(gpu) if gpu else None
+    if gpu_memory:
+        memory = parse_size(gpu_memory)
+    else:
+        memory = kind.memory if kind else detected_gpu_memory()
+    shape = model_shape(resolve_base(cfg.base), cfg)
+    fit = estimate(shape, cfg, gpus, memory)
+    if fit["fits"] is False:
+        print(f"warning: {advice(fit, cfg)}", file=sys.stderr)
+    result = readable(fit)
+    if kind:
+        result["gpu"] = gpu
+        result["step_time"] = step_time(shape, cfg, gpus, kind)
+    else:
+        result["step_time"] = f"name the GPU (--gpu, one of {', '.join(GPUS)}) to estimate it"
+    return result

@@ -157,7 +157,15 @@ def data_check(
 @click.option(
     "--gpu-memory",
     metavar="SIZE",
-    help="--dry-run: memory of one GPU, e.g. 80GiB or 24GB (default: the GPU here, if any).",
+    help="--dry-run: memory of one GPU, e.g. 80GiB or 24GB (default: --gpu's, or the GPU "
+    "here, if any).",
+)
+@click.option(
+    "--gpu",
+    "gpu_kind",
+    metavar="NAME",
+    help="--dry-run: the kind of GPU, for its memory and the step-time estimate: H200, H100, "
+    "H100-PCIE, A100-80GB, A100-40GB, L40S, A10G, A10, L4, RTX4090 (default: the GPU here).",
 )
 def train(
     config_path: Path,
@@ -167,6 +175,7 @@ def train(
     dry_run: bool,
     gpus: int | None,
     gpu_memory: str | None,
+    gpu_kind: str | None,
 ) -> None:
     """Fine-tune with LoRA (or QLoRA) and write runs/NAME/{adapter/,run.json}.
 
@@ -184,7 +193,10 @@ def train(
 
         from tuneship.train.estimate import report
 
-        print(yaml.safe_dump({"fit": report(cfg, gpus, gpu_memory)}, sort_keys=False), end="")
+        print(
+            yaml.safe_dump({"fit": report(cfg, gpus, gpu_memory, gpu_kind)}, sort_keys=False),
+            end="",
+        )
     run(cfg, force=force, restart=restart, dry_run=dry_run)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         leave_at_once(0)  # the run is written and every rank has left the process group
