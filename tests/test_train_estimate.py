@@ -179,7 +179,8 @@ def test_dry_run_prints_the_estimate_for_the_tiny_model(tmp_path, tiny_base, sma
         "train", "--config", str(cfg_path), "--dry-run", "--gpu", "h100", cwd=tmp_path
     )
     h100 = yaml.safe_load(on_h100.stdout)["fit"]
-    assert h100["gpu_memory_gib"] == 80 and h100["step_time"]["tokens_per_s"] > 0
+    assert h100["gpu"] == "H100" and h100["gpu_memory_gib"] == 80
+    assert h100["step_time"]["tokens_per_s"] > 0
     unknown = tuneship(
         "train", "--config", str(cfg_path), "--dry-run", "--gpu", "V100", cwd=tmp_path,
         check=False,

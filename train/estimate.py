@@ -248,10 +248,10 @@ def step_time(shape: Shape, cfg: TrainConfig, gpus: int, gpu: Gpu) -> dict[str, 
     }
 
 
-def gpu_named(name: str) -> Gpu:
-    key = name.upper().replace(" ", "-").removeprefix("NVIDIA-")
-    known = {k.replace("-", ""): v for k, v in GPUS.items()}
-    found = GPUS.get(key) or known.get(key.replace("-", ""))
+def gpu_named(name: str) -> str:
+    """The table's name for `name` as a user writes it ('h100', 'A100 80GB')."""
+    key = name.upper().replace(" ", "-").removeprefix("NVIDIA-").replace("-", "")
+    found = {k.replace("-", ""): k for k in GPUS}.get(key)
     if found is None:
         raise TuneshipError(f"unknown GPU {name!r}; the estimate knows {', '.join(GPUS)}")
     return found
@@ -340,8 +340,8 @@ def report(
     from .base import resolve_base
 
     gpus = gpus or int(os.environ.get("WORLD_SIZE", "1"))
-    gpu = gpu or detected_gpu()
-    kind = gpu_named(gpu) if gpu else None
+    gpu = gpu_named(gpu) if gpu else detected_gpu()
+    kind = GPUS[gpu] if gpu else None
     if gpu_memory:
         memory = parse_size(gpu_memory)
     else:
