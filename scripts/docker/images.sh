@@ -10,6 +10,8 @@
 #   PIP_CERT      CA bundle for the package index (a TLS-inspecting proxy); a BuildKit secret
 #   PIP_INDEX_URL a private index or mirror; a BuildKit secret (it may carry credentials)
 #   HTTP_PROXY, HTTPS_PROXY   passed as docker's predefined build args (not kept in history)
+#   BUILD_FREE_GB disk the engine must have free before building (default 10 GB with vfs
+#                 storage, 6 GB otherwise)
 #   DOCKER        the docker CLI (default: Debian's /usr/bin/docker, whose BuildKit needs no
 #                 registry, else docker on PATH)
 set -euo pipefail
@@ -17,6 +19,29 @@ cd "$(dirname "$0")/../.."
 docker=${DOCKER:-$(command -v /usr/bin/docker || command -v docker)}
 export DOCKER_BUILDKIT=1
 "$docker" info >/dev/null 2>&1 || { echo "no Docker engine answers ($docker info failed)" >&2; exit 1; }
+
+driver=$("$docker" info -f '{{.Driver}}')
+prune() {
+  if [ "$driver" = vfs ]; then
+    # vfs keeps every build step as a full copy of the filesystem: drop them and the replaced
+    # images, or a few builds fill the disk
+    "$docker" builder prune -af >/dev/null
+    "$docker" image prune -f >/dev/null
+  fi
+}
+# both builds at once took 8.1 GB of the engine's disk at their peak (vfs, measured): say so
+# before the build rather than let pip fail halfway with a full disk
+prune
+root=$("$docker" info -f '{{.DockerRootDir}}')
+need_gb=${BUILD_FREE_GB:-$([ "$driver" = vfs ] && echo 10 || echo 6)}
+if [ -d "$root" ]; then
+  free_gb=$(($(df --output=avail -k "$root" | tail -1) / 1024 / 1024))
+  if [ "$free_gb" -lt "$need_gb" ]; then
+    echo "the images need about $need_gb GB free under $root ($driver storage); $free_gb GB are:" \
+      "free some (docker system prune, old images) or set BUILD_FREE_GB to try anyway" >&2
+    exit 1
+  fi
+fi
 
 base=${PYTHON_IMAGE:-python:3.11-slim-bookworm}
 if ! "$docker" image inspect "$base" >/dev/null 2>&1 && ! "$docker" pull -q "$base" >/dev/null 2>&1; then
@@ -51,10 +76,15 @@ build() {  # build DOCKERFILE TAG
   local started=$SECONDS
   echo "building $2 from $1 (base $base) ..."
   local log=/tmp/tuneship-build-${2//[:\/]/-}.log
+  # errexit and pipefail off for the pipeline: a failed build must reach the tail below, the
+  # only place its error is printed
+  set +eo pipefail
   "$docker" build --progress=plain -f "$1" --build-arg VARIANT=cpu --build-arg PYTHON_IMAGE="$base" \
     "${secrets[@]}" "${proxies[@]}" -t "$2" . 2>&1 | tee "$log" | grep --line-buffered -E '^#[0-9]+ \[' \
     | sed -u 's/^/  /'
-  if [ "${PIPESTATUS[0]}" != 0 ]; then
+  local status=${PIPESTATUS[0]}
+  set -eo pipefail
+  if [ "$status" != 0 ]; then
     tail -30 "$log" >&2
     echo "building $2 failed (whole log: $log)" >&2
     exit 1
@@ -65,9 +95,4 @@ build() {  # build DOCKERFILE TAG
 }
 build Dockerfile.serve tuneship-serve:cpu
 build Dockerfile.train tuneship-train:cpu
-if [ "$("$docker" info -f '{{.Driver}}')" = vfs ]; then
-  # vfs keeps every build step as a full copy of the filesystem: drop them and the replaced
-  # images, or a few builds fill the disk
-  "$docker" builder prune -af >/dev/null
-  "$docker" image prune -f >/dev/null
-fi
+prune
