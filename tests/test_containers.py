@@ -104,22 +104,56 @@ def default_base() -> Path:
     return fetch(default_base_dir())
 
 
-def run_in(image: str, volumes: dict[str, Path], *args: str, entrypoint: str | None = None,
-           mounts: tuple[str, ...] = ()) -> subprocess.CompletedProcess:  # fmt: skip
-    argv = ["run", "--rm", "--user", USER]
-    argv += ["-v", f"{volumes['data']}:/data:ro", "-v", f"{volumes['models']}:/models:ro"]
-    argv += ["-v", f"{volumes['output']}:/output", *mounts]
-    argv += ["--entrypoint", entrypoint] if entrypoint else []
-    return docker(*argv, image, *args)
+def mounts(volumes: dict[str, Path]) -> list[str]:
+    return [
+        "-v", f"{volumes['data']}:/data:ro", "-v", f"{volumes['models']}:/models:ro",
+        "-v", f"{volumes['output']}:/output",
+    ]  # fmt: skip
 
 
-def test_no_ca_bundle_or_secret_ends_up_in_an_image(images):
+@pytest.fixture(scope="module")
+def train_box(images, volumes):
+    """One train container the train image's commands run in, one after another. With vfs
+    storage every `docker run` copies the whole image first (1.5 to 2 minutes on 2 cores), so
+    the commands that need no container of their own share this one (`docker exec`), each
+    through the image's entrypoint as `docker run IMAGE ARGS` would run it."""
+    yield from box(TRAIN, volumes)
+
+
+@pytest.fixture(scope="module")
+def serve_box(images, volumes):
+    """The same for the serve image's one-off commands (`bundle check`, the secret scan); the
+    servers themselves get containers of their own, set up as Kubernetes runs them."""
+    yield from box(SERVE, volumes, "--shm-size", "1g")  # as the check Job's memory /dev/shm
+
+
+def box(image: str, volumes: dict[str, Path], *options: str):
+    name = f"tuneship-box-{image.split(':')[0]}-{os.getpid()}"
+    docker("run", "-d", "--name", name, "--user", USER, *mounts(volumes), *options,
+           "--entrypoint", "sleep", image, "infinity")  # fmt: skip
+    try:
+        yield name
+    finally:
+        docker("rm", "-f", name, check=False)
+
+
+def run_in(box: str, image: str, *args: str, entrypoint: tuple[str, ...] | None = None,
+           user: str | None = None) -> subprocess.CompletedProcess:  # fmt: skip
+    """`docker run IMAGE ARGS` in a box: the image's entrypoint (or `entrypoint`) and args."""
+    if entrypoint is None:
+        found = docker("image", "inspect", "-f", "{{json .Config.Entrypoint}}", image).stdout
+        entrypoint = tuple(json.loads(found))
+    return docker("exec", *(["--user", user] if user else []), box, *entrypoint, *args)
+
+
+def test_no_ca_bundle_or_secret_ends_up_in_an_image(train_box, serve_box):
     """The build's CA bundle and index URL came as BuildKit secrets: not in the history, not in
     a layer's files. The build machine's own CA certificates (lines of PIP_CERT that Debian's
-    bundle in the image lacks) are looked for everywhere they could have been copied."""
+    bundle in the image lacks) are looked for everywhere they could have been copied (before
+    any other test has run a command in these containers)."""
     cert = os.environ.get("PIP_CERT")
-    image_bundle = docker("run", "--rm", "--entrypoint", "cat", SERVE,
-                          "/etc/ssl/certs/ca-certificates.crt").stdout  # fmt: skip
+    image_bundle = run_in(serve_box, SERVE, "/etc/ssl/certs/ca-certificates.crt",
+                          entrypoint=("cat",)).stdout  # fmt: skip
     own = []
     if cert and Path(cert).is_file():
         own = [
@@ -127,23 +161,22 @@ def test_no_ca_bundle_or_secret_ends_up_in_an_image(images):
             for line in Path(cert).read_text().splitlines()
             if len(line) == 64 and line not in image_bundle and not line.startswith("-----")
         ][:3]
-    for image in (SERVE, TRAIN):
+    for image, name in ((SERVE, serve_box), (TRAIN, train_box)):
         history = docker("history", "--no-trunc", image).stdout
         assert not cert or cert not in history
-        # one container per image (with vfs storage each one copies the whole image)
         patterns = " ".join(f"-e {line}" for line in own) or "-e no-such-line"
         script = (
             "ls -A /run/secrets 2>/dev/null; "
             f"grep -rlF {patterns} /etc /opt /home /root /tmp /usr/local /app 2>/dev/null; true"
         )
-        found = docker("run", "--rm", "--user", "0", "--entrypoint", "sh", image, "-c", script)
+        found = run_in(name, image, "-c", script, entrypoint=("sh",), user="0")
         assert found.stdout.strip() == "", f"{image}: secrets or the build CA in {found.stdout}"
 
 
-def test_the_cpu_jobs_arguments_run_in_the_train_image(images, volumes):
+def test_the_cpu_jobs_arguments_run_in_the_train_image(train_box):
     """The CPU overlay's training Job, its arguments as Kubernetes passes them, as a dry run."""
     job = rendered("cpu", "Job", "tuneship-train")["spec"]["template"]["spec"]["containers"][0]
-    done = run_in(TRAIN, volumes, *job["args"], "--dry-run")
+    done = run_in(train_box, TRAIN, *job["args"], "--dry-run")
     report = yaml.safe_load(done.stdout)
     assert report["config"]["output_dir"] == "/output/runs"
     demo = [REPO / "data/demo" / f for f in ("train.jsonl", "general_replay.jsonl")]
@@ -151,11 +184,11 @@ def test_the_cpu_jobs_arguments_run_in_the_train_image(images, volumes):
     assert report["data"]["used"] == conversations and report["data"]["eval"]["used"] == 114
 
 
-def test_the_whole_path_in_containers(images, volumes, timings):
+def test_the_whole_path_in_containers(train_box, serve_box, volumes, timings):
     # train on the mounted data, a few steps
     started = time.monotonic()
     run_in(
-        TRAIN, volumes, "train", "--config", "/app/configs/demo.yaml",
+        train_box, TRAIN, "train", "--config", "/app/configs/demo.yaml",
         "--set", "data=[/data/train.jsonl]", "--set", "eval_data=/data/validation.jsonl",
         "--set", "limit=48", "--set", "max_steps=4", "--set", "eval_steps=2",
         "--set", "warmup_steps=0", "--set", "output_dir=/output/runs", "--set", "name=c",
@@ -165,7 +198,7 @@ def test_the_whole_path_in_containers(images, volumes, timings):
     # export in the train image: no vLLM there, so the vLLM checks are recorded for later
     started = time.monotonic()
     export = run_in(
-        TRAIN, volumes, "export", "/output/runs/c", "--out", "/output/bundles/c",
+        train_box, TRAIN, "export", "/output/runs/c", "--out", "/output/bundles/c",
         "--set", "calibration_samples=8", "--set", "eval_data=/data/heldout.jsonl",
         "--set", "check_samples=12", "--set", "min_stop_rate=0.5",
         "--set", "max_perplexity_ratio=2.0", "--set", "max_recall_drop=100",
@@ -181,8 +214,8 @@ def test_the_whole_path_in_containers(images, volumes, timings):
     assert "checks not run yet" in docker("logs", refused, check=False).stderr
     docker("rm", "-f", refused, check=False)
     started = time.monotonic()
-    checked = run_in(SERVE, volumes, "bundle", "check", "/output/bundles/c", entrypoint="tuneship",
-                     mounts=("--shm-size", "1g"))  # as the check Job's memory /dev/shm  # fmt: skip
+    checked = run_in(serve_box, SERVE, "bundle", "check", "/output/bundles/c",
+                     entrypoint=("tuneship",))  # fmt: skip
     timings["bundle check (s)"] = round(time.monotonic() - started, 1)
     assert "checked" in checked.stdout
     assert json.loads((bundle / "checks.json").read_text())["checks"]["template_parity"]["passed"]
