@@ -58,7 +58,7 @@ format: $(TRAIN)/.ready
 	$(TRAIN)/bin/ruff format .
 
 # The inner loop: the in-process unit tests on tiny models; they need only the train
-# environment (no vLLM, no npm) and take under a minute on 2 cores. `make test` runs them all,
+# environment (no vLLM, no npm) and take about a minute on 2 cores. `make test` runs them all,
 # with the ones that start processes (kills, signals, torchrun), the Kubernetes checks and e2e.
 unit: $(TRAIN)/.ready
 	$(TRAIN)/bin/pytest -m "not e2e and not deploy and not processes"
