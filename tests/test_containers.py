@@ -4,6 +4,9 @@ check`) and serves it as Kubernetes runs it (non-root, read-only root filesystem
 capabilities, the bundle mounted read-only, keys from a mounted Secret-like file), an OpenAI SDK
 client gets answers, and `docker stop` drains it and exits 0.
 
+The one-off commands share one container per image (`docker exec` through the image's
+entrypoint): with vfs storage each new container copies the whole image first.
+
 Needs a Docker engine: `.ci/run` installs and starts one (scripts/docker/engine.sh); elsewhere
 these tests are skipped, saying so. Set TUNESHIP_CONTAINER_TIMINGS=FILE to keep the timings.
 """
