@@ -10,7 +10,7 @@
 #   PIP_CERT      CA bundle for the package index (a TLS-inspecting proxy); a BuildKit secret
 #   PIP_INDEX_URL a private index or mirror; a BuildKit secret (it may carry credentials)
 #   HTTP_PROXY, HTTPS_PROXY   passed as docker's predefined build args (not kept in history)
-#   BUILD_FREE_GB disk the engine must have free before building (default 10 GB with vfs
+#   BUILD_FREE_GB disk the engine must have free before building (default 9 GB with vfs
 #                 storage, 6 GB otherwise)
 #   DOCKER        the docker CLI (default: Debian's /usr/bin/docker, whose BuildKit needs no
 #                 registry, else docker on PATH)
@@ -33,7 +33,7 @@ prune() {
 # before the build rather than let pip fail halfway with a full disk
 prune
 root=$("$docker" info -f '{{.DockerRootDir}}')
-need_gb=${BUILD_FREE_GB:-$([ "$driver" = vfs ] && echo 10 || echo 6)}
+need_gb=${BUILD_FREE_GB:-$([ "$driver" = vfs ] && echo 9 || echo 6)}
 if [ -d "$root" ]; then
   free_gb=$(($(df --output=avail -k "$root" | tail -1) / 1024 / 1024))
   if [ "$free_gb" -lt "$need_gb" ]; then
