@@ -7,8 +7,10 @@ metrics, readiness, request logs; see middleware.py) as a child and supervises i
 handled from the first instant: before vLLM starts it stops at once; after, it drains
 (readiness goes 503, new requests get 503, in-flight ones finish up to the drain timeout),
 then vLLM gets stop_timeout to stop and this exits 0. SIGINT is passed on. If vLLM dies, this
-exits with its code (128 + N for signal N). The served model name and, unless set here, the
-engine settings come from the bundle.
+exits with its code (128 + N for signal N); if its engine dies (vLLM's API server would answer
+500s for a moment, then exit 0), this stops it at once and exits 1, the root cause in one line
+(watch.py). The served model name and, unless set here, the engine settings come from the
+bundle.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import json
 import os
 import secrets
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -36,6 +39,7 @@ from .keys import read_keys_file
 from .middleware import SETTINGS_ENV, MiddlewareSettings
 from .routes import refusal_for_dev_variables
 from .selftest import SelfTest
+from .watch import EngineWatch
 
 API_SERVER = "vllm.entrypoints.openai.api_server"
 MIDDLEWARE = "tuneship.serve.middleware.TuneshipMiddleware"
@@ -95,6 +99,11 @@ def build_command(
         # On CPU, graph compilation triples start-up time (100 s vs 35 s) for little gain.
         if eager is not False:
             argv.append("--enforce-eager")
+            # Eager still leaves vLLM a few torch.compile'd helpers (the logprobs ranks): on CPU
+            # inductor builds them with a C++ compiler at the first request that needs them,
+            # and without one (the serve image) that request kills the engine. Eager they cost
+            # nothing measurable (docs/deployment.md, "Compilation on CPU").
+            env["TORCH_COMPILE_DISABLE"] = os.environ.get("TORCH_COMPILE_DISABLE", "1")
         env["VLLM_CPU_KVCACHE_SPACE"] = os.environ.get(
             "VLLM_CPU_KVCACHE_SPACE", str(DEFAULT_CPU_KV_CACHE_GIB)
         )
@@ -147,6 +156,8 @@ def prepare(
             file=sys.stderr,
         )
     cfg = cfg.with_bundle_engine(manifest.serving)
+    if flavour == "cpu" and cfg.eager is False:
+        check_cpp_compiler()
     argv, env = build_command(
         bundle_dir / "model",
         manifest.served_model_name,
@@ -172,11 +183,23 @@ def prepare(
         flush=True,
     )
     check_keys_file(cfg)
-    token = secrets.token_urlsafe(24) if cfg.self_test and manifest.check_plan else None
+    token = secrets.token_urlsafe(24) if cfg.self_test else None
     settings = MiddlewareSettings(serve=cfg, bundle_dir=str(bundle_dir), self_test_token=token)
     env[SETTINGS_ENV] = settings.to_env()
     self_test = SelfTest(manifest, local_url(cfg.host, cfg.port), token) if token else None
     return argv, env, self_test
+
+
+def check_cpp_compiler() -> None:
+    """eager: false on CPU compiles the model with torch inductor, which builds C++: refuse to
+    start without a compiler rather than fail at the first request."""
+    compiler = os.environ.get("CXX") or "g++"
+    if shutil.which(compiler) is None:
+        raise TuneshipError(
+            f"eager: false on CPU compiles the model with torch inductor, which needs a C++ "
+            f"compiler, and {compiler!r} is not found (the serve image ships none): serve eager "
+            "(the default on CPU), or install one and point CXX at it"
+        )
 
 
 def check_keys_file(cfg: ServeConfig) -> None:
@@ -305,14 +328,23 @@ def supervise(
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)
     signal.signal(signal.SIGUSR2, signal.SIG_IGN)
     signals.starting = True
-    child = signals.child = subprocess.Popen(argv, env=env)
+    child = signals.child = subprocess.Popen(
+        argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
+    )
+    watch = EngineWatch(child.stdout, child.stderr, sys.stdout.buffer, sys.stderr.buffer)
     while not signals.terminating:
         try:
-            return exit_code(child.wait(timeout=0.2))  # vLLM ended by itself: pass it on
+            code = child.wait(timeout=0.2)
         except subprocess.TimeoutExpired:
-            pass
+            code = None
+        if code is not None:
+            watch.finish()  # the last lines may tell that the engine died first
+        if watch.dead.is_set():
+            return engine_died(child, watch, stop_timeout_s)
+        if code is not None:  # vLLM ended by itself: pass its code on
+            return exit_code(code)
         if self_test is not None and not signals.terminating and _serving(host, port):
-            if not run_self_test(self_test, child):
+            if not run_self_test(self_test, child, watch):
                 return stop(child, "self_test_failed", stop_timeout_s, code_when_stopped=1)
             self_test = None
     _log("sigterm", drain_timeout_s=drain_timeout_s)
@@ -320,21 +352,39 @@ def supervise(
     return stop(child, "stopped", stop_timeout_s, code_when_stopped=0)
 
 
-def run_self_test(self_test: SelfTest, child: subprocess.Popen) -> bool:
+def engine_died(child: subprocess.Popen, watch: EngineWatch, stop_timeout_s: float) -> int:
+    """vLLM's engine is gone: say why in one line, stop what is left of vLLM, exit non-zero."""
+    cause = watch.cause()
+    _log("engine_dead", cause=cause)
+    print(
+        f"error: vLLM's engine died: {cause} (vLLM's output above has the rest)",
+        file=sys.stderr,
+        flush=True,
+    )
+    return stop(child, "stopped", stop_timeout_s, code_when_stopped=1)
+
+
+def run_self_test(self_test: SelfTest, child: subprocess.Popen, watch: EngineWatch) -> bool:
     """Readiness on (SIGUSR2 to the middleware) when the self-test passes; False otherwise."""
     try:
         result = self_test.run()
     except (OSError, ValueError, KeyError) as exc:
         result = {"passed": False, "reason": f"the self-test's requests failed: {exc}"}
+    if not result["passed"] and watch.dead.wait(timeout=3):
+        result["reason"] = f"{result['reason']}; vLLM's engine died: {watch.cause()}"
     _log("self_test", **result)
     if result["passed"]:
         os.kill(child.pid, signal.SIGUSR2)
         return True
+    if isinstance(result.get("sampling"), str):
+        hint = "requests like it would fail for users too"
+    else:
+        hint = (
+            "this serving image does not serve the bundle as it was checked (compare versions "
+            "in bundle.json and checks.json)"
+        )
     print(
-        f"error: start-up self-test failed: {result['reason']}; this serving image does not "
-        "serve the bundle as it was checked (compare versions in bundle.json and checks.json)",
-        file=sys.stderr,
-        flush=True,
+        f"error: start-up self-test failed: {result['reason']}; {hint}", file=sys.stderr, flush=True
     )
     return False
 

@@ -5,7 +5,11 @@ recorded: the token ids vLLM feeds the model must be the ones training used (tem
 and greedy replies to prompts that stopped at check time must stop on the end-of-turn token
 again. A serving image whose vLLM, tokenizer or chat template drifted from the one the bundle
 was checked with fails here, before any traffic: the server stops with the reason, and /ready
-never turns 200. It takes a few seconds.
+never turns 200. Then it sends the requests that take vLLM's other sampling paths (seeded
+sampling with penalties, n > 1, logprobs with their ranks, prompt logprobs as evaluation
+harnesses ask them): a path that needs something the image lacks (torch.compile once needed a
+C++ compiler there) fails start-up rather than the first user who asks for it. It takes a few
+seconds.
 
 The requests carry a one-time token (X-Tuneship-Self-Test) the middleware accepts from loopback
 in place of an API key, so the self-test does not depend on the keys file.
@@ -23,6 +27,34 @@ from tuneship.manifest import BundleManifest, CheckPrompt
 
 SELF_TEST_HEADER = "x-tuneship-self-test"
 SAMPLES = 3
+HELLO = [{"role": "user", "content": "Hello"}]
+SAMPLED = {
+    "max_tokens": 4, "temperature": 0.8, "top_p": 0.9, "top_k": 20, "min_p": 0.01, "seed": 7,
+    "n": 2, "presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.1,
+    "logprobs": True, "top_logprobs": 2,
+}  # fmt: skip
+# what lm-eval's loglikelihood tasks send: the prompt's own logprobs, one token generated
+PROMPT_LOGPROBS = {"prompt": "The capital of France is", "max_tokens": 1, "echo": True,
+                   "logprobs": 1, "temperature": 0}  # fmt: skip
+
+
+def _two_choices_with_top_logprobs(reply: dict) -> str | None:
+    choices = reply["choices"]
+    if len(choices) != SAMPLED["n"]:
+        return f"{len(choices)} choices, not {SAMPLED['n']}"
+    for choice in choices:
+        tokens = (choice.get("logprobs") or {}).get("content") or []
+        if not tokens or any(len(t["top_logprobs"]) != SAMPLED["top_logprobs"] for t in tokens):
+            return f"choice {choice['index']} lacks its logprobs or top_logprobs"
+    return None
+
+
+def _prompt_logprobs(reply: dict) -> str | None:
+    logprobs = reply["choices"][0].get("logprobs") or {}
+    values = logprobs.get("token_logprobs") or []
+    if len(values) < 2 or not all(isinstance(v, float) for v in values[1:]):
+        return "no logprobs for the prompt's tokens"
+    return None
 
 
 @dataclass
@@ -46,8 +78,17 @@ class SelfTest:
         """What the self-test saw: passed, seconds, and the reason when it failed."""
         started = time.monotonic()
         prompts = self.prompts()
-        if not prompts:
-            return {"passed": True, "skipped": "no check through vLLM recorded prompts that stop"}
+        if prompts:
+            result = self._check_prompts(prompts)
+        else:
+            result = {"passed": True, "skipped": "no check through vLLM recorded prompts that stop"}
+        if result["passed"]:
+            result.update(self._check_sampling(prompts[0].messages if prompts else HELLO))
+        result["seconds"] = round(time.monotonic() - started, 2)
+        return result
+
+    def _check_prompts(self, prompts: list[CheckPrompt]) -> dict:
+        """Template parity and stopping, on prompts the bundle's checks recorded."""
         plan = self.manifest.check_plan
         served = [self._post("/tokenize", self._tokenize_body(p))["tokens"] for p in prompts]
         parity = template_parity(prompts, served, plan.bos_token_id)
@@ -62,7 +103,6 @@ class SelfTest:
             "prompts": len(prompts),
             "template_parity": bool(parity.passed),
             "finish_reasons": finishes,
-            "seconds": round(time.monotonic() - started, 2),
         }
         if not parity.passed:
             result["reason"] = (
@@ -75,6 +115,31 @@ class SelfTest:
                 f"({finishes}): the end-of-turn token is not honoured"
             )
         return result
+
+    def _check_sampling(self, messages: list[dict]) -> dict:
+        """One request per sampling path vLLM has besides greedy decoding; each must answer in
+        the shape OpenAI's API promises."""
+        model = self.manifest.served_model_name
+        checks = {
+            "chat with seed, penalties, n=2, logprobs": (
+                "/v1/chat/completions",
+                {"model": model, "messages": messages, **SAMPLED},
+                _two_choices_with_top_logprobs,
+            ),
+            "completion with echo and prompt logprobs": (
+                "/v1/completions",
+                {"model": model, **PROMPT_LOGPROBS},
+                _prompt_logprobs,
+            ),
+        }
+        for name, (path, body, problem_in) in checks.items():
+            try:
+                problem = problem_in(self._post(path, body))
+            except (OSError, ValueError, KeyError, TypeError, IndexError) as exc:
+                problem = f"{exc.__class__.__name__}: {exc}"
+            if problem:
+                return {"passed": False, "sampling": name, "reason": f"{name}: {problem}"}
+        return {"passed": True, "sampling": list(checks)}
 
     def _tokenize_body(self, prompt: CheckPrompt) -> dict:
         return {

@@ -25,6 +25,7 @@ import httpx
 import pytest
 import yaml
 
+from tests.request_mix import send_the_request_mix
 from tests.support import REPO, render_overlay
 from tuneship.fsutil import make_readable, sha256_file
 from tuneship.launch import free_port
@@ -231,6 +232,9 @@ def test_the_whole_path_in_containers(train_box, serve_box, volumes, timings):
         wait_ready(name, port)
         timings["serve start-up to ready (s)"] = round(time.monotonic() - started, 1)
         ask_with_the_openai_sdk(port)
+        started = time.monotonic()
+        send_the_request_mix(f"http://127.0.0.1:{port}", KEY)  # the host server gets it too
+        timings["request mix (s)"] = round(time.monotonic() - started, 1)
         started = time.monotonic()
         docker("stop", "-t", "60", name)
         timings["docker stop (s)"] = round(time.monotonic() - started, 1)

@@ -4,10 +4,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 
 import pytest
 
+from tests.request_mix import send_the_request_mix
 from tests.support import REPO, SERVE_BIN, tuneship
 from tuneship.launch import Server, free_port
 
@@ -97,6 +99,30 @@ def test_streaming_yields_several_chunks(client):
         model="e2e", messages=messages, max_tokens=24, temperature=0
     )
     assert "".join(pieces) == whole.choices[0].message.content
+
+
+def test_the_sampling_parameters_users_send_leave_the_server_healthy(server):
+    """The same request mix as the serve container gets (test_containers.py)."""
+    send_the_request_mix(server.base_url)
+
+
+def test_a_compiled_path_without_a_compiler_fails_start_up_naming_the_cause(bundle, tmp_path):
+    """How the serve image died on its first logprobs request, on the host: vLLM's compiled
+    logprobs helper put back (TORCH_COMPILE_DISABLE=0) and no C++ compiler for inductor to
+    build it with (CXX names none), as in the image. The start-up self-test asks for logprobs,
+    so serve stops before readiness, exit 1, the cause in one line; no user request meets it."""
+    env = os.environ | {
+        "TORCH_COMPILE_DISABLE": "0", "CXX": "/bin/false",
+        "TORCHINDUCTOR_CACHE_DIR": str(tmp_path / "inductor"),  # nothing compiled before
+    }  # fmt: skip
+    argv = [str(SERVE_BIN), "serve", str(bundle), "--host", "127.0.0.1", "--port",
+            str(free_port())]  # fmt: skip
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=env)
+    assert done.returncode == 1, done.stderr[-3000:]
+    errors = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, errors
+    assert errors[0].startswith("error: start-up self-test failed: chat with seed, penalties")
+    assert "vLLM's engine died: torch._inductor.exc.InductorError: InvalidCxxCompiler" in errors[0]
 
 
 def test_models_lists_the_bundle_name(client):

@@ -63,6 +63,37 @@ def test_vllm_command_uses_the_bundle_name_and_cpu_settings(tmp_path):
     assert env == {}
 
 
+def test_eager_cpu_serving_compiles_nothing_unless_the_operator_says_so(tmp_path, monkeypatch):
+    """vLLM's torch.compile'd helpers (the logprobs ranks) need a C++ compiler on CPU at the
+    first request that uses them: the serve image has none, so eager CPU serving turns them off."""
+    monkeypatch.delenv("TORCH_COMPILE_DISABLE", raising=False)
+    _, env = build_command(tmp_path, "m", "127.0.0.1", 9000, "cpu", 2048)
+    assert env["TORCH_COMPILE_DISABLE"] == "1"
+    _, env = build_command(tmp_path, "m", "127.0.0.1", 9000, "cpu", 2048, eager=False)
+    assert "TORCH_COMPILE_DISABLE" not in env
+    _, env = build_command(tmp_path, "m", "127.0.0.1", 9000, "cuda", 2048)
+    assert "TORCH_COMPILE_DISABLE" not in env  # the CUDA image has its compilers
+    monkeypatch.setenv("TORCH_COMPILE_DISABLE", "0")  # the operator's choice stands
+    _, env = build_command(tmp_path, "m", "127.0.0.1", 9000, "cpu", 2048)
+    assert env["TORCH_COMPILE_DISABLE"] == "0"
+
+
+def test_compiled_cpu_serving_without_a_compiler_is_refused_before_vllm_starts(
+    tmp_path, monkeypatch
+):
+    from tuneship.config import ServeConfig
+    from tuneship.serve import run as serve_run
+
+    bundle = fake_bundle(tmp_path / "b")
+    monkeypatch.setattr(serve_run, "vllm_flavour", lambda: "cpu")
+    monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
+    with pytest.raises(TuneshipError, match=r"needs a C\+\+ compiler, and .*no-such-compiler"):
+        serve_run.prepare(bundle, ServeConfig(eager=False), ())
+    monkeypatch.setenv("CXX", "sh")  # found on PATH: accepted
+    argv, _, _ = serve_run.prepare(bundle, ServeConfig(eager=False), ())
+    assert "--enforce-eager" not in argv
+
+
 @pytest.mark.parametrize(
     ("cores", "preset", "reserved"), [(2, None, "0"), (8, None, None), (2, "1", None)]
 )

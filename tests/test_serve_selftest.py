@@ -35,17 +35,28 @@ def manifest(stopped: list[str] | None) -> BundleManifest:
 def server():
     """Answers /tokenize with the ids behind each prompt's generation prompt (training's ids up
     to the reply), and chats with the finish reason the test sets; records the headers."""
-    state = {"ids": {k: v[:3] for k, v in TRAINED.items()}, "finish": "stop", "headers": []}
+    state = {"ids": {k: v[:3] for k, v in TRAINED.items()}, "finish": "stop", "headers": [],
+             "bodies": [], "top_logprobs": 2, "fail": set()}  # fmt: skip
 
     class Handler(BaseHTTPRequestHandler):
         def do_POST(self):
             body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
             state["headers"].append(self.headers.get(SELF_TEST_HEADER))
-            prompt = body["messages"][0]["content"]
+            state["bodies"].append((self.path, body))
             if self.path == "/tokenize":
-                reply = {"tokens": state["ids"][prompt]}
+                reply = {"tokens": state["ids"][body["messages"][0]["content"]]}
+            elif self.path == "/v1/completions":
+                reply = {"choices": [{"logprobs": {"token_logprobs": [None, -1.5, -0.25]}}]}
+            elif "n" in body:  # the sampling request
+                top = [{"token": "a", "logprob": -1.0}] * state["top_logprobs"]
+                tokens = {"content": [{"token": "a", "logprob": -1.0, "top_logprobs": top}]}
+                reply = {"choices": [{"index": i, "logprobs": tokens} for i in range(body["n"])]}
             else:
                 reply = {"choices": [{"finish_reason": state["finish"]}]}
+            if self.path in state["fail"]:
+                self.send_response(500)
+                self.end_headers()
+                return
             data = json.dumps(reply).encode()
             self.send_response(200)
             self.send_header("Content-Length", str(len(data)))
@@ -66,6 +77,30 @@ def test_passes_on_the_recorded_ids_and_stops_with_the_token(server):
     result = SelfTest(manifest(["a", "c"]), url, "tok").run()
     assert result["passed"] and result["prompts"] == 2  # only prompts that stopped at check
     assert set(state["headers"]) == {"tok"}
+    assert result["sampling"] == [
+        "chat with seed, penalties, n=2, logprobs", "completion with echo and prompt logprobs"
+    ]  # fmt: skip
+    sampled = next(body for path, body in state["bodies"] if "n" in body)
+    assert sampled["messages"] == [{"role": "user", "content": "a"}]  # a check prompt's
+    assert sampled["logprobs"] and sampled["seed"] is not None and sampled["n"] == 2
+
+
+@pytest.mark.parametrize(
+    ("broken", "named"),
+    [("/v1/completions", "completion with echo and prompt logprobs: HTTPError: HTTP Error 500"),
+     ("top_logprobs", "chat with seed, penalties, n=2, logprobs: choice 0 lacks its logprobs")],
+)  # fmt: skip
+def test_a_sampling_path_that_fails_fails_the_self_test_naming_it(server, broken, named):
+    """The requests vLLM serves through other code than greedy chat (logprobs and their ranks,
+    n > 1, seeds, prompt logprobs) must work before readiness: one that kills the engine
+    (torch.compile with no C++ compiler in the image, once) would otherwise hit a user."""
+    url, state = server
+    if broken == "top_logprobs":
+        state["top_logprobs"] = 1
+    else:
+        state["fail"].add(broken)
+    result = SelfTest(manifest(["a"]), url, "tok").run()
+    assert not result["passed"] and result["reason"].startswith(named)
 
 
 def test_fails_naming_drifted_token_ids(server):
@@ -82,8 +117,10 @@ def test_fails_when_replies_no_longer_stop(server):
     assert not result["passed"] and "end-of-turn token is not honoured" in result["reason"]
 
 
-def test_nothing_to_compare_without_a_vllm_check(server):
-    url, _ = server
-    assert SelfTest(manifest(None), url, "tok").run() == {
-        "passed": True, "skipped": "no check through vLLM recorded prompts that stop"
-    }  # fmt: skip
+def test_without_a_vllm_check_only_the_sampling_paths_are_tested(server):
+    url, state = server
+    result = SelfTest(manifest(None), url, "tok").run()
+    assert result["passed"] and result["skipped"] == (
+        "no check through vLLM recorded prompts that stop"
+    )
+    assert [path for path, _ in state["bodies"]] == ["/v1/chat/completions", "/v1/completions"]

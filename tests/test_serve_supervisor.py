@@ -30,6 +30,9 @@ events.write("started\n")
 time.sleep(load_s)  # loading the model: no drain handler, nothing listening
 if os.environ.get("STAND_IN_DIES_BY"):  # vLLM killed (the OOM killer, say)
     os.kill(os.getpid(), int(os.environ["STAND_IN_DIES_BY"]))
+if os.environ.get("STAND_IN_ENGINE_DIES"):  # a request kills the engine; the server goes on
+    threading.Timer(1, lambda: sys.stderr.write(open(os.environ["STAND_IN_ENGINE_DIES"]).read())
+                    or sys.stderr.flush()).start()
 drain_at = []
 def on_usr1(*_):
     drain_at.append(time.monotonic())
@@ -127,6 +130,23 @@ def test_vllm_killed_by_a_signal_exits_128_plus_its_number(tmp_path):
     proc, _ = start(tmp_path, load_s=0, reply_delay_s=0, busy_s=0, env={"STAND_IN_DIES_BY": "9"})
     output, _ = proc.communicate(timeout=30)
     assert proc.returncode == 128 + 9, output  # as a shell reports it, never negative
+
+
+def test_an_engine_that_dies_stops_serve_at_once_with_the_cause_in_one_line(tmp_path):
+    """vLLM's API server, its engine dead, answers 500s for a while and then exits 0: serve
+    stops it as soon as vLLM says so, names the cause (vLLM's own words, from a real failure:
+    tests/data/vllm-engine-death.log) and exits 1, so the pod restarts and its log says why."""
+    death = REPO / "tests" / "data" / "vllm-engine-death.log"
+    proc, events = start(tmp_path, load_s=0, reply_delay_s=0, busy_s=0,
+                         env={"STAND_IN_ENGINE_DIES": str(death)})  # fmt: skip
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 1, output
+    cause = "torch._inductor.exc.InductorError: InvalidCxxCompiler: No working C++ compiler"
+    assert log_events(output)["engine_dead"]["cause"].startswith(cause)
+    errors = [line for line in output.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: vLLM's engine died: {cause}")
+    assert "EngineDeadError" in output  # vLLM's own output still passes through
+    assert events.read_text().splitlines() == ["started", "sigterm"]
 
 
 SLOW_VERIFY = r"""
