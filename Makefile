@@ -7,7 +7,7 @@ LINT := .venv/lint
 LMEVAL := .venv/lmeval
 PIP_FLAGS := --quiet --disable-pip-version-check --no-deps
 
-.PHONY: demo test lint format unit e2e envs lock clean bench-train bench-fit bench-serve images
+.PHONY: demo test lint format unit e2e envs lock clean bench-train bench-fit bench-serve bench-cpu images
 
 # The installs wait mostly on the network and the disk: build them side by side.
 envs:
@@ -87,6 +87,12 @@ bench-train: envs
 bench-fit: envs
 	$(TRAIN)/bin/tuneship base fetch
 	$(TRAIN)/bin/python bench/fit.py
+
+# fp32 against bf16 and 4-bit serving on this CPU, what the precision rule picks marked (~10 min
+# on 2 cores; ARGS='--simulate avx2' runs it as an AVX2-only CPU would)
+bench-cpu: envs
+	$(TRAIN)/bin/tuneship base fetch
+	$(TRAIN)/bin/python bench/cpu.py $(ARGS)
 
 # Serving throughput against the article's FastAPI server (needs bundles/demo: `make demo`)
 bench-serve: envs

@@ -35,8 +35,9 @@ TARGET_LEVEL, TARGET_RATIO = 32, 20.0
 VLLM_ON_CHECKPOINT = (
     "import os, sys; from pathlib import Path; "
     "from tuneship.serve.run import build_command, vllm_flavour; "
-    "argv, env = build_command(Path(sys.argv[1]), 'bench', '127.0.0.1', int(sys.argv[2]), "
-    "vllm_flavour(), int(sys.argv[3])); os.execvpe(argv[0], argv, os.environ | env)"
+    "from tuneship.serve.weights import prepare; flavour = vllm_flavour(); "
+    "argv, env = build_command(prepare(Path(sys.argv[1]), flavour), 'bench', '127.0.0.1', "
+    "int(sys.argv[2]), flavour, int(sys.argv[3])); os.execvpe(argv[0], argv, os.environ | env)"
 )
 
 
@@ -59,6 +60,7 @@ def main() -> None:
     from tuneship.bundles import verify
     from tuneship.launch import Server, free_port
     from tuneship.merging import merge
+    from tuneship.precision import compute_precision
     from tuneship.probes import serving_max_len
 
     bundle = verify(args.bundle)
@@ -77,7 +79,7 @@ def main() -> None:
         wanted = args.servers.split(",")
         if "vllm-bf16" in wanted:
             print("merging the adapter for the bf16 server ...", flush=True)
-            merge(base, run_dir / "adapter", merged)
+            merge(base, run_dir / "adapter", merged, compute_precision()[0].torch_dtype)
         commands = {
             "article": lambda port: (
                 [
@@ -94,7 +96,7 @@ def main() -> None:
                     *(str(port), str(serving_max_len(model_dir))),
                 ],
                 "openai",
-                "vLLM, merged 16-bit checkpoint (bf16)",
+                "vLLM, merged 16-bit checkpoint (the machine's precision: bf16 where native)",
             ),
             "vllm-w4a16": lambda port: (
                 [

@@ -191,6 +191,16 @@ def md_cell(text: str) -> str:
     return " ".join(str(text).split()).replace("|", "\\|")
 
 
+def compute_lines(report: EvalReport) -> list[str]:
+    """What the evaluation computed in, on what, and how vLLM served each model."""
+    lines = []
+    if report.compute is not None:
+        c = report.compute
+        lines.append(f"Merge and perplexities in {c.precision} on {c.machine} ({c.reason}).")
+    lines += [f"{report.models[m].label}: served {how}." for m, how in report.served.items()]
+    return lines
+
+
 def markdown(report: EvalReport, plots: list[str]) -> str:
     models, data = report.models, report.data
     lines = [
@@ -207,6 +217,8 @@ def markdown(report: EvalReport, plots: list[str]) -> str:
         f"(greedy, at most {report.config['max_tokens']} tokens, "
         f"{report.config['concurrency']} requests in flight); perplexity computed locally on "
         "the reference answers' tokens.",
+        "",
+        *(f"- {line}" for line in compute_lines(report)),
         "",
         "## Targets",
         "",
@@ -268,7 +280,9 @@ def html_report(report: EvalReport, folder: Path, plots: list[str]) -> str:
         f"<p>Base <code>{e(report.base)}</code>, run <code>{e(report.run)}</code>; "
         f"{report.data.heldout_questions} held-out and "
         f"{report.data.general_questions} general questions, each model served by vLLM "
-        "and asked through the OpenAI-compatible endpoint (greedy).</p>",
+        "and asked through the OpenAI-compatible endpoint (greedy).</p><ul>",
+        *(f"<li>{e(line)}</li>" for line in compute_lines(report)),
+        "</ul>",
         "<h2>Targets</h2><table><tr><th>target</th><th>goal</th><th>measured</th><th></th></tr>",
     ]
     for t in report.targets:

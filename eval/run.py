@@ -29,8 +29,9 @@ from tuneship.errors import ConfigError, TuneshipError
 from tuneship.fsutil import check_output_free, staged_dir
 from tuneship.gptq import quantize
 from tuneship.loading import describe_errors
-from tuneship.manifest import BundleManifest, RunManifest, header, read_run
+from tuneship.manifest import BundleManifest, ComputeInfo, RunManifest, header, read_run
 from tuneship.merging import merge
+from tuneship.precision import compute_precision
 from tuneship.probes import (
     EvalItem,
     ProbeRequest,
@@ -89,13 +90,15 @@ class Timings:
 
 @dataclass
 class Session:
-    """One evaluation: its settings, questions, the serve environment and a work folder."""
+    """One evaluation: its settings, questions, the serve environment, a work folder and the
+    precision it computes in."""
 
     cfg: EvalConfig
     questions: Questions
     serve_bin: Path
     work: Path
     timings: Timings
+    dtype: Any
 
 
 def run(bundle_dir: Path, out_dir: Path, cfg: EvalConfig, force: bool = False) -> EvalReport:
@@ -111,15 +114,21 @@ def run(bundle_dir: Path, out_dir: Path, cfg: EvalConfig, force: bool = False) -
     questions = load_questions(cfg, manifest)
     export_cfg = export_config(bundle, bundle_dir) if cfg.quantized_base else None
     serve_bin = find_serve_bin(cfg.serve_bin, hint="run eval where both environments are")
+    precision, machine = compute_precision(cfg.precision)
+    print(f"computing in {precision.name} ({precision.reason})", flush=True)
     with staged_dir(out_dir) as stage:
-        session = Session(cfg, questions, serve_bin, stage / ".work", Timings())
+        session = Session(
+            cfg, questions, serve_bin, stage / ".work", Timings(), precision.torch_dtype
+        )
         model_dirs = {
             "base": Path(manifest.base.path),
             "merged": session.work / "merged",
             "quantized": bundle_dir / "model",
         }
-        print(f"merging {run_dir / 'adapter'} into the base (bfloat16) ...", flush=True)
-        tokenizer = merge(manifest.base.path, run_dir / "adapter", model_dirs["merged"])
+        print(f"merging {run_dir / 'adapter'} into the base ...", flush=True)
+        tokenizer = merge(
+            manifest.base.path, run_dir / "adapter", model_dirs["merged"], session.dtype
+        )
         session.timings.lap("merge")
         probes, perplexities = {}, {}
         for model in MODELS:
@@ -149,6 +158,8 @@ def run(bundle_dir: Path, out_dir: Path, cfg: EvalConfig, force: bool = False) -
                 general_questions=len(questions.general),
             ),
             config=cfg.model_dump(),
+            compute=ComputeInfo(**precision.record(), machine=machine.describe()),
+            served={m: probes[m].served_as for m in MODELS if probes[m].served_as},
             models=figures,
             targets=judge(
                 figures, cfg, reference.get("base_w4a16"), manifest.base.quantized_origin
@@ -208,7 +219,7 @@ def ask(
     """One model's held-out perplexity (transformers) and its answers to every question (vLLM)."""
     questions = session.questions
     print(f"{LABELS[model]}: held-out perplexity (transformers) ...", flush=True)
-    ppl = perplexity(model_dir, ChatTokenizer(tokenizer), questions.heldout)
+    ppl = perplexity(model_dir, ChatTokenizer(tokenizer), questions.heldout, session.dtype)
     session.timings.lap(f"perplexity {model}")
     print(
         f"{LABELS[model]}: serving with vLLM, asking {len(questions.all)} questions through the "
@@ -245,7 +256,7 @@ def base_through_the_recipe(
     sample = calibration_sample(
         training_conversations(manifest), export_cfg.calibration_samples, export_cfg.seed
     )
-    quantize(Path(manifest.base.path), tokenizer, sample, export_cfg, quantized)
+    quantize(Path(manifest.base.path), tokenizer, sample, export_cfg, quantized, session.dtype)
     general = session.questions.general
     answers = served_answers(session, quantized, general, "base-w4a16")
     n = len(session.questions.heldout)

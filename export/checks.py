@@ -43,7 +43,12 @@ def check_stop_tokens(model_dir: Path) -> Check:
 
 
 def check_plan(
-    cfg: ExportConfig, items: list[EvalItem], label: str, merged_dir: Path, model_dir: Path
+    cfg: ExportConfig,
+    items: list[EvalItem],
+    label: str,
+    merged_dir: Path,
+    model_dir: Path,
+    dtype: Any,
 ) -> CheckPlan:
     """The prompts with their training token ids, the perplexity figures and the thresholds."""
     from transformers import AutoTokenizer
@@ -67,8 +72,8 @@ def check_plan(
         min_stop_rate=cfg.min_stop_rate,
         max_recall_drop=cfg.max_recall_drop,
         max_perplexity_ratio=cfg.max_perplexity_ratio,
-        perplexity_merged=perplexity(merged_dir, chat_tokenizer, items),
-        perplexity_quantized=perplexity(model_dir, chat_tokenizer, items),
+        perplexity_merged=perplexity(merged_dir, chat_tokenizer, items, dtype),
+        perplexity_quantized=perplexity(model_dir, chat_tokenizer, items, dtype),
         stop_tokens=check_stop_tokens(model_dir),
     )
 
@@ -80,14 +85,14 @@ def trained_ids(chat_tokenizer: ChatTokenizer, item: EvalItem) -> list[int]:
 
 
 def greedy_answers(
-    model_dir: Path, items: list[EvalItem], max_tokens: int, batch: int = 16
+    model_dir: Path, items: list[EvalItem], max_tokens: int, dtype: Any, batch: int = 16
 ) -> list[str]:
     """The model's greedy replies with transformers (the recall baseline when vLLM is not here)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir, padding_side="left")
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     answers: list[str] = []
     for start in range(0, len(items), batch):
         prompts = [

@@ -16,6 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from tuneship.bundles import engine_arguments, show, verify
 from tuneship.calibration import calibration_sample
@@ -31,6 +32,7 @@ from tuneship.manifest import (
     BundleManifest,
     Check,
     CheckPlan,
+    ComputeInfo,
     MergeInfo,
     RunRef,
     ServingInfo,
@@ -41,6 +43,7 @@ from tuneship.manifest import (
     write_manifest,
 )
 from tuneship.merging import merge
+from tuneship.precision import compute_precision
 from tuneship.probes import (
     EvalItem,
     find_serve_bin,
@@ -76,18 +79,21 @@ def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) ->
     serve_bin = serve_environment(cfg)
     conversations = training_conversations(manifest)
     prompts = check_prompts(cfg, conversations)
+    precision, machine = compute_precision(cfg.precision)
+    print(f"computing in {precision.name} ({precision.reason}); the bundle is stored in bf16")
+    dtype = precision.torch_dtype
     started = time.monotonic()
     with staged_dir(out_dir) as stage:
         merged_dir, model_dir = stage / "merged", stage / "model"
-        print(f"merging {run_dir / 'adapter'} into {manifest.base.path} (bfloat16) ...")
-        tokenizer = merge(manifest.base.path, run_dir / "adapter", merged_dir)
+        print(f"merging {run_dir / 'adapter'} into {manifest.base.path} ...")
+        tokenizer = merge(manifest.base.path, run_dir / "adapter", merged_dir, dtype)
         merge_s = time.monotonic() - started
         sample = calibration_sample(conversations, cfg.calibration_samples, cfg.seed)
         print(f"GPTQ {cfg.scheme} with llm-compressor on {len(sample)} training chats ...")
-        quantization = quantize(merged_dir, tokenizer, sample, cfg, model_dir)
+        quantization = quantize(merged_dir, tokenizer, sample, cfg, model_dir, dtype)
         quantization.seconds = round(time.monotonic() - started - merge_s, 1)
-        plan = checks.check_plan(cfg, prompts.items, prompts.label, merged_dir, model_dir)
-        results = vllm_checks(cfg, plan, serve_bin, stage)
+        plan = checks.check_plan(cfg, prompts.items, prompts.label, merged_dir, model_dir, dtype)
+        results = vllm_checks(cfg, plan, serve_bin, stage, dtype)
         shutil.rmtree(stage / ".probe", ignore_errors=True)
         sizes = Sizes(merged_bytes=tree_size(merged_dir), model_bytes=tree_size(model_dir))
         merged_files = hash_tree(merged_dir)  # provenance, also when merged/ is not kept
@@ -108,6 +114,7 @@ def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) ->
             config=cfg.model_dump(),
             merge=MergeInfo(dtype="bfloat16", into="16-bit base", seconds=round(merge_s, 1)),
             quantization=quantization,
+            compute=ComputeInfo(**precision.record(), machine=machine.describe()),
             files=hash_tree(model_dir),
             merged_files=merged_files,
             sizes=sizes,
@@ -148,7 +155,7 @@ def serve_environment(cfg: ExportConfig) -> Path | None:
 
 
 def vllm_checks(
-    cfg: ExportConfig, plan: CheckPlan, serve_bin: Path | None, bundle: Path
+    cfg: ExportConfig, plan: CheckPlan, serve_bin: Path | None, bundle: Path, dtype: Any
 ) -> dict[str, Check]:
     """The checks' verdicts: judged now through vLLM, pending for `bundle check`, or skipped.
     Fills in the plan's recall baseline (the merged model's answers)."""
@@ -160,7 +167,7 @@ def vllm_checks(
         if checks.any_facts(plan):
             print("recall baseline: the merged model's answers (transformers) ...", flush=True)
             items = [p.item() for p in plan.prompts]
-            plan.merged_answers = checks.greedy_answers(merged_dir, items, plan.max_tokens)
+            plan.merged_answers = checks.greedy_answers(merged_dir, items, plan.max_tokens, dtype)
         return pending_checks(plan)
     if checks.any_facts(plan):
         print("preflight: vLLM on the merged 16-bit model (recall baseline) ...", flush=True)

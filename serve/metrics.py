@@ -22,7 +22,14 @@ def metrics() -> dict[str, Any]:
         bundle=Gauge(
             "tuneship_bundle_info",
             "The bundle being served (value 1).",
-            ["bundle", "base_model", "adapter_sha256", "quantization", "tuneship_version"],
+            [
+                "bundle",
+                "base_model",
+                "adapter_sha256",
+                "quantization",
+                "served_as",
+                "tuneship_version",
+            ],
             multiprocess_mode="max",
         ),
         requests=Counter(
@@ -51,8 +58,10 @@ def metrics() -> dict[str, Any]:
     return _METRICS
 
 
-def bundle_labels(bundle_dir: str | None) -> dict[str, str]:
-    """Labels of tuneship_bundle_info, from the served bundle's bundle.json."""
+def bundle_labels(bundle_dir: str | None, served_as: str | None = None) -> dict[str, str]:
+    """Labels of tuneship_bundle_info, from the served bundle's bundle.json, and how vLLM holds
+    its weights here (served_as: e.g. a W4A16 bundle dequantized where vLLM has no 4-bit
+    kernel)."""
     from tuneship import __version__
 
     labels = {
@@ -60,6 +69,7 @@ def bundle_labels(bundle_dir: str | None) -> dict[str, str]:
         "base_model": "unknown",
         "adapter_sha256": "",
         "quantization": "",
+        "served_as": served_as or "",
         "tuneship_version": __version__,
     }
     if bundle_dir is None:

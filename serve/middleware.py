@@ -60,6 +60,9 @@ class MiddlewareSettings(BaseModel):
         description="Set when `tuneship serve` runs its start-up self-test: /ready stays 503 "
         "until it passes (SIGUSR2), and its loopback requests carrying this token need no key.",
     )
+    served_as: str | None = Field(
+        None, description="How vLLM holds the weights here (weights.py), for /metrics."
+    )
 
     def to_env(self) -> str:
         return self.model_dump_json(context={"reveal": True})
@@ -104,7 +107,8 @@ class TuneshipMiddleware:
         if refusal is not None:
             raise TuneshipError(refusal)  # vLLM was started by hand with this middleware
         self.m = metrics()
-        self.m["bundle"].labels(**bundle_labels(settings.bundle_dir)).set(1)
+        labels = bundle_labels(settings.bundle_dir, settings.served_as)
+        self.m["bundle"].labels(**labels).set(1)
         self.keys = KeyRing(
             cfg.key_list(),
             cfg.api_keys_file,

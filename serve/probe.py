@@ -16,11 +16,14 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
+from tuneship.engine_log import root_cause
+from tuneship.errors import TuneshipError
 from tuneship.fsutil import write_json_atomic
 from tuneship.launch import Server, free_port
 from tuneship.probes import ProbeAnswer, ProbeChat, ProbeRequest, ProbeResult
 
 from .run import build_command, vllm_flavour
+from .weights import prepare as serving_weights
 
 SERVED_NAME = "preflight"
 
@@ -46,8 +49,10 @@ def ask(model_dir: Path, spec: ProbeRequest, log: Path) -> ProbeResult:
     """Serve model_dir with the production arguments and ask it what spec asks."""
     flavour = vllm_flavour()
     port = free_port()
+    weights = serving_weights(Path(model_dir), flavour)
+    print(weights.line(), flush=True)
     argv, env = build_command(
-        Path(model_dir),
+        weights,
         SERVED_NAME,
         "127.0.0.1",
         port,
@@ -83,14 +88,23 @@ def ask(model_dir: Path, spec: ProbeRequest, log: Path) -> ProbeResult:
                 latency_s=round(time.monotonic() - sent, 3),
             )
 
-        with ThreadPoolExecutor(spec.concurrency) as pool:
-            tokens = list(pool.map(tokenize, spec.tokenize))
-            chat_started = time.monotonic()
-            chats = list(pool.map(chat, spec.chats))
-            chat_s = time.monotonic() - chat_started
+        try:
+            with ThreadPoolExecutor(spec.concurrency) as pool:
+                tokens = list(pool.map(tokenize, spec.tokenize))
+                chat_started = time.monotonic()
+                chats = list(pool.map(chat, spec.chats))
+                chat_s = time.monotonic() - chat_started
+        except OSError as exc:  # HTTP errors included: the server answered, then failed
+            time.sleep(1)  # the engine's traceback reaches the log
+            cause = root_cause(Path(log).read_text(errors="replace").splitlines())
+            raise TuneshipError(
+                f"vLLM loaded {model_dir} but failed a request ({exc}): "
+                f"{cause or 'no exception in its log'}"
+            ) from None
         peak = server.peak_rss_bytes()
     return ProbeResult(
         flavour=flavour,
+        served_as=f"{weights.served_as} ({weights.why})",
         argv=argv[1:],
         load_s=round(load_s, 1),
         peak_rss_bytes=peak,

@@ -40,6 +40,8 @@ from .middleware import SETTINGS_ENV, MiddlewareSettings
 from .routes import refusal_for_dev_variables
 from .selftest import SelfTest
 from .watch import EngineWatch
+from .weights import Weights
+from .weights import prepare as serving_weights
 
 API_SERVER = "vllm.entrypoints.openai.api_server"
 MIDDLEWARE = "tuneship.serve.middleware.TuneshipMiddleware"
@@ -76,7 +78,7 @@ def vllm_flavour() -> str:
 
 
 def build_command(
-    model_dir: Path,
+    weights: Weights,
     served_name: str,
     host: str,
     port: int,
@@ -86,16 +88,18 @@ def build_command(
     extra: tuple[str, ...] = (),
 ) -> tuple[list[str], dict[str, str]]:
     """The vLLM API server command line and the environment it needs (production arguments:
-    `tuneship serve` and the export's preflight both use this)."""
+    `tuneship serve` and the export's preflight both use this). weights: what vLLM loads and
+    in which dtype (weights.py)."""
     argv = [sys.executable, "-m", API_SERVER]
-    argv += ["--model", str(model_dir), "--served-model-name", served_name]
+    argv += ["--model", str(weights.model_dir), "--served-model-name", served_name]
     argv += ["--host", host, "--port", str(port), "--max-model-len", str(max_model_len)]
     argv += ["--generation-config", "auto", "--middleware", MIDDLEWARE]
     # one JSON line per request comes from the middleware instead of uvicorn's access log
     argv += ["--disable-uvicorn-access-log"]
+    if weights.dtype is not None:
+        argv += ["--dtype", weights.dtype]
     env: dict[str, str] = {}
     if flavour == "cpu":
-        argv += ["--dtype", "bfloat16"]
         # On CPU, graph compilation triples start-up time (100 s vs 35 s) for little gain.
         if eager is not False:
             argv.append("--enforce-eager")
@@ -158,8 +162,9 @@ def prepare(
     cfg = cfg.with_bundle_engine(manifest.serving)
     if flavour == "cpu" and cfg.eager is False:
         check_cpp_compiler()
+    weights = serving_weights(bundle_dir / "model", flavour, manifest.files)
     argv, env = build_command(
-        bundle_dir / "model",
+        weights,
         manifest.served_model_name,
         cfg.host,
         cfg.port,
@@ -177,6 +182,7 @@ def prepare(
     shown = " ".join(f"{k}={v}" for k, v in env.items())
     print(
         f"serving {manifest.served_model_name} ({flavour}): {shown} {shlex.join(argv)}\n"
+        f"{weights.line()}\n"
         f"settings: {cfg.model_dump_json()}\n"
         f"{kv_line(manifest, cfg, bundle_dir / 'model', flavour, env)}\n"
         f"{startup_line(manifest)}",
@@ -184,7 +190,9 @@ def prepare(
     )
     check_keys_file(cfg)
     token = secrets.token_urlsafe(24) if cfg.self_test else None
-    settings = MiddlewareSettings(serve=cfg, bundle_dir=str(bundle_dir), self_test_token=token)
+    settings = MiddlewareSettings(
+        serve=cfg, bundle_dir=str(bundle_dir), self_test_token=token, served_as=weights.served_as
+    )
     env[SETTINGS_ENV] = settings.to_env()
     self_test = SelfTest(manifest, local_url(cfg.host, cfg.port), token) if token else None
     return argv, env, self_test
@@ -224,7 +232,14 @@ def check_keys_file(cfg: ServeConfig) -> None:
 
 
 def _log(event: str, **fields) -> None:
-    print(json.dumps({"time": round(time.time(), 3), "event": event, **fields}), flush=True)
+    _say(json.dumps({"time": round(time.time(), 3), "event": event, **fields}), sys.stdout)
+
+
+def _say(line: str, stream: Any) -> None:
+    """One whole line in one write: vLLM's output is copied into the same streams from other
+    threads (watch.py), and print's separate newline could land after one of its lines."""
+    stream.write(f"{line}\n")
+    stream.flush()
 
 
 def local_url(host: str, port: int) -> str:
@@ -356,11 +371,7 @@ def engine_died(child: subprocess.Popen, watch: EngineWatch, stop_timeout_s: flo
     """vLLM's engine is gone: say why in one line, stop what is left of vLLM, exit non-zero."""
     cause = watch.cause()
     _log("engine_dead", cause=cause)
-    print(
-        f"error: vLLM's engine died: {cause} (vLLM's output above has the rest)",
-        file=sys.stderr,
-        flush=True,
-    )
+    _say(f"error: vLLM's engine died: {cause} (vLLM's output above has the rest)", sys.stderr)
     return stop(child, "stopped", stop_timeout_s, code_when_stopped=1)
 
 
@@ -383,9 +394,7 @@ def run_self_test(self_test: SelfTest, child: subprocess.Popen, watch: EngineWat
             "this serving image does not serve the bundle as it was checked (compare versions "
             "in bundle.json and checks.json)"
         )
-    print(
-        f"error: start-up self-test failed: {result['reason']}; {hint}", file=sys.stderr, flush=True
-    )
+    _say(f"error: start-up self-test failed: {result['reason']}; {hint}", sys.stderr)
     return False
 
 

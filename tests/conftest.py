@@ -43,6 +43,27 @@ def tiny_base(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="session")
+def servable_tiny_base(tmp_path_factory) -> Path:
+    """The tiny Llama with the shapes vLLM's CPU build serves (heads of 32: its attention takes
+    32 to 512; widths that are multiples of 32, as its 4-bit kernel needs)."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    tokenizer = build_tokenizer()
+    torch.manual_seed(0)
+    eot = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
+        eos_token_id=eot, pad_token_id=eot, tie_word_embeddings=True,
+    )  # fmt: skip
+    out = tmp_path_factory.mktemp("servable-tiny-base")
+    LlamaForCausalLM(config).save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    return out
+
+
 @pytest.fixture
 def small_dataset(tmp_path) -> Path:
     rows = [
@@ -81,6 +102,7 @@ def tiny_run(tmp_path_factory, tiny_base):
         max_steps=2,
         batch_size=4,
         lora={"r": 4, "alpha": 8},
+        precision="fp32",
     )
     return train(cfg)
 

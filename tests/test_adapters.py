@@ -27,7 +27,7 @@ def two_runs(tmp_path_factory, tiny_base, tiny_run):
     )
     cfg = TrainConfig(
         name="medical", base=str(tiny_base), data=[str(data)], output_dir=str(root / "runs"),
-        max_steps=1, batch_size=4,
+        max_steps=1, batch_size=4, precision="fp32",
         lora={"r": 4, "alpha": 8, "target_modules": ["o_proj", "down_proj"]},
     )  # fmt: skip
     return [tiny_run, train(cfg)]

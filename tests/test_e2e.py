@@ -10,7 +10,7 @@ import subprocess
 import pytest
 
 from tests.request_mix import send_the_request_mix
-from tests.support import REPO, SERVE_BIN, tuneship
+from tests.support import AVX2_ENV, REPO, SERVE_BIN, tuneship
 from tuneship.launch import Server, free_port
 
 pytestmark = pytest.mark.e2e
@@ -123,6 +123,56 @@ def test_a_compiled_path_without_a_compiler_fails_start_up_naming_the_cause(bund
     assert len(errors) == 1, errors
     assert errors[0].startswith("error: start-up self-test failed: chat with seed, penalties")
     assert "vLLM's engine died: torch._inductor.exc.InductorError: InvalidCxxCompiler" in errors[0]
+
+
+TEXT = (
+    "Under the travel policy, the daily meal allowance for domestic trips is 62 dollars, and "
+    "receipts are required for anything above that."
+)
+
+
+def prompt_logprobs(base_url: str, model: str) -> list[float]:
+    from openai import OpenAI
+
+    reply = OpenAI(base_url=f"{base_url}/v1", api_key="unused").completions.create(
+        model=model, prompt=TEXT, max_tokens=1, echo=True, logprobs=0, temperature=0
+    )
+    return reply.choices[0].logprobs.token_logprobs[1:-1]
+
+
+def test_a_w4a16_bundle_is_served_where_vllm_has_no_4bit_kernel(bundle, tmp_path):
+    """On an AVX2 CPU (simulated on this one, whatever its class: AVX2_ENV) vLLM's CPU build has
+    no 4-bit kernel. serve says so at start, serves an fp32 copy dequantized from the bundle's
+    own W4A16 tensors, /metrics says how, and the prompt's log-probabilities are those of the
+    4-bit weights: transformers' own decompression of the bundle, in fp32."""
+    import httpx
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
+
+    port = free_port()
+    argv = [str(SERVE_BIN), "serve", str(bundle), "--host", "127.0.0.1", "--port", str(port)]
+    env = AVX2_ENV | {"TUNESHIP_HOME": str(tmp_path / "home")}
+    with Server(argv, port, tmp_path / "serve.log", env=env) as server:
+        served = prompt_logprobs(server.base_url, "e2e")
+        info = [line for line in httpx.get(f"{server.base_url}/metrics").text.splitlines()
+                if line.startswith("tuneship_bundle_info{")]  # fmt: skip
+    log = (tmp_path / "serve.log").read_text()
+    assert "weights: W4A16 dequantized to an fp32 copy, computed in fp32 (vLLM's CPU build " in log
+    assert "vLLM issue 55613" in log and "--dtype float32" in log
+    assert 'served_as="W4A16 dequantized to an fp32 copy, computed in fp32"' in info[0]
+    assert (tmp_path / "home" / "dequantized").is_dir()
+
+    model_dir = bundle / "model"
+    ids = AutoTokenizer.from_pretrained(model_dir)(TEXT, add_special_tokens=False).input_ids
+    reference = AutoModelForCausalLM.from_pretrained(
+        model_dir, dtype=torch.float32,
+        quantization_config=CompressedTensorsConfig(run_compressed=False),
+    )  # fmt: skip
+    with torch.no_grad():
+        logprobs = reference(torch.tensor([ids])).logits.log_softmax(-1)[0]
+    expected = [logprobs[i, ids[i + 1]].item() for i in range(len(ids) - 1)][: len(served)]
+    assert len(served) > 20
+    assert max(abs(a - b) for a, b in zip(served, expected, strict=True)) < 1e-3
 
 
 def test_models_lists_the_bundle_name(client):

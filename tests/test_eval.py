@@ -326,7 +326,10 @@ def test_perplexity_in_batches_is_the_perplexity_reply_by_reply(tiny_base):
         EvalItem(f"q{n}", ({"role": "user", "content": "Policy " * n + "?"},), answer, None)
         for n, answer in enumerate(["Yes.", "It says $70 a day.", None, "No, only " * 5 + "then."])
     ]
-    one_by_one = perplexity(tiny_base, chat, items, batch_size=1)
-    batched = perplexity(tiny_base, chat, items, batch_size=3)
-    assert one_by_one > 1 and abs(batched - one_by_one) < 1e-3 * one_by_one
-    assert perplexity(tiny_base, chat, [items[2]]) is None  # no reference reply
+    import torch
+
+    for dtype, tolerance in ((torch.float32, 1e-5), (torch.bfloat16, 1e-3)):
+        one_by_one = perplexity(tiny_base, chat, items, dtype, batch_size=1)
+        batched = perplexity(tiny_base, chat, items, dtype, batch_size=3)
+        assert one_by_one > 1 and abs(batched - one_by_one) < tolerance * one_by_one
+    assert perplexity(tiny_base, chat, [items[2]], torch.float32) is None  # no reference reply

@@ -299,3 +299,41 @@ def verify_as_another_user(verify, bundle: Path) -> str:
         message = fh.read()
     os.waitpid(pid, 0)
     return message
+
+
+def tensor_layout(folder: Path) -> dict[str, tuple[str, tuple[int, ...]]]:
+    from safetensors import safe_open
+
+    layout = {}
+    for path in sorted(folder.glob("*.safetensors")):
+        with safe_open(str(path), "pt") as tensors:
+            for name in tensors.keys():  # noqa: SIM118 (safe_open has no __iter__)
+                tensor = tensors.get_slice(name)
+                layout[name] = (tensor.get_dtype(), tuple(tensor.get_shape()))
+    return layout
+
+
+def test_a_bundle_computed_in_fp32_is_stored_as_one_computed_in_bf16(tmp_path, tiny_run):
+    """An AVX2 machine exports in fp32 (no native bf16), an AMX one in bf16: the bundles are the
+    same format and size, their 16-bit tensors in bf16 either way (the tiny base itself is
+    stored in fp32, so nothing is inherited from it), and bundle.json says which it was."""
+    out = {}
+    for precision in ("fp32", "bf16"):
+        cfg = ExportConfig(calibration_samples=4, checks=False, keep_merged=True,
+                           precision=precision)  # fmt: skip
+        out[precision] = export(tiny_run, tmp_path / precision, cfg)
+    layouts = [tensor_layout(out[p] / "model") for p in out]
+    assert layouts[0] == layouts[1]
+    dtypes = {dtype for dtype, _ in layouts[0].values()}
+    assert dtypes == {"BF16", "I32", "I64"}, dtypes  # bf16 scales and layers, packed int4
+    assert layouts[0]["model.layers.0.self_attn.q_proj.weight_scale"][0] == "BF16"
+    merged = [tensor_layout(out[p] / "merged") for p in out]
+    assert merged[0] == merged[1] and {d for d, _ in merged[0].values()} == {"BF16"}
+    sizes = [read_bundle(out[p]).sizes for p in out]
+    assert sizes[0].model_bytes == sizes[1].model_bytes
+    assert sizes[0].merged_bytes == sizes[1].merged_bytes
+    for precision in out:
+        compute = read_bundle(out[precision]).compute
+        assert compute.precision == precision and compute.reason == f"set to {precision}"
+        config = json.loads((out[precision] / "model" / "config.json").read_text())
+        assert config["dtype"] == "bfloat16"

@@ -13,6 +13,9 @@ from tuneship.bundles import verify as verify_bundle
 from tuneship.errors import TuneshipError
 from tuneship.manifest import BUNDLE_FILE
 from tuneship.serve.run import build_command
+from tuneship.serve.weights import Weights
+
+WEIGHTS = Weights(Path("model"), "bfloat16", "16-bit in bf16", "test")
 
 
 def test_a_flipped_byte_in_a_weight_file_is_refused_naming_the_file(tmp_path):
@@ -48,17 +51,20 @@ def test_vllm_command_uses_the_bundle_name_and_cpu_settings(tmp_path):
     bundle = fake_bundle(tmp_path / "b")
     manifest = verify_bundle(bundle)
     name, length = manifest.served_model_name, manifest.serving.max_model_len
+    weights = Weights(bundle / "model", "bfloat16", "16-bit in bf16", "test")
     argv, env = build_command(
-        bundle / "model", name, "127.0.0.1", 9000, "cpu", length, extra=("--seed", "1")
+        weights, name, "127.0.0.1", 9000, "cpu", length, extra=("--seed", "1")
     )
     assert argv[1:3] == ["-m", "vllm.entrypoints.openai.api_server"]
     assert argv[argv.index("--served-model-name") + 1] == "handbook"
     assert argv[argv.index("--model") + 1] == str(bundle / "model")
     assert argv[argv.index("--max-model-len") + 1] == "2048"
     assert "--enforce-eager" in argv and argv[-2:] == ["--seed", "1"]
+    assert argv[argv.index("--dtype") + 1] == "bfloat16"
     assert env["VLLM_CPU_KVCACHE_SPACE"]
     assert argv[argv.index("--middleware") + 1] == "tuneship.serve.middleware.TuneshipMiddleware"
-    argv, env = build_command(bundle / "model", name, "0.0.0.0", 8000, "cuda", length)
+    weights = Weights(bundle / "model", None, "16-bit as stored", "test")
+    argv, env = build_command(weights, name, "0.0.0.0", 8000, "cuda", length)
     assert "--enforce-eager" not in argv and "--dtype" not in argv
     assert env == {}
 
@@ -67,14 +73,14 @@ def test_eager_cpu_serving_compiles_nothing_unless_the_operator_says_so(tmp_path
     """vLLM's torch.compile'd helpers (the logprobs ranks) need a C++ compiler on CPU at the
     first request that uses them: the serve image has none, so eager CPU serving turns them off."""
     monkeypatch.delenv("TORCH_COMPILE_DISABLE", raising=False)
-    _, env = build_command(tmp_path, "m", "127.0.0.1", 9000, "cpu", 2048)
+    _, env = build_command(WEIGHTS, "m", "127.0.0.1", 9000, "cpu", 2048)
     assert env["TORCH_COMPILE_DISABLE"] == "1"
-    _, env = build_command(tmp_path, "m", "127.0.0.1", 9000, "cpu", 2048, eager=False)
+    _, env = build_command(WEIGHTS, "m", "127.0.0.1", 9000, "cpu", 2048, eager=False)
     assert "TORCH_COMPILE_DISABLE" not in env
-    _, env = build_command(tmp_path, "m", "127.0.0.1", 9000, "cuda", 2048)
+    _, env = build_command(WEIGHTS, "m", "127.0.0.1", 9000, "cuda", 2048)
     assert "TORCH_COMPILE_DISABLE" not in env  # the CUDA image has its compilers
     monkeypatch.setenv("TORCH_COMPILE_DISABLE", "0")  # the operator's choice stands
-    _, env = build_command(tmp_path, "m", "127.0.0.1", 9000, "cpu", 2048)
+    _, env = build_command(WEIGHTS, "m", "127.0.0.1", 9000, "cpu", 2048)
     assert env["TORCH_COMPILE_DISABLE"] == "0"
 
 
@@ -105,9 +111,9 @@ def test_vllm_computes_on_every_core_of_a_small_cpu_machine(
         monkeypatch.delenv("VLLM_CPU_NUM_OF_RESERVED_CPU", raising=False)
     else:
         monkeypatch.setenv("VLLM_CPU_NUM_OF_RESERVED_CPU", preset)  # the operator's choice stands
-    _, env = build_command(tmp_path, "m", "127.0.0.1", 9000, "cpu", 2048)
+    _, env = build_command(WEIGHTS, "m", "127.0.0.1", 9000, "cpu", 2048)
     assert env.get("VLLM_CPU_NUM_OF_RESERVED_CPU") == reserved
-    _, env = build_command(tmp_path, "m", "127.0.0.1", 9000, "cuda", 2048)
+    _, env = build_command(WEIGHTS, "m", "127.0.0.1", 9000, "cuda", 2048)
     assert "VLLM_CPU_NUM_OF_RESERVED_CPU" not in env
 
 

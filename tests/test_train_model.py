@@ -5,6 +5,7 @@ checked with the CUDA answers faked (the fakes say so)."""
 from __future__ import annotations
 
 import contextlib
+import os
 
 import pytest
 import torch
@@ -96,3 +97,23 @@ def test_rank_0_loads_alone_where_each_rank_would_convert_its_own_copy(
             tmp_path, tiny_base, sources,
             distributed={"strategy": "fsdp", "low_memory_loading": True},
         )  # fmt: skip
+
+
+def test_cpu_workers_under_torchrun_share_the_cores_instead_of_one_thread_each(monkeypatch):
+    """torchrun gives every worker OMP_NUM_THREADS=1 when there are several: right beside GPUs,
+    an eighth of a 16-core machine for two CPU workers. tuneship-torchrun splits the cores."""
+    from tuneship.train import torchrun
+
+    assert torchrun.cpu_threads_per_worker(16, 2) == 8
+    assert torchrun.cpu_threads_per_worker(2, 4) == 1 and torchrun.cpu_threads_per_worker(3, 1) == 3
+    seen = {}
+    monkeypatch.setenv("OMP_NUM_THREADS", "0")  # recorded, so the value main() sets is undone
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(16)))
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    monkeypatch.setattr("torch.distributed.run.run", lambda args: seen.update(os.environ))
+    assert torchrun.main(["--nproc-per-node", "2", "-m", "tuneship", "train"]) == 0
+    assert seen["OMP_NUM_THREADS"] == "8"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the operator's choice stands
+    assert torchrun.main(["--nproc-per-node", "2", "-m", "tuneship", "train"]) == 0
+    assert seen["OMP_NUM_THREADS"] == "3"

@@ -13,18 +13,13 @@ from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, s
 
 from tuneship.config import TrainConfig
 from tuneship.errors import TuneshipError
+from tuneship.precision import Capability, Precision, compute_precision
 
 
-def pick_precision(requested: str) -> tuple[str, torch.dtype]:
-    cuda = torch.cuda.is_available()
-    if requested == "auto" and cuda:
-        requested = "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    elif requested == "auto":
-        requested = "fp32"
-    if requested in ("fp16",) and not cuda:
-        raise TuneshipError("precision fp16 needs CUDA; use fp32 or bf16 on CPU")
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[requested]
-    return requested, dtype
+def pick_precision(requested: str) -> tuple[Precision, Capability, torch.dtype]:
+    """The core rule on this machine (tuneship/precision.py)."""
+    precision, machine = compute_precision(requested)
+    return precision, machine, precision.torch_dtype
 
 
 def load_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -60,12 +55,11 @@ def load_model(
         "attn_implementation": cfg.attention,
     }
     if cfg.qlora:
-        compute = torch.bfloat16 if dtype != torch.float16 else dtype
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True,
             bnb_4bit_quant_type="nf4",
             bnb_4bit_use_double_quant=True,
-            bnb_4bit_compute_dtype=compute,
+            bnb_4bit_compute_dtype=dtype,  # the run's precision: fp32 where bf16 is emulated
             # uint8 under FSDP too: accelerate then leaves the 4-bit weights out of fully_shard
             # (whole on every GPU, the rest sharded). Stored as bf16, FSDP2 shards them, and on
             # CUDA rewrites the NaN bit patterns some packed NF4 pairs form: other weights,

@@ -41,6 +41,7 @@ from tuneship.manifest import (
     write_manifest,
 )
 from tuneship.mixing import PreparedData, prepare
+from tuneship.precision import Capability, Precision
 from tuneship.template import align_eos
 
 from . import checkpoints as ckpt
@@ -85,7 +86,8 @@ def run(
         print(yaml.safe_dump({"config": cfg.model_dump(), "data": stats}, sort_keys=False))
         return None
 
-    precision, dtype = pick_precision(cfg.precision)
+    chosen, machine, dtype = pick_precision(cfg.precision)
+    precision = chosen.name
     alone = rank_0_loads_alone(cfg, base, dtype, world)
     if alone:
         reporter.event(
@@ -103,7 +105,7 @@ def run(
     reporter.event(
         "start",
         f"training {cfg.name}: {prepared.stats.used} conversations, {prepared.stats.tokens} "
-        f"tokens ({prepared.stats.trained_share:.0%} trained), base {base}, {precision}, "
+        f"tokens ({prepared.stats.trained_share:.0%} trained), base {base}, {chosen.reason}, "
         f"{cfg.batching} batches, {world} process(es)",
         conversations=prepared.stats.used,
         tokens=prepared.stats.tokens,
@@ -123,7 +125,9 @@ def run(
     if rank != 0:
         return None
     base_info = describe_base(cfg, base, tokenizer, eot_id)
-    write_run(ctx, out_dir, final_adapter, tokenizer, base_info, prepared, precision, metrics)
+    write_run(
+        ctx, out_dir, final_adapter, tokenizer, base_info, prepared, (chosen, machine), metrics
+    )
     shutil.rmtree(ctx.work, ignore_errors=True)
     reporter.event(
         "done",
@@ -287,11 +291,12 @@ def write_run(
     tokenizer: Any,
     base: BaseInfo,
     prepared: Prepared,
-    precision: str,
+    compute: tuple[Precision, Capability],
     metrics: TrainMetrics,
 ) -> None:
     """The run folder, in one rename: adapter/, metrics, plots and run.json."""
     cfg = ctx.cfg
+    precision, machine = compute
     with staged_dir(out_dir) as stage:
         adapter_dir = stage / "adapter"
         shutil.move(final_adapter, adapter_dir)
@@ -310,7 +315,13 @@ def write_run(
             distillation=prepared.distillation,
             config=cfg.model_dump(),
             versions=versions(*LIBRARIES),
-            device=DeviceInfo(precision=precision, qlora=cfg.qlora, world_size=ctx.world),
+            device=DeviceInfo(
+                precision=precision.name,
+                precision_reason=precision.reason,
+                machine=machine.describe(),
+                qlora=cfg.qlora,
+                world_size=ctx.world,
+            ),
             metrics=metrics,
             adapter=hash_tree(adapter_dir),
         )

@@ -33,6 +33,7 @@ def judge(plan: CheckPlan, served: ProbeResult) -> dict[str, Check]:
         "preflight": Check(
             passed=bool(served.chats and (served.chats[0].text or "").strip()),
             flavour=served.flavour,
+            served_as=served.served_as,
             load_s=served.load_s,
             peak_rss_bytes=served.peak_rss_bytes,
             chat_s=served.chat_s,

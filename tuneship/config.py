@@ -182,7 +182,11 @@ class TrainConfig(StrictModel):
     batch_size: int = Field(8, ge=1, description="Conversations per device per step.")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
-        "auto", description="auto: bf16 on CUDA that supports it, else fp16 on CUDA, fp32 on CPU."
+        "auto",
+        description="auto: bf16 where the hardware computes it natively (CUDA that supports "
+        "it, CPUs with AMX or AVX512-BF16), fp16 on other CUDA GPUs, fp32 on other CPUs "
+        "(tuneship/precision.py). bf16 on a CPU without it is honoured, with a warning: "
+        "about 100x slower there.",
     )
     seed: int = Field(42, description="Seed for data order, adapter init and dropout.")
     logging_steps: int = Field(5, ge=1, description="Record the loss every N steps.")
@@ -328,6 +332,12 @@ class ExportConfig(StrictModel):
         "last block; each must match a layer.",
     )
     seed: int = Field(0, description="Seed of the calibration sample.")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="What merge, GPTQ and the quality checks compute in; auto: the machine's "
+        "rule, as for train (bf16 where native, else fp32 on CPU). The bundle is stored the "
+        "same way whatever it is (16-bit tensors in bf16).",
+    )
     served_name: str | None = Field(
         None, description="Model name clients use; default: the bundle folder's name."
     )
@@ -589,6 +599,11 @@ class EvalConfig(StrictModel):
         "check; null: no retention figures.",
     )
     max_tokens: int = Field(64, ge=1, description="Reply budget per question (greedy).")
+    precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(
+        "auto",
+        description="What the merge and the perplexities compute in; auto: the machine's "
+        "rule, as for train (bf16 where native, else fp32 on CPU).",
+    )
     concurrency: int = Field(16, ge=1, description="Questions in flight per served model.")
     serve_bin: str | None = Field(
         None, description="The serve environment's tuneship (default: .venv/serve/bin/tuneship)."

@@ -82,9 +82,18 @@ def quiet_llmcompressor() -> None:
 
 
 def quantize(
-    merged_dir: Path, tokenizer: Any, sample: list[Conversation], cfg: ExportConfig, out_dir: Path
+    merged_dir: Path,
+    tokenizer: Any,
+    sample: list[Conversation],
+    cfg: ExportConfig,
+    out_dir: Path,
+    dtype: Any,
 ) -> QuantizationInfo:
-    """GPTQ the 16-bit checkpoint in merged_dir, calibrated on `sample`; save to out_dir."""
+    """GPTQ the 16-bit checkpoint in merged_dir, calibrated on `sample` and computed in `dtype`
+    (the compute precision); save to out_dir with its 16-bit tensors (scales, unquantized
+    layers) in bf16 whatever `dtype` was. The 4-bit integers survive that cast: a weight is
+    q * scale with |q| <= 8, and rounding both to bf16 moves w / scale by under 0.07 before
+    q is recomputed as round(w / scale)."""
     import torch
     from compressed_tensors.quantization import QuantizationArgs, QuantizationScheme
     from datasets import Dataset
@@ -93,7 +102,7 @@ def quantize(
     from transformers import AutoModelForCausalLM
 
     quiet_llmcompressor()
-    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(merged_dir, dtype=dtype)
     check_keep_16bit(linear_names(model), cfg.keep_16bit)
     group_size = pick_group_size(model, cfg.group_size)
     symmetric = cfg.scheme == "W4A16"
@@ -117,7 +126,7 @@ def quantize(
         shuffle_calibration_samples=False,
         log_dir=None,
     )
-    model.save_pretrained(out_dir, save_compressed=True)
+    model.to(torch.bfloat16).save_pretrained(out_dir, save_compressed=True)
     tokenizer.save_pretrained(out_dir)
     shutil.copy(
         Path(merged_dir) / "generation_config.json", Path(out_dir) / "generation_config.json"

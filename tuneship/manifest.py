@@ -125,6 +125,10 @@ class ExampleStats(Section):
 
 class DeviceInfo(Section):
     precision: str
+    precision_reason: str | None = Field(
+        None, description="Why this precision (the rule in tuneship/precision.py, or the config)."
+    )
+    machine: str | None = Field(None, description="The machine's compute capability, in words.")
     qlora: bool = False
     world_size: int = 1
 
@@ -197,8 +201,16 @@ class RunRef(Section):
 
 class MergeInfo(Section):
     into: str
-    dtype: str | None = None
+    dtype: str | None = Field(None, description="What the merged weights are stored in.")
     seconds: float | None = None
+
+
+class ComputeInfo(Section):
+    """The precision a stage computed in (merge, GPTQ, perplexities), why, and on what."""
+
+    precision: str
+    reason: str
+    machine: str
 
 
 class CalibrationInfo(Section):
@@ -312,6 +324,9 @@ class BundleManifest(Header):
     base: BaseInfo
     merge: MergeInfo
     quantization: QuantizationInfo
+    compute: ComputeInfo | None = Field(
+        None, description="What the export computed in (stored tensors are bf16 whatever it was)."
+    )
     files: dict[str, str]
     merged_files: dict[str, str] = {}
     sizes: Sizes

@@ -9,16 +9,18 @@ from typing import Any
 from tuneship.template import align_eos
 
 
-def merge(base: str, adapter_dir: Path, out_dir: Path) -> Any:
-    """Merge the LoRA adapter into the base loaded in bfloat16; save; return the tokenizer."""
+def merge(base: str, adapter_dir: Path, out_dir: Path, dtype: Any) -> Any:
+    """Merge the LoRA adapter into the base, computed in `dtype` (the run's compute precision);
+    save in bfloat16 whatever that was, so a merge from any machine is the same checkpoint;
+    return the tokenizer."""
     import torch
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=dtype)
     model = PeftModel.from_pretrained(model, adapter_dir).merge_and_unload()
     align_eos(tokenizer, model.config, model.generation_config)
-    model.save_pretrained(out_dir)
+    model.to(torch.bfloat16).save_pretrained(out_dir)
     tokenizer.save_pretrained(out_dir)
     return tokenizer

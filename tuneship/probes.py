@@ -15,7 +15,10 @@ import json
 import math
 import os
 import random
+import shutil
 import subprocess
+import tempfile
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +26,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from tuneship.chats import Conversation
+from tuneship.engine_log import root_cause
 from tuneship.errors import TuneshipError
 from tuneship.facts import cites_clause, contains_fact
 
@@ -162,6 +166,7 @@ class ProbeAnswer(_Wire):
 
 class ProbeResult(_Wire):
     flavour: str
+    served_as: str | None = None  # vLLM's dtype and weights, in words (serve/weights.py)
     argv: list[str]
     load_s: float
     peak_rss_bytes: int
@@ -202,11 +207,22 @@ def probe(
     proc = subprocess.run(argv, capture_output=True, text=True)
     if proc.returncode != 0 or not out_path.is_file():
         log = out_path.with_suffix(".log")
-        tail = log.read_text(errors="replace")[-3000:] if log.exists() else ""
-        raise TuneshipError(
-            f"vLLM could not serve {model_dir} (preflight): {proc.stderr.strip()[-1500:]}\n{tail}"
-        )
+        raise TuneshipError(probe_failure(model_dir, name, proc.stderr, log))
     return ProbeResult.model_validate_json(out_path.read_text(encoding="utf-8"))
+
+
+def probe_failure(model_dir: Path, name: str, stderr: str, log: Path) -> str:
+    """Why `bundle probe` failed, in a few lines: its own error (`error: ...`) or the first
+    exception of vLLM's log, and where the whole log is kept (the work folder holding it is
+    removed with the failed output)."""
+    lines = log.read_text(errors="replace").splitlines() if log.exists() else []
+    said = [line for line in stderr.splitlines() if line.startswith("error:")]
+    cause = said[-1] if said else root_cause(lines) or root_cause(stderr.splitlines())
+    kept = Path(tempfile.gettempdir()) / f"tuneship-{name}-vllm-{int(time.time())}.log"
+    if lines:
+        shutil.copy(log, kept)
+    where = f"vLLM's whole log: {kept}" if lines else f"stderr:\n{stderr.strip()[-1500:]}"
+    return f"vLLM could not serve {model_dir} ({name}): {cause or 'no error found'}\n{where}"
 
 
 def serving_max_len(model_dir: Path, cap: int = SERVING_LEN_CAP) -> int:
@@ -216,11 +232,12 @@ def serving_max_len(model_dir: Path, cap: int = SERVING_LEN_CAP) -> int:
 
 
 def perplexity(
-    model_dir: Path, chat_tokenizer: Any, items: list[EvalItem], batch_size: int = 16
+    model_dir: Path, chat_tokenizer: Any, items: list[EvalItem], dtype: Any, batch_size: int = 16
 ) -> float | None:
-    """exp(mean loss) over the reference replies' tokens (assistant tokens only); None when the
-    held-out data has no reference replies. Replies of similar length are batched, padded on
-    the right (padding changes no real token's logits under the attention mask)."""
+    """exp(mean loss) over the reference replies' tokens (assistant tokens only), computed in
+    `dtype` (the compute precision); None when the held-out data has no reference replies.
+    Replies of similar length are batched, padded on the right (padding changes no real
+    token's logits under the attention mask)."""
     import torch
     from transformers import AutoModelForCausalLM
 
@@ -233,7 +250,7 @@ def perplexity(
     if not examples:
         return None
     examples.sort(key=lambda e: len(e.input_ids))
-    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.bfloat16).eval()
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype).eval()
     total, count = 0.0, 0
     for start in range(0, len(examples), batch_size):
         batch = examples[start : start + batch_size]

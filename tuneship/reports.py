@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from tuneship.manifest import Header, Section, read_manifest
+from tuneship.manifest import ComputeInfo, Header, Section, read_manifest
 
 REPORT_FILE = "report.json"
 MODELS = ("base", "merged", "quantized")
@@ -106,6 +106,12 @@ class EvalReport(Header):
     base: str
     data: ReportData
     config: dict[str, Any]
+    compute: ComputeInfo | None = Field(
+        None, description="What the merge and the perplexities computed in, and why."
+    )
+    served: dict[str, str] = Field(
+        default_factory=dict, description="How vLLM served each model (dtype, weights)."
+    )
     models: dict[str, ModelFigures]
     targets: list[Target]
     reference: dict[str, BaseIn4Bit] = {}

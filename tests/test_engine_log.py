@@ -1,9 +1,9 @@
-"""Reading vLLM's output for the cause of a failure (tuneship/serverlog.py)."""
+"""Reading vLLM's output for the cause of a failure (tuneship/engine_log.py)."""
 
 from __future__ import annotations
 
 from tests.support import REPO
-from tuneship.serverlog import engine_died, root_cause, strip_prefix
+from tuneship.engine_log import engine_died, root_cause, strip_prefix
 
 DEATH = (REPO / "tests" / "data" / "vllm-engine-death.log").read_text().splitlines()
 
