@@ -49,6 +49,7 @@ $(LINT)/.ready: requirements/lint.lock requirements/npm/package-lock.json
 lint: $(TRAIN)/.ready $(LINT)/.ready
 	$(TRAIN)/bin/ruff check .
 	$(TRAIN)/bin/ruff format --check .
+	$(TRAIN)/bin/python scripts/typecheck.py
 	$(LINT)/bin/hadolint Dockerfile.train Dockerfile.serve
 	$(LINT)/bin/python scripts/check_k8s.py
 	$(LINT)/bin/python scripts/check_k8s.py --checkov

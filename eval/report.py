@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import base64
 import html
+from collections.abc import Callable
 from pathlib import Path
 
 from tuneship.manifest import RunManifest, write_manifest
@@ -82,6 +83,10 @@ def base_in_4bit_rows(figures: BaseIn4Bit | None) -> list[tuple[str, list[str]]]
     ]
 
 
+def recall_of_style(style: str) -> Callable[[ModelFigures], float | None]:
+    return lambda m: m.recall_by_style.get(style)
+
+
 def plot_quality(report: EvalReport, path: Path) -> None:
     """Bars per model: recall (all and per style), clause cited, general accuracy, retention,
     stop rate."""
@@ -92,8 +97,10 @@ def plot_quality(report: EvalReport, path: Path) -> None:
 
     models = report.models
     styles = sorted({s for m in models.values() for s in m.recall_by_style})
-    groups = [("held-out recall", lambda m: m.recall)]
-    groups += [(f"recall: {s}", lambda m, s=s: m.recall_by_style.get(s)) for s in styles]
+    groups: list[tuple[str, Callable[[ModelFigures], float | None]]] = [
+        ("held-out recall", lambda m: m.recall)
+    ]
+    groups += [(f"recall: {s}", recall_of_style(s)) for s in styles]
     if has_clauses(models):
         groups.append(("clause cited", lambda m: m.clause_cited))
     groups += [
@@ -249,7 +256,7 @@ def markdown(report: EvalReport, plots: list[str]) -> str:
     for kind in dict.fromkeys(a.kind for a in report.answers):
         for answer in [a for a in report.answers if a.kind == kind][:shown]:
             cells = [
-                f"{'✓' if answer.by_model(m).ok else '✗'} {md_cell(answer.by_model(m).text)}"
+                f"{'✓' if answer.by_model(m).ok else '✗'} {md_cell(answer.by_model(m).text or '')}"
                 for m in MODELS
             ]
             expected = md_cell(must_contain(answer))

@@ -17,7 +17,7 @@ import shutil
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
@@ -57,6 +57,10 @@ from tuneship.runs import check_run, training_conversations
 
 from . import report as render
 from .figures import base_in_4bit, judge, model_figures, retained, share, tally
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
 LABELS = {
     "base": "base model",
@@ -98,7 +102,7 @@ class Session:
     serve_bin: Path
     work: Path
     timings: Timings
-    dtype: Any
+    dtype: torch.dtype
 
 
 def run(bundle_dir: Path, out_dir: Path, cfg: EvalConfig, force: bool = False) -> EvalReport:
@@ -214,7 +218,7 @@ def export_config(bundle: BundleManifest, bundle_dir: Path) -> ExportConfig:
 
 
 def ask(
-    session: Session, model: str, model_dir: Path, tokenizer: Any
+    session: Session, model: str, model_dir: Path, tokenizer: PreTrainedTokenizerBase
 ) -> tuple[float | None, ProbeResult]:
     """One model's held-out perplexity (transformers) and its answers to every question (vLLM)."""
     questions = session.questions
@@ -243,7 +247,7 @@ def base_through_the_recipe(
     session: Session,
     manifest: RunManifest,
     export_cfg: ExportConfig,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     probes: dict[str, ProbeResult],
 ) -> BaseIn4Bit:
     """The base model quantized with the bundle's own recipe and asked the general questions."""

@@ -111,9 +111,9 @@ def run(run_dirs: list[Path], out_dir: Path, cfg: ExportConfig, force: bool = Fa
         raise TuneshipError("adapter lint failed:\n" + "\n".join(f"  - {p}" for p in problems))
     for run_dir, manifest in zip(run_dirs, manifests, strict=True):
         check_run(run_dir, manifest)
+    served_name = base_served_name(cfg, out_dir, names)
     serve_bin = serve_environment(cfg)
     items = load_eval_items(Path(cfg.eval_data))[: cfg.check_samples] if cfg.eval_data else []
-    served_name = cfg.served_name or out_dir.name
     ranks = {}
     started = time.monotonic()
     with staged_dir(out_dir) as stage:
@@ -142,7 +142,7 @@ def run(run_dirs: list[Path], out_dir: Path, cfg: ExportConfig, force: bool = Fa
         lora_args = lora_arguments(stage, ranks)
         if serve_bin is not None:
             results |= preflight_adapters(
-                cfg, serve_bin, model_dir, stage, list(adapters), items, lora_args
+                cfg, serve_bin, model_dir, stage, served_name, list(adapters), items, lora_args
             )
         else:
             reason = (
@@ -184,11 +184,25 @@ def run(run_dirs: list[Path], out_dir: Path, cfg: ExportConfig, force: bool = Fa
     return out_dir
 
 
+def base_served_name(cfg: ExportConfig, out_dir: Path, adapters: list[str]) -> str:
+    """The name the base is served under. vLLM serves each name once: an adapter named like
+    the bundle (`--out bundles/demo` for run demo) keeps the name, and clients reach the base
+    as NAME-base; a served_name set to an adapter's name is refused."""
+    if cfg.served_name in adapters:
+        raise TuneshipError(
+            f"served_name '{cfg.served_name}' is also an adapter's name (vLLM serves each name "
+            "once, and the adapters keep their runs' names): set another served_name"
+        )
+    name = cfg.served_name or out_dir.name
+    return f"{name}-base" if name in adapters else name
+
+
 def preflight_adapters(
     cfg: ExportConfig,
     serve_bin: Path,
     model_dir: Path,
     stage: Path,
+    served_name: str,
     names: list[str],
     items: list[EvalItem],
     lora_args: list[str],
@@ -197,6 +211,7 @@ def preflight_adapters(
         EvalItem("hello", ({"role": "user", "content": "Hello! Who are you?"},), None, None)
     ]
     request = ProbeRequest(
+        served_name=served_name,  # the names serve will use, adapters beside it
         max_model_len=serving_max_len(model_dir),
         max_tokens=cfg.check_max_tokens,
         extra_args=[*lora_args, *engine_arguments(cfg.engine())],

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from tuneship.chat_tokens import ChatTokenizer
 from tuneship.chats import Conversation
@@ -22,6 +22,9 @@ from tuneship.config import ExportConfig
 from tuneship.manifest import Check
 from tuneship.probes import EvalItem, perplexity
 from tuneship.template import end_of_turn
+
+if TYPE_CHECKING:
+    import torch
 
 
 def check_stop_tokens(model_dir: Path) -> Check:
@@ -48,7 +51,7 @@ def check_plan(
     label: str,
     merged_dir: Path,
     model_dir: Path,
-    dtype: Any,
+    dtype: torch.dtype,
 ) -> CheckPlan:
     """The prompts with their training token ids, the perplexity figures and the thresholds."""
     from transformers import AutoTokenizer
@@ -85,7 +88,7 @@ def trained_ids(chat_tokenizer: ChatTokenizer, item: EvalItem) -> list[int]:
 
 
 def greedy_answers(
-    model_dir: Path, items: list[EvalItem], max_tokens: int, dtype: Any, batch: int = 16
+    model_dir: Path, items: list[EvalItem], max_tokens: int, dtype: torch.dtype, batch: int = 16
 ) -> list[str]:
     """The model's greedy replies with transformers (the recall baseline when vLLM is not here)."""
     import torch

@@ -16,7 +16,7 @@ import shutil
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tuneship.bundles import engine_arguments, show, verify
 from tuneship.calibration import calibration_sample
@@ -55,6 +55,9 @@ from tuneship.probes import (
 from tuneship.runs import check_run, training_conversations
 
 from . import checks
+
+if TYPE_CHECKING:
+    import torch
 
 LIBRARIES = ("torch", "transformers", "peft", "llmcompressor", "compressed-tensors")
 
@@ -155,7 +158,7 @@ def serve_environment(cfg: ExportConfig) -> Path | None:
 
 
 def vllm_checks(
-    cfg: ExportConfig, plan: CheckPlan, serve_bin: Path | None, bundle: Path, dtype: Any
+    cfg: ExportConfig, plan: CheckPlan, serve_bin: Path | None, bundle: Path, dtype: torch.dtype
 ) -> dict[str, Check]:
     """The checks' verdicts: judged now through vLLM, pending for `bundle check`, or skipped.
     Fills in the plan's recall baseline (the merged model's answers)."""
@@ -167,7 +170,10 @@ def vllm_checks(
         if checks.any_facts(plan):
             print("recall baseline: the merged model's answers (transformers) ...", flush=True)
             items = [p.item() for p in plan.prompts]
-            plan.merged_answers = checks.greedy_answers(merged_dir, items, plan.max_tokens, dtype)
+            answers: list[str | None] = list(
+                checks.greedy_answers(merged_dir, items, plan.max_tokens, dtype)
+            )
+            plan.merged_answers = answers
         return pending_checks(plan)
     if checks.any_facts(plan):
         print("preflight: vLLM on the merged 16-bit model (recall baseline) ...", flush=True)
@@ -212,10 +218,11 @@ def remove_stale_partials(out_dir: Path) -> None:
 
 
 def report(out_dir: Path, sizes: Sizes, seconds: float) -> None:
-    ratio = sizes.model_bytes / sizes.merged_bytes
+    merged = sizes.merged_bytes or 0
+    share = f" ({sizes.model_bytes / merged:.0%} of the merged 16-bit {merged / 1e6:.0f} MB)"
     print(
-        f"bundle written to {out_dir}: model {sizes.model_bytes / 1e6:.0f} MB "
-        f"({ratio:.0%} of the merged 16-bit {sizes.merged_bytes / 1e6:.0f} MB), {seconds:.0f} s"
+        f"bundle written to {out_dir}: model {sizes.model_bytes / 1e6:.0f} MB"
+        f"{share if merged else ''}, {seconds:.0f} s"
     )
     print(show(out_dir))
 

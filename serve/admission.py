@@ -34,8 +34,9 @@ def request_slots(path: str, body: bytes) -> int:
     n = n if isinstance(n, int) and not isinstance(n, bool) and n >= 1 else 1
     prompt = data.get("prompt") if path == "/v1/completions" else None
     # a list of strings or of token-id lists is a batch; a list of ints is one prompt
-    batch = isinstance(prompt, list) and bool(prompt) and not isinstance(prompt[0], int)
-    return n * (len(prompt) if batch else 1)
+    if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
+        return n * len(prompt)
+    return n
 
 
 class Admission:

@@ -35,7 +35,7 @@ def parse_keys(text: str) -> list[tuple[str | None, str]]:
     """(name or None, key) per line; blank lines and '#' comments (indented too) skipped. A
     line `name:key` names its key (a name of letters, digits, '.', '_', '-'); the key may
     itself hold ':'."""
-    found = []
+    found: list[tuple[str | None, str]] = []
     for line in (raw.strip() for raw in text.splitlines()):
         if not line or line.startswith("#"):
             continue

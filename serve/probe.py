@@ -51,9 +51,10 @@ def ask(model_dir: Path, spec: ProbeRequest, log: Path) -> ProbeResult:
     port = free_port()
     weights = serving_weights(Path(model_dir), flavour)
     print(weights.line(), flush=True)
+    served_name = spec.served_name or SERVED_NAME
     argv, env = build_command(
         weights,
-        SERVED_NAME,
+        served_name,
         "127.0.0.1",
         port,
         flavour,
@@ -66,12 +67,12 @@ def ask(model_dir: Path, spec: ProbeRequest, log: Path) -> ProbeResult:
         base = server.base_url
 
         def tokenize(messages: list[dict]) -> list[int]:
-            body = {"model": SERVED_NAME, "messages": messages, "add_generation_prompt": True}
+            body = {"model": served_name, "messages": messages, "add_generation_prompt": True}
             return _post(f"{base}/tokenize", body)["tokens"]
 
         def chat(item: ProbeChat) -> ProbeAnswer:
             body = {
-                "model": item.model or SERVED_NAME,
+                "model": item.model or served_name,
                 "messages": item.messages,
                 "max_tokens": spec.max_tokens,
                 "temperature": 0,

@@ -346,6 +346,7 @@ def supervise(
     child = signals.child = subprocess.Popen(
         argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE
     )
+    assert child.stdout is not None and child.stderr is not None  # both piped above
     watch = EngineWatch(child.stdout, child.stderr, sys.stdout.buffer, sys.stderr.buffer)
     while not signals.terminating:
         try:

@@ -90,6 +90,7 @@ class SelfTest:
     def _check_prompts(self, prompts: list[CheckPrompt]) -> dict:
         """Template parity and stopping, on prompts the bundle's checks recorded."""
         plan = self.manifest.check_plan
+        assert plan is not None  # prompts() found some in it
         served = [self._post("/tokenize", self._tokenize_body(p))["tokens"] for p in prompts]
         parity = template_parity(prompts, served, plan.bos_token_id)
         finishes = [

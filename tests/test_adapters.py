@@ -87,3 +87,39 @@ def test_adapter_from_another_base_is_rejected(two_runs, tmp_path):
     with pytest.raises(TuneshipError, match="weights hash differs from the bundle's base"):
         export_adapters([two_runs[0], other], tmp_path / "b", ExportConfig(checks=False))
     assert not (tmp_path / "b").exists()
+
+
+def test_an_adapters_bundle_named_like_its_run_serves_names_that_do_not_clash(
+    tiny_run, tmp_path, monkeypatch
+):
+    """`export runs/demo --out bundles/demo --adapters-only` passed its checks (the preflight
+    served the base as 'preflight'), then serve died: vLLM refused the adapter 'demo' beside a
+    base served as 'demo'. The base now gets a name of its own, and the preflight serves the
+    names serving will use."""
+    from tuneship.export import adapters
+    from tuneship.probes import ProbeAnswer, ProbeResult
+
+    asked = []
+
+    def vllm(serve_bin, model_dir, work, name, request):
+        asked.append(request)
+        answers = [ProbeAnswer(id=c.id, model=c.model, text="ok", finish_reason="stop", latency_s=0)
+                   for c in request.chats]  # fmt: skip
+        return ProbeResult(flavour="cpu", argv=[], load_s=1, peak_rss_bytes=1, chat_s=1,
+                           chats=answers)  # fmt: skip
+
+    monkeypatch.setattr(adapters, "serve_environment", lambda cfg: tmp_path / "serve-bin")
+    monkeypatch.setattr(adapters, "probe", vllm)
+    run_name = read_run_name(tiny_run)
+    out = export_adapters([tiny_run], tmp_path / run_name, ExportConfig(min_stop_rate=0))
+    bundle = read_bundle(out)
+    assert set(bundle.adapters) == {run_name}
+    assert bundle.served_model_name == f"{run_name}-base"
+    assert asked[0].served_name == bundle.served_model_name
+    assert {chat.model for chat in asked[0].chats} == {run_name}
+    with pytest.raises(TuneshipError, match=f"served_name '{run_name}' is also an adapter's name"):
+        export_adapters([tiny_run], tmp_path / "b", ExportConfig(served_name=run_name))
+
+
+def read_run_name(run_dir) -> str:
+    return json.loads((run_dir / "run.json").read_text())["name"]

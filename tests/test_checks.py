@@ -4,6 +4,7 @@ gate; the check plan's training ids (export/checks.py); held-out question files.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -147,3 +148,40 @@ def test_missing_serve_environment_is_named(tmp_path, monkeypatch):
     monkeypatch.delenv("TUNESHIP_SERVE_BIN", raising=False)
     with pytest.raises(TuneshipError, match="set checks=false to export without them"):
         probes.find_serve_bin(ExportConfig().serve_bin)
+
+
+FAILING_PROBE = r"""#!/bin/sh
+# `tuneship bundle probe` whose vLLM loaded the model, then died on the first request
+out=$(echo "$@" | sed 's/.*--output \([^ ]*\).*/\1/')
+log="${out%.json}.log"
+worker="(Worker pid=3) ERROR 12-06 16:22:41 [multiproc_executor.py:1063]"
+{
+  echo "(APIServer pid=1) INFO 12-06 16:22:10 [model.py:733] Resolved architecture: Llama"
+  echo "$worker Traceback (most recent call last):"
+  echo "$worker   File \"x.py\", line 1, in f"
+  echo "$worker AttributeError: '_OpNamespace' '_C' object has no attribute 'cpu_gemm_wna16'"
+  echo "(APIServer pid=1) ERROR 12-06 [async_llm.py:906] EngineDeadError: EngineCore died."
+} > "$log"
+echo "urllib.error.HTTPError: HTTP Error 500: Internal Server Error" >&2
+exit 1
+"""
+
+
+def test_a_failed_preflight_names_vllms_first_error_and_keeps_its_log(tmp_path):
+    """The cause was in vLLM's log, which went with the partial bundle: the message was an
+    HTTP 500 traceback. Now it names vLLM's first exception and the file that keeps the log."""
+    serve_bin = tmp_path / "tuneship"
+    serve_bin.write_text(FAILING_PROBE)
+    serve_bin.chmod(0o755)
+    work = tmp_path / "partial" / ".probe"
+    request = probes.ProbeRequest(max_model_len=64, max_tokens=4)
+    with pytest.raises(TuneshipError) as failed:
+        probes.probe(serve_bin, tmp_path / "model", work, "quantized", request)
+    first, kept = str(failed.value).splitlines()
+    assert first == (
+        f"vLLM could not serve {tmp_path / 'model'} (quantized): AttributeError: '_OpNamespace' "
+        "'_C' object has no attribute 'cpu_gemm_wna16'"
+    )
+    kept_log = kept.removeprefix("vLLM's whole log: ")
+    (tmp_path / "partial").rename(tmp_path / "gone")  # the partial bundle is removed
+    assert "cpu_gemm_wna16" in Path(kept_log).read_text()

@@ -333,3 +333,26 @@ def test_perplexity_in_batches_is_the_perplexity_reply_by_reply(tiny_base):
         batched = perplexity(tiny_base, chat, items, dtype, batch_size=3)
         assert one_by_one > 1 and abs(batched - one_by_one) < tolerance * one_by_one
     assert perplexity(tiny_base, chat, [items[2]], torch.float32) is None  # no reference reply
+
+
+@pytest.mark.parametrize("missed", [[], ["fine-tuned fact recall, held-out questions"]])
+def test_eval_strict_exits_0_when_every_target_is_met_and_1_naming_the_missed(
+    tmp_path, monkeypatch, missed
+):
+    """`--strict` is what a pipeline or a rollout gate uses (it raised TypeError after writing
+    the report, met or not: the report became a pydantic model and cli.py indexed it)."""
+    from click.testing import CliRunner
+
+    from tuneship.cli import main
+
+    report = made_up_report()
+    report.targets = [t.model_copy(update={"met": t.target not in missed}) for t in report.targets]
+    assert not missed or missed[0] in [t.target for t in report.targets]
+    monkeypatch.setattr("tuneship.eval.run.run", lambda *args, **kwargs: report)
+    result = CliRunner().invoke(main, ["eval", str(tmp_path), "--out", str(tmp_path / "r"),
+                                       "--strict"])  # fmt: skip
+    assert result.exit_code == (1 if missed else 0), result.output
+    assert ("Traceback" not in result.output and result.exception is None) or missed
+    if missed:
+        lines = [line for line in result.output.splitlines() if line.startswith("error:")]
+        assert lines == [f"error: --strict: 1 target missed: {missed[0]}"], result.output

@@ -16,7 +16,7 @@ import shutil
 import signal
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from safetensors.torch import load_file
@@ -28,6 +28,9 @@ from tuneship.errors import TuneshipError
 from tuneship.fsutil import fsync_tree, write_json_atomic
 
 from . import sharded
+
+if TYPE_CHECKING:
+    from peft import PeftModel
 from .ranks import agreed
 
 PLAN = "plan.json"
@@ -49,11 +52,14 @@ def complete_checkpoints(work: Path) -> list[Path]:
         for p in (folder.iterdir() if folder.is_dir() else [])
         if _CHECKPOINT.match(p.name) and (p / "trainer_state.json").is_file()
     ]
-    return sorted(found, key=lambda p: int(_CHECKPOINT.match(p.name).group(1)))
+    return sorted(found, key=checkpoint_step)
 
 
 def checkpoint_step(path: Path) -> int:
-    return int(_CHECKPOINT.match(path.name).group(1))
+    match = _CHECKPOINT.match(path.name)
+    if match is None:
+        raise ValueError(f"{path} is not a checkpoint folder (checkpoint-STEP)")
+    return int(match.group(1))
 
 
 def plan_for(cfg_dump: dict[str, Any], data_sha256: dict[str, str]) -> dict[str, Any]:
@@ -151,6 +157,7 @@ class CheckpointingTrainer(Trainer):
 
     def _save_checkpoint(self, model: Any, trial: Any) -> None:
         super()._save_checkpoint(model, trial)
+        assert self.args.output_dir is not None  # the Trainer is built with the work folder
         written = Path(self.args.output_dir) / f"checkpoint-{self.state.global_step}"
         self.accelerator.wait_for_everyone()
         if self.is_world_process_zero():
@@ -162,14 +169,17 @@ class CheckpointingTrainer(Trainer):
     def save_model(self, output_dir: str | None = None, _internal_call: bool = False) -> None:
         if not self.is_fsdp_enabled:
             return super().save_model(output_dir, _internal_call)
-        state = sharded.trainable_state(self.model)  # the adapter alone (sharded.py says why)
-        if self.args.should_save:
-            self.model.save_pretrained(output_dir or self.args.output_dir, state_dict=state)
+        model = cast("PeftModel", self.model)
+        state = sharded.trainable_state(model)  # the adapter alone (sharded.py says why)
+        target = output_dir or self.args.output_dir
+        if self.args.should_save and target is not None:
+            model.save_pretrained(target, state_dict=state)
         return None
 
     def _save_optimizer_and_scheduler(self, output_dir: str) -> None:
         if not self.is_fsdp_enabled:
             return super()._save_optimizer_and_scheduler(output_dir)
+        assert self.lr_scheduler is not None  # created with the optimizer, before any save
         state = sharded.optimizer_state(self.model, self.optimizer)
         if self.args.should_save:
             torch.save(state, Path(output_dir) / OPTIMIZER_NAME)
@@ -180,20 +190,22 @@ class CheckpointingTrainer(Trainer):
         if not self.is_fsdp_enabled:
             return super()._load_from_checkpoint(resume_from_checkpoint, model)
         saved = load_file(Path(resume_from_checkpoint) / ADAPTER_SAFE_WEIGHTS_NAME)
+        model = cast("PeftModel", self.model)
         # the adapter file's keys are PEFT's: the parameter names without the adapter's name
-        adapter = f".{self.model.active_adapter}."
+        adapter = f".{model.active_adapter}."
         by_param = {
             name: saved[name.replace(adapter, ".")]
-            for name, param in self.model.named_parameters()
+            for name, param in model.named_parameters()
             if param.requires_grad
         }
-        sharded.load_trainable(self.model, by_param)
+        sharded.load_trainable(model, by_param)
         return None
 
     def _load_optimizer_and_scheduler(self, checkpoint: str | None) -> None:
         if checkpoint is None:
             return None
         folder = Path(checkpoint)
+        assert self.optimizer is not None and self.lr_scheduler is not None  # created first
         if self.is_fsdp_enabled:
             saved = torch.load(folder / OPTIMIZER_NAME, map_location="cpu", weights_only=True)
             sharded.load_optimizer_state(self.model, self.optimizer, saved)

@@ -56,6 +56,7 @@ def token_losses(
     predicted = logits[:, :-1]
     total = F.cross_entropy(predicted[hard].float(), targets[hard], reduction="sum")
     if soft.any():
+        assert teacher is not None  # distilled rows come with their targets
         student = F.log_softmax(predicted[soft].float(), dim=-1)
         total = total + top_k_kl(student, *teacher)
     return total, trained.sum().to(torch.float32)

@@ -342,6 +342,7 @@ def report(
     gpus = gpus or int(os.environ.get("WORLD_SIZE", "1"))
     gpu = gpu_named(gpu) if gpu else detected_gpu()
     kind = GPUS[gpu] if gpu else None
+    memory: int | None
     if gpu_memory:
         memory = parse_size(gpu_memory)
     else:

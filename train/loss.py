@@ -103,6 +103,7 @@ def chunked_token_losses(
     predicted = hidden[:, :-1]
     total = OutputLayerLoss.apply(predicted[hard], weight, targets[hard], None, None, chunk)
     if soft.any():
+        assert teacher is not None  # distilled rows come with their targets
         total = total + OutputLayerLoss.apply(predicted[soft], weight, None, *teacher, chunk)
     return total, trained.sum().to(torch.float32)
 

@@ -18,7 +18,7 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from tuneship.plots import line_chart, loss_chart
+from tuneship.plots import Points, line_chart, loss_chart
 
 METRICS_JSONL = "metrics.jsonl"
 GAUGES = {
@@ -201,7 +201,7 @@ def write_plots(rows: list[dict[str, Any]], folder: Path, title: str) -> list[st
     written = []
     if loss_chart(points("loss"), points("eval_loss"), folder / "loss.png", title):
         written.append("loss.png")
-    lr = {"learning rate": points("learning_rate")}
+    lr: dict[str, Points] = {"learning rate": points("learning_rate")}
     if line_chart(lr, folder / "learning_rate.png", title):
         written.append("learning_rate.png")
     return written

@@ -229,9 +229,9 @@ def shared_data(
 
 
 def describe_datasets(cfg: TrainConfig, data: PreparedData) -> list[DatasetRecord]:
-    files = [(p, "train") for p in cfg.data_paths] + (
-        [(cfg.eval_data, "eval")] * bool(cfg.eval_data)
-    )
+    files = [(p, "train") for p in cfg.data_paths]
+    if cfg.eval_data:
+        files.append((cfg.eval_data, "eval"))
     invalid = {str(p.file) for p in data.problems}
     return [
         DatasetRecord(

@@ -4,9 +4,12 @@ template the model was trained on (never generic text: the calibration sees what
 from __future__ import annotations
 
 import random
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tuneship.chats import Conversation
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 
 def calibration_sample(
@@ -17,7 +20,7 @@ def calibration_sample(
 
 
 def calibration_rows(
-    tokenizer: Any, sample: list[Conversation], max_length: int
+    tokenizer: PreTrainedTokenizerBase, sample: list[Conversation], max_length: int
 ) -> list[dict[str, list[int]]]:
     """Each conversation rendered with the chat template and tokenized (the template writes any
     BOS itself), cut to max_length tokens."""

@@ -9,11 +9,14 @@ Tokenized with add_special_tokens=False: the template writes any BOS itself, so 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tuneship.chats import Conversation
 from tuneship.errors import TuneshipError
-from tuneship.template import end_of_turn
+from tuneship.template import end_of_turn, render
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
 
 IGNORE = -100
 
@@ -31,18 +34,16 @@ class Example:
 
 
 def assistant_spans(
-    tokenizer: Any, messages: list[dict[str, str]], eot_text: str
+    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], eot_text: str
 ) -> tuple[str, list[tuple[int, int]]]:
     """Render messages; return the text and the (start, end) character span of every assistant
     reply, each span ending just after the reply's end-of-turn token."""
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = render(tokenizer, messages)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = tokenizer.apply_chat_template(
-            messages[:i], tokenize=False, add_generation_prompt=True
-        )
+        prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
         if not text.startswith(prompt):
             raise TuneshipError(
                 "the chat template renders a conversation's prefix differently from the whole "
@@ -63,7 +64,7 @@ def assistant_spans(
 class ChatTokenizer:
     """Turns conversations into training examples with one tokenizer and its end-of-turn token."""
 
-    def __init__(self, tokenizer: Any, max_length: int | None = None):
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int | None = None):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.eot_text, self.eot_id = end_of_turn(tokenizer)
@@ -73,7 +74,10 @@ class ChatTokenizer:
 
 
 def tokenize_conversation(
-    tokenizer: Any, conv: Conversation, eot_text: str, max_length: int | None = None
+    tokenizer: PreTrainedTokenizerBase,
+    conv: Conversation,
+    eot_text: str,
+    max_length: int | None = None,
 ) -> Example:
     text, spans = assistant_spans(tokenizer, list(conv.messages), eot_text)
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)

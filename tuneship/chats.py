@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -182,7 +183,7 @@ def load_file(path: str | Path) -> LoadResult:
     return result
 
 
-def load_files(paths: list[str | Path]) -> LoadResult:
+def load_files(paths: Sequence[str | Path]) -> LoadResult:
     result = LoadResult()
     for path in paths:
         result.extend(load_file(path))

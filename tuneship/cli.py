@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Any, Union
 
 import click
+from pydantic import BaseModel
 
 from tuneship import __version__
 from tuneship.config import ServeConfig
@@ -271,11 +272,13 @@ def evaluate(
     from tuneship.eval.run import run
 
     report = run(bundle_dir, out, cfg, force=force)
-    if strict and not all(t["met"] for t in report["targets"]):
-        raise SystemExit(1)
+    missed = [t.target for t in report.targets if not t.met]
+    if strict and missed:
+        s = "" if len(missed) == 1 else "s"
+        raise TuneshipError(f"--strict: {len(missed)} target{s} missed: {'; '.join(missed)}")
 
 
-def options_from(model: type) -> Callable:
+def options_from(model: type[BaseModel]) -> Callable:
     """One click option per top-level field of a config model (--max-running for
     max_running; --flag/--no-flag for booleans), its help the field's description. Each
     option defaults to None (not given), so only what the user typed overrides the config."""
@@ -289,7 +292,8 @@ def options_from(model: type) -> Callable:
 
     def decorate(fn: Callable) -> Callable:
         for name, field in reversed(model.model_fields.items()):
-            if (field.json_schema_extra or {}).get("cli") is False:
+            extra = field.json_schema_extra
+            if isinstance(extra, dict) and extra.get("cli") is False:
                 continue
             flag, kind = name.replace("_", "-"), plain(field.annotation)
             declared = f"--{flag}/--no-{flag}" if kind is bool else f"--{flag}"
@@ -393,8 +397,9 @@ def config_keys(stage: str) -> None:
     from tuneship.config import EvalConfig, ExportConfig, TrainConfig
     from tuneship.loading import describe_fields
 
-    model = {"train": TrainConfig, "export": ExportConfig, "eval": EvalConfig}.get(
-        stage, ServeConfig
-    )
+    models: dict[str, type[BaseModel]] = {
+        "train": TrainConfig, "export": ExportConfig, "eval": EvalConfig, "serve": ServeConfig
+    }  # fmt: skip
+    model = models[stage]
     for key, default, doc in describe_fields(model):
         click.echo(f"{key} (default {default}): {doc}")

@@ -8,7 +8,7 @@ import re
 import shutil
 import sys
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tuneship.calibration import calibration_rows
 from tuneship.chats import Conversation
@@ -16,10 +16,14 @@ from tuneship.config import ExportConfig
 from tuneship.errors import TuneshipError
 from tuneship.manifest import CalibrationInfo, QuantizationInfo
 
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
+
 GROUP_SIZES = (128, 64, 32)
 
 
-def pick_group_size(model: Any, requested: int | None) -> int:
+def pick_group_size(model: torch.nn.Module, requested: int | None) -> int:
     """The requested group size if it divides every quantized layer's input width, else the
     largest of GROUP_SIZES that does."""
     import torch
@@ -43,7 +47,7 @@ def pick_group_size(model: Any, requested: int | None) -> int:
     raise TuneshipError(f"no group size in {GROUP_SIZES} divides the layer widths {sorted(widths)}")
 
 
-def linear_names(model: Any) -> list[str]:
+def linear_names(model: torch.nn.Module) -> list[str]:
     import torch
 
     return [name for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
@@ -83,11 +87,11 @@ def quiet_llmcompressor() -> None:
 
 def quantize(
     merged_dir: Path,
-    tokenizer: Any,
+    tokenizer: PreTrainedTokenizerBase,
     sample: list[Conversation],
     cfg: ExportConfig,
     out_dir: Path,
-    dtype: Any,
+    dtype: torch.dtype,
 ) -> QuantizationInfo:
     """GPTQ the 16-bit checkpoint in merged_dir, calibrated on `sample` and computed in `dtype`
     (the compute precision); save to out_dir with its 16-bit tensors (scales, unquantized
@@ -126,7 +130,9 @@ def quantize(
         shuffle_calibration_samples=False,
         log_dir=None,
     )
-    model.to(torch.bfloat16).save_pretrained(out_dir, save_compressed=True)
+    # nn.Module's own `to`: transformers wraps PreTrainedModel.to in a way type checkers misread
+    torch.nn.Module.to(model, dtype=torch.bfloat16)
+    model.save_pretrained(out_dir, save_compressed=True)
     tokenizer.save_pretrained(out_dir)
     shutil.copy(
         Path(merged_dir) / "generation_config.json", Path(out_dir) / "generation_config.json"

@@ -87,6 +87,8 @@ class Server:
     def peak_rss_bytes(self) -> int:
         """Sum of the peak resident memory (VmHWM) of every process in the server's group."""
         total = 0
+        if self.proc is None:
+            return total
         for status in Path("/proc").glob("[0-9]*/status"):
             try:
                 if os.getpgid(int(status.parent.name)) != self.proc.pid:

@@ -4,12 +4,18 @@ into 4-bit weights loses the adapter's effect). Used by export and by eval."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tuneship.template import align_eos
 
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedTokenizerBase
 
-def merge(base: str, adapter_dir: Path, out_dir: Path, dtype: Any) -> Any:
+
+def merge(
+    base: str, adapter_dir: Path, out_dir: Path, dtype: torch.dtype
+) -> PreTrainedTokenizerBase:
     """Merge the LoRA adapter into the base, computed in `dtype` (the run's compute precision);
     save in bfloat16 whatever that was, so a merge from any machine is the same checkpoint;
     return the tokenizer."""

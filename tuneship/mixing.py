@@ -149,8 +149,9 @@ def prepare(cfg: DataMix) -> PreparedData:
         "leaks": len(leaked),
         "leak_examples": leaked[:10],
     }
-    if cfg.data[0].weight is not None:
-        train, counts = mix(per_source, [s.weight for s in cfg.data], cfg.seed)
+    weights = [s.weight for s in cfg.data if s.weight is not None]
+    if len(weights) == len(cfg.data):  # every source weighted, or none (the config says so)
+        train, counts = mix(per_source, weights, cfg.seed)
     else:
         train, counts = pool, [len(c) for c in per_source]
     report["sources"] = [

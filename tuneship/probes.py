@@ -21,7 +21,7 @@ import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
@@ -29,6 +29,11 @@ from tuneship.chats import Conversation
 from tuneship.engine_log import root_cause
 from tuneship.errors import TuneshipError
 from tuneship.facts import cites_clause, contains_fact
+
+if TYPE_CHECKING:
+    import torch
+
+    from tuneship.chat_tokens import ChatTokenizer
 
 SERVING_LEN_CAP = 4096
 
@@ -136,6 +141,7 @@ class ProbeChat(_Wire):
 
 
 class ProbeRequest(_Wire):
+    served_name: str | None = None  # the model's name in vLLM (default: "preflight")
     max_model_len: int
     max_tokens: int
     concurrency: int = 16
@@ -232,7 +238,11 @@ def serving_max_len(model_dir: Path, cap: int = SERVING_LEN_CAP) -> int:
 
 
 def perplexity(
-    model_dir: Path, chat_tokenizer: Any, items: list[EvalItem], dtype: Any, batch_size: int = 16
+    model_dir: Path,
+    chat_tokenizer: ChatTokenizer,
+    items: list[EvalItem],
+    dtype: torch.dtype,
+    batch_size: int = 16,
 ) -> float | None:
     """exp(mean loss) over the reference replies' tokens (assistant tokens only), computed in
     `dtype` (the compute precision); None when the held-out data has no reference replies.

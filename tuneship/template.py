@@ -7,14 +7,31 @@ generation_config eos and the template can be made to agree (a mismatch makes a 
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING
 
 from tuneship.errors import TuneshipError
+
+if TYPE_CHECKING:
+    from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 _SENTINEL = "TUNESHIP_SENTINEL_REPLY"
 
 
-def end_of_turn(tokenizer: Any) -> tuple[str, int]:
+def render(
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, str]],
+    add_generation_prompt: bool = False,
+) -> str:
+    """The chat template's text for messages (apply_chat_template without tokenizing)."""
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+    )
+    if not isinstance(text, str):
+        raise TypeError(f"apply_chat_template returned {type(text).__name__}, not text")
+    return text
+
+
+def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> tuple[str, int]:
     """The token the chat template writes right after an assistant reply, as (text, id)."""
     if not getattr(tokenizer, "chat_template", None):
         raise TuneshipError("the tokenizer has no chat template; pick a chat/instruct base model")
@@ -22,13 +39,13 @@ def end_of_turn(tokenizer: Any) -> tuple[str, int]:
         {"role": "user", "content": "Hi"},
         {"role": "assistant", "content": _SENTINEL},
     ]
-    text = tokenizer.apply_chat_template(messages, tokenize=False)
+    text = render(tokenizer, messages)
     tail = text[text.index(_SENTINEL) + len(_SENTINEL) :]
     ids = tokenizer(tail, add_special_tokens=False).input_ids if tail else []
     added = tokenizer.get_added_vocab()
     if ids:
-        token = tokenizer.convert_ids_to_tokens(ids[0])
-        if token in added or token in tokenizer.all_special_tokens:
+        token = tokenizer.convert_ids_to_tokens(int(ids[0]))
+        if isinstance(token, str) and (token in added or token in tokenizer.all_special_tokens):
             return token, ids[0]
     raise TuneshipError(
         "the chat template writes no special end-of-turn token after an assistant reply "
@@ -36,7 +53,11 @@ def end_of_turn(tokenizer: Any) -> tuple[str, int]:
     )
 
 
-def align_eos(tokenizer: Any, model_config: Any = None, generation_config: Any = None) -> int:
+def align_eos(
+    tokenizer: PreTrainedTokenizerBase,
+    model_config: PretrainedConfig | None = None,
+    generation_config: GenerationConfig | None = None,
+) -> int:
     """Make tokenizer eos, model config eos and generation_config eos the end-of-turn token.
 
     Sets a pad token (the end-of-turn token) when the tokenizer has none: labels are built
