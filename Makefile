@@ -28,7 +28,7 @@ $(SERVE)/.ready: requirements/serve.lock pyproject.toml
 	touch $@
 
 # lm-evaluation-harness, which scores a served endpoint (no torch); tuneship itself only for
-# the scoring rule its task imports (tuneship.facts).
+# the scoring rule its task imports (tuneship.quality.facts).
 $(LMEVAL)/.ready: requirements/lmeval.lock pyproject.toml
 	rm -rf $(LMEVAL) && $(PYTHON) -m venv $(LMEVAL)
 	$(LMEVAL)/bin/pip install $(PIP_FLAGS) -r requirements/lmeval.lock

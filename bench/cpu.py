@@ -1,5 +1,5 @@
-"""Compute precision and 4-bit serving on the CPU at hand: what the rule (tuneship/precision.py)
-picks, against the alternatives, in one run.
+"""Compute precision and 4-bit serving on the CPU at hand: what the rule picks
+(tuneship/modelops/precision.py), against the alternatives, in one run.
 
     .venv/train/bin/python bench/cpu.py [--simulate avx2]      (or: make bench-cpu)
 
@@ -88,9 +88,9 @@ def gptq_layer(base: Path, dtype: str, work: Path) -> dict:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuneship.chats import Conversation
-    from tuneship.config import ExportConfig
-    from tuneship.gptq import quantize
+    from tuneship.chat.records import Conversation
+    from tuneship.config.schema import ExportConfig
+    from tuneship.modelops.gptq import quantize
 
     one_layer = work / f"one-layer-{dtype}"
     model = AutoModelForCausalLM.from_pretrained(base, num_hidden_layers=1)
@@ -166,9 +166,9 @@ def quantized_base(base: Path, work: Path, dtype: str) -> Path:
     import torch
     from transformers import AutoTokenizer
 
-    from tuneship.chats import load_file
-    from tuneship.config import ExportConfig
-    from tuneship.gptq import quantize
+    from tuneship.chat.records import load_file
+    from tuneship.config.schema import ExportConfig
+    from tuneship.modelops.gptq import quantize
 
     out = work / "base-w4a16"
     tokenizer = AutoTokenizer.from_pretrained(base)
@@ -181,7 +181,7 @@ def decode(model_dir: Path, dtype: str, env: dict) -> dict:
     from loadgen import prompts, sweep
     from transformers import AutoTokenizer
 
-    from tuneship.launch import Server, free_port
+    from tuneship.infra.launch import Server, free_port
 
     port = free_port()
     argv = [str(SERVE_PYTHON), "-c", VLLM, str(model_dir), dtype, str(port), "1024"]
@@ -230,13 +230,13 @@ def main() -> None:
     if args.child:
         return child(args.child[0], args.child[1:])
 
-    from tuneship.paths import default_base_dir
-    from tuneship.precision import Capability, pick
+    from tuneship.infra.paths import default_base_dir
+    from tuneship.modelops.precision import Capability, pick
     from tuneship.serve.weights import dequantize
 
     env = AVX2 if args.simulate else {}
     cap = json.loads(subprocess.run(
-        [sys.executable, "-c", "import json; from tuneship.precision import detect; "
+        [sys.executable, "-c", "import json; from tuneship.modelops.precision import detect; "
          "print(json.dumps(detect().as_dict()))"],
         capture_output=True, text=True, env=os.environ | env, check=True,
     ).stdout)  # fmt: skip

@@ -92,8 +92,8 @@ def measured_peak(batch: int, length: int, work: Path) -> int:
 
 
 def estimated(batch: int, length: int, work: Path) -> dict:
-    from tuneship.config import TrainConfig
-    from tuneship.loading import load_config
+    from tuneship.config.loading import load_config
+    from tuneship.config.schema import TrainConfig
     from tuneship.train.base import resolve_base
     from tuneship.train.estimate import estimate, model_shape
 

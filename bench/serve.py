@@ -57,11 +57,11 @@ def main() -> None:
 
     from transformers import AutoTokenizer
 
-    from tuneship.bundles import verify
-    from tuneship.launch import Server, free_port
-    from tuneship.merging import merge
-    from tuneship.precision import compute_precision
-    from tuneship.probes import serving_max_len
+    from tuneship.handoff.bundles import verify
+    from tuneship.infra.launch import Server, free_port
+    from tuneship.modelops.merging import merge
+    from tuneship.modelops.precision import compute_precision
+    from tuneship.quality.probes import serving_max_len
 
     bundle = verify(args.bundle)
     run_dir = Path(bundle.run.path)

@@ -70,7 +70,7 @@ def prepare(work: Path, tiny: bool, tokenizer_from: Path | None = None) -> None:
     import torch
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
-    from tuneship.gptq import quiet_llmcompressor
+    from tuneship.modelops.gptq import quiet_llmcompressor
 
     started = time.monotonic()
     tokenizer = AutoTokenizer.from_pretrained(tokenizer_from or tokenizer_dir())
@@ -140,7 +140,7 @@ def sweep_all(work: Path, out: Path, name: str, levels: list[int], inp: int, out
     from loadgen import prompts, sweep, write_results
     from transformers import AutoTokenizer
 
-    from tuneship.launch import Server, free_port
+    from tuneship.infra.launch import Server, free_port
 
     prepared = json.loads((work / "prepare.json").read_text())
     tokenizer = AutoTokenizer.from_pretrained(work / "bf16")

@@ -45,9 +45,9 @@ def article(steps: int, out: Path) -> dict:
         set_seed,
     )
 
-    from tuneship.chats import load_files
-    from tuneship.config import TrainConfig
-    from tuneship.loading import load_config
+    from tuneship.chat.records import load_files
+    from tuneship.config.loading import load_config
+    from tuneship.config.schema import TrainConfig
     from tuneship.train.base import resolve_base
 
     cfg = load_config(TrainConfig, DEMO)
@@ -104,9 +104,9 @@ def article(steps: int, out: Path) -> dict:
 
 
 def tuneship(steps: int, out: Path, batching: str) -> dict:
-    from tuneship.config import TrainConfig
-    from tuneship.loading import load_config
-    from tuneship.manifest import read_run
+    from tuneship.config.loading import load_config
+    from tuneship.config.schema import TrainConfig
+    from tuneship.handoff.manifest import read_run
     from tuneship.train.run import run
 
     overrides = {
@@ -143,11 +143,11 @@ def trained_tokens_per_conversation() -> float:
     """Mean assistant (+ end-of-turn) tokens per demo conversation: what training teaches."""
     from transformers import AutoTokenizer
 
-    from tuneship.chat_tokens import ChatTokenizer
-    from tuneship.chats import load_files
-    from tuneship.config import TrainConfig
-    from tuneship.loading import load_config
-    from tuneship.template import align_eos
+    from tuneship.chat.labels import ChatTokenizer
+    from tuneship.chat.records import load_files
+    from tuneship.chat.template import align_eos
+    from tuneship.config.loading import load_config
+    from tuneship.config.schema import TrainConfig
     from tuneship.train.base import resolve_base
 
     cfg = load_config(TrainConfig, DEMO)

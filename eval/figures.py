@@ -6,9 +6,16 @@ from __future__ import annotations
 import math
 import statistics
 
-from tuneship.config import EvalConfig
-from tuneship.probes import EvalItem, ProbeAnswer, ProbeResult, answered, cited
-from tuneship.reports import BaseIn4Bit, Counts, ModelFigures, ReferenceAnswer, Tally, Target
+from tuneship.config.schema import EvalConfig
+from tuneship.handoff.eval_report import (
+    BaseIn4Bit,
+    Counts,
+    ModelFigures,
+    ReferenceAnswer,
+    Tally,
+    Target,
+)
+from tuneship.quality.probes import EvalItem, ProbeAnswer, ProbeResult, answered, cited
 
 KIND = {"merged": "fine-tuned, merged 16-bit", "quantized": "fine-tuned, W4A16 bundle"}
 

@@ -21,18 +21,29 @@ from typing import TYPE_CHECKING
 
 from pydantic import ValidationError
 
-from tuneship.bundles import verify
-from tuneship.calibration import calibration_sample
-from tuneship.chat_tokens import ChatTokenizer
-from tuneship.config import DataMix, EvalConfig, ExportConfig
-from tuneship.errors import ConfigError, TuneshipError
-from tuneship.fsutil import check_output_free, staged_dir
-from tuneship.gptq import quantize
-from tuneship.loading import describe_errors
-from tuneship.manifest import BundleManifest, ComputeInfo, RunManifest, header, read_run
-from tuneship.merging import merge
-from tuneship.precision import compute_precision
-from tuneship.probes import (
+from tuneship.chat.labels import ChatTokenizer
+from tuneship.config.loading import describe_errors
+from tuneship.config.schema import DataMix, EvalConfig, ExportConfig
+from tuneship.handoff.bundles import verify
+from tuneship.handoff.eval_report import (
+    MODELS,
+    TUNED,
+    AnswerRow,
+    BaseIn4Bit,
+    EvalReport,
+    ModelAnswer,
+    ModelFigures,
+    ReportData,
+)
+from tuneship.handoff.manifest import BundleManifest, ComputeInfo, RunManifest, header, read_run
+from tuneship.handoff.runs import check_run, training_conversations
+from tuneship.infra.errors import ConfigError, TuneshipError
+from tuneship.infra.fsutil import check_output_free, staged_dir
+from tuneship.modelops.calibration import calibration_sample
+from tuneship.modelops.gptq import quantize
+from tuneship.modelops.merging import merge
+from tuneship.modelops.precision import compute_precision
+from tuneship.quality.probes import (
     EvalItem,
     ProbeRequest,
     ProbeResult,
@@ -43,19 +54,8 @@ from tuneship.probes import (
     perplexity,
     probe,
 )
-from tuneship.reports import (
-    MODELS,
-    TUNED,
-    AnswerRow,
-    BaseIn4Bit,
-    EvalReport,
-    ModelAnswer,
-    ModelFigures,
-    ReportData,
-)
-from tuneship.runs import check_run, training_conversations
 
-from . import report as render
+from . import render
 from .figures import base_in_4bit, judge, model_figures, retained, share, tally
 
 if TYPE_CHECKING:

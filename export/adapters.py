@@ -12,12 +12,9 @@ import shutil
 import time
 from pathlib import Path
 
-from tuneship.bundles import engine_arguments, lora_arguments, show
-from tuneship.checks import stop_rate
-from tuneship.config import ExportConfig
-from tuneship.errors import TuneshipError
-from tuneship.fsutil import check_output_free, hash_tree, sha256_file, staged_dir, tree_size
-from tuneship.manifest import (
+from tuneship.config.schema import ExportConfig
+from tuneship.handoff.bundles import engine_arguments, lora_arguments, show
+from tuneship.handoff.manifest import (
     BUNDLE_FILE,
     RUN_FILE,
     AdapterEntry,
@@ -25,15 +22,18 @@ from tuneship.manifest import (
     Check,
     MergeInfo,
     QuantizationInfo,
+    RunManifest,
     RunRef,
-    ServingInfo,
     Sizes,
     header,
     read_run,
     versions,
     write_manifest,
 )
-from tuneship.probes import (
+from tuneship.handoff.runs import check_run
+from tuneship.infra.errors import ProblemsError, TuneshipError
+from tuneship.infra.fsutil import check_output_free, hash_tree, sha256_file, staged_dir, tree_size
+from tuneship.quality.probes import (
     EvalItem,
     ProbeChat,
     ProbeRequest,
@@ -42,10 +42,10 @@ from tuneship.probes import (
     probe,
     serving_max_len,
 )
-from tuneship.runs import check_run
+from tuneship.quality.verdicts import stop_rate
 
-from . import checks
-from .run import LIBRARIES, refuse_failed, serve_environment
+from .check_plan import check_stop_tokens
+from .run import LIBRARIES, refuse_failed, serve_environment, serving_info
 
 EMBEDDING_MODULES = {"lm_head", "embed_tokens", "wte", "wpe", "embed_in", "embed_out"}
 BASE_FILES = ("config.json", "generation_config.json")
@@ -91,56 +91,18 @@ def run(run_dirs: list[Path], out_dir: Path, cfg: ExportConfig, force: bool = Fa
     run_dirs, out_dir = [Path(r) for r in run_dirs], Path(out_dir)
     manifests = [read_run(r) for r in run_dirs]
     check_output_free(out_dir, force)
-    names = [m.name for m in manifests]
-    if len(set(names)) != len(names):
-        raise TuneshipError(f"adapter names must be unique; runs are named {names}")
-    base = Path(manifests[0].base.path)
-    if not base.is_dir():
-        raise TuneshipError(f"adapters-only bundles need a local base folder; got {base}")
-    problems = []
-    for run_dir, manifest in zip(run_dirs, manifests, strict=True):
-        if manifest.base.weights_sha256 != manifests[0].base.weights_sha256:
-            problems.append(
-                f"adapter '{manifest.name}' ({run_dir}): trained on a base whose weights hash "
-                f"differs from the bundle's base {base}"
-            )
-    modules = base_module_names(base)
-    for run_dir, manifest in zip(run_dirs, manifests, strict=True):
-        problems += lint_adapter(manifest.name, run_dir / "adapter", modules, cfg.max_lora_rank)
-    if problems:
-        raise TuneshipError("adapter lint failed:\n" + "\n".join(f"  - {p}" for p in problems))
-    for run_dir, manifest in zip(run_dirs, manifests, strict=True):
-        check_run(run_dir, manifest)
-    served_name = base_served_name(cfg, out_dir, names)
+    base = lint_runs(run_dirs, manifests, cfg)
+    served_name = base_served_name(cfg, out_dir, [m.name for m in manifests])
     serve_bin = serve_environment(cfg)
     items = load_eval_items(Path(cfg.eval_data))[: cfg.check_samples] if cfg.eval_data else []
-    ranks = {}
     started = time.monotonic()
     with staged_dir(out_dir) as stage:
-        model_dir = stage / "model"
-        model_dir.mkdir()
-        for path in sorted(base.glob("*.safetensors")) + [base / f for f in BASE_FILES]:
-            if path.is_file():
-                shutil.copy2(path, model_dir / path.name)
-        # the first adapter's tokenizer carries the aligned eos and the chat template trained on
-        for path in (run_dirs[0] / "adapter").iterdir():
-            if path.name.startswith(("tokenizer", "chat_template", "special_tokens")):
-                shutil.copy2(path, model_dir / path.name)
-        adapters: dict[str, AdapterEntry] = {}
-        for run_dir, manifest in zip(run_dirs, manifests, strict=True):
-            target = stage / "adapters" / manifest.name
-            shutil.copytree(run_dir / "adapter", target)
-            rank = json.loads((target / "adapter_config.json").read_text())["r"]
-            ranks[manifest.name] = rank
-            adapters[manifest.name] = AdapterEntry(
-                run=str(run_dir.resolve()),
-                run_json_sha256=sha256_file(run_dir / RUN_FILE),
-                rank=rank,
-                files=hash_tree(target),
-            )
-        results = {"stop_tokens": checks.check_stop_tokens(model_dir)}
-        lora_args = lora_arguments(stage, ranks)
+        model_dir = copy_base(base, run_dirs[0], stage / "model")
+        adapters = copy_adapters(run_dirs, manifests, stage / "adapters")
+        ranks = {name: adapter.rank for name, adapter in adapters.items()}
+        results = {"stop_tokens": check_stop_tokens(model_dir)}
         if serve_bin is not None:
+            lora_args = lora_arguments(stage, ranks)
             results |= preflight_adapters(
                 cfg, serve_bin, model_dir, stage, served_name, list(adapters), items, lora_args
             )
@@ -152,7 +114,6 @@ def run(run_dirs: list[Path], out_dir: Path, cfg: ExportConfig, force: bool = Fa
             )
             results["preflight"] = Check(passed=None, reason=reason)
         shutil.rmtree(stage / ".probe", ignore_errors=True)
-        config = json.loads((model_dir / "config.json").read_text())
         bundle = BundleManifest(
             **header("tuneship.bundle", out_dir.name),
             served_model_name=served_name,
@@ -169,12 +130,8 @@ def run(run_dirs: list[Path], out_dir: Path, cfg: ExportConfig, force: bool = Fa
             ),
             checks=results,
             versions=versions(*LIBRARIES),
-            serving=ServingInfo(
-                max_model_len=serving_max_len(model_dir),
-                architecture=(config.get("architectures") or ["?"])[0],
-                max_lora_rank=max(ranks.values()),
-                startup_s=results["preflight"].figures().get("load_s"),
-                **cfg.engine(),  # what the preflight ran with: serve's defaults
+            serving=serving_info(
+                model_dir, results["preflight"], cfg, max_lora_rank=max(ranks.values())
             ),
         )
         write_manifest(stage / BUNDLE_FILE, bundle)
@@ -182,6 +139,61 @@ def run(run_dirs: list[Path], out_dir: Path, cfg: ExportConfig, force: bool = Fa
     print(show(out_dir))
     refuse_failed(bundle, out_dir)
     return out_dir
+
+
+def lint_runs(run_dirs: list[Path], manifests: list[RunManifest], cfg: ExportConfig) -> Path:
+    """Everything vLLM would refuse, found before anything is copied: names, bases, adapters;
+    then each run's files against its run.json. Returns the shared base folder."""
+    names = [m.name for m in manifests]
+    if len(set(names)) != len(names):
+        raise TuneshipError(f"adapter names must be unique; runs are named {names}")
+    base = Path(manifests[0].base.path)
+    if not base.is_dir():
+        raise TuneshipError(f"adapters-only bundles need a local base folder; got {base}")
+    problems = [
+        f"adapter '{manifest.name}' ({run_dir}): trained on a base whose weights hash differs "
+        f"from the bundle's base {base}"
+        for run_dir, manifest in zip(run_dirs, manifests, strict=True)
+        if manifest.base.weights_sha256 != manifests[0].base.weights_sha256
+    ]
+    modules = base_module_names(base)
+    for run_dir, manifest in zip(run_dirs, manifests, strict=True):
+        problems += lint_adapter(manifest.name, run_dir / "adapter", modules, cfg.max_lora_rank)
+    if problems:
+        raise ProblemsError("adapter lint failed:", problems)
+    for run_dir, manifest in zip(run_dirs, manifests, strict=True):
+        check_run(run_dir, manifest)
+    return base
+
+
+def copy_base(base: Path, first_run: Path, model_dir: Path) -> Path:
+    """The 16-bit base's weights and configs, with the first adapter's tokenizer: it carries
+    the aligned eos and the chat template trained on."""
+    model_dir.mkdir()
+    for path in sorted(base.glob("*.safetensors")) + [base / f for f in BASE_FILES]:
+        if path.is_file():
+            shutil.copy2(path, model_dir / path.name)
+    for path in (first_run / "adapter").iterdir():
+        if path.name.startswith(("tokenizer", "chat_template", "special_tokens")):
+            shutil.copy2(path, model_dir / path.name)
+    return model_dir
+
+
+def copy_adapters(
+    run_dirs: list[Path], manifests: list[RunManifest], folder: Path
+) -> dict[str, AdapterEntry]:
+    """Each run's adapter under its run's name, with its rank and file hashes."""
+    adapters = {}
+    for run_dir, manifest in zip(run_dirs, manifests, strict=True):
+        target = folder / manifest.name
+        shutil.copytree(run_dir / "adapter", target)
+        adapters[manifest.name] = AdapterEntry(
+            run=str(run_dir.resolve()),
+            run_json_sha256=sha256_file(run_dir / RUN_FILE),
+            rank=json.loads((target / "adapter_config.json").read_text())["r"],
+            files=hash_tree(target),
+        )
+    return adapters
 
 
 def base_served_name(cfg: ExportConfig, out_dir: Path, adapters: list[str]) -> str:

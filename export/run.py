@@ -18,15 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tuneship.bundles import engine_arguments, show, verify
-from tuneship.calibration import calibration_sample
-from tuneship.chats import Conversation
-from tuneship.checks import judge, pending_checks
-from tuneship.config import ExportConfig
-from tuneship.errors import TuneshipError
-from tuneship.fsutil import check_output_free, hash_tree, sha256_file, staged_dir, tree_size
-from tuneship.gptq import quantize
-from tuneship.manifest import (
+from tuneship.chat.records import Conversation
+from tuneship.config.schema import ExportConfig
+from tuneship.handoff.bundles import engine_arguments, show, verify
+from tuneship.handoff.manifest import (
     BUNDLE_FILE,
     RUN_FILE,
     BundleManifest,
@@ -42,9 +37,14 @@ from tuneship.manifest import (
     versions,
     write_manifest,
 )
-from tuneship.merging import merge
-from tuneship.precision import compute_precision
-from tuneship.probes import (
+from tuneship.handoff.runs import check_run, training_conversations
+from tuneship.infra.errors import TuneshipError
+from tuneship.infra.fsutil import check_output_free, hash_tree, sha256_file, staged_dir, tree_size
+from tuneship.modelops.calibration import calibration_sample
+from tuneship.modelops.gptq import quantize
+from tuneship.modelops.merging import merge
+from tuneship.modelops.precision import compute_precision
+from tuneship.quality.probes import (
     EvalItem,
     find_serve_bin,
     items_from_training,
@@ -52,9 +52,9 @@ from tuneship.probes import (
     probe,
     serving_max_len,
 )
-from tuneship.runs import check_run, training_conversations
+from tuneship.quality.verdicts import judge, pending_checks
 
-from . import checks
+from .check_plan import any_facts, check_plan, greedy_answers, skipped_checks
 
 if TYPE_CHECKING:
     import torch
@@ -95,7 +95,7 @@ def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) ->
         print(f"GPTQ {cfg.scheme} with llm-compressor on {len(sample)} training chats ...")
         quantization = quantize(merged_dir, tokenizer, sample, cfg, model_dir, dtype)
         quantization.seconds = round(time.monotonic() - started - merge_s, 1)
-        plan = checks.check_plan(cfg, prompts.items, prompts.label, merged_dir, model_dir, dtype)
+        plan = check_plan(cfg, prompts.items, prompts.label, merged_dir, model_dir, dtype)
         results = vllm_checks(cfg, plan, serve_bin, stage, dtype)
         shutil.rmtree(stage / ".probe", ignore_errors=True)
         sizes = Sizes(merged_bytes=tree_size(merged_dir), model_bytes=tree_size(model_dir))
@@ -165,17 +165,17 @@ def vllm_checks(
     merged_dir, model_dir, work = bundle / "merged", bundle / "model", bundle / ".probe"
     engine = engine_arguments(cfg.engine())  # what serve runs with by default
     if cfg.checks == "off":
-        return checks.skipped_checks(plan, "checks=off: no vLLM run at export")
+        return skipped_checks(plan, "checks=off: no vLLM run at export")
     if serve_bin is None:
-        if checks.any_facts(plan):
+        if any_facts(plan):
             print("recall baseline: the merged model's answers (transformers) ...", flush=True)
             items = [p.item() for p in plan.prompts]
             answers: list[str | None] = list(
-                checks.greedy_answers(merged_dir, items, plan.max_tokens, dtype)
+                greedy_answers(merged_dir, items, plan.max_tokens, dtype)
             )
             plan.merged_answers = answers
         return pending_checks(plan)
-    if checks.any_facts(plan):
+    if any_facts(plan):
         print("preflight: vLLM on the merged 16-bit model (recall baseline) ...", flush=True)
         ask = plan.request(serving_max_len(model_dir), engine)
         ask.tokenize = []
@@ -185,7 +185,11 @@ def vllm_checks(
     return judge(plan, probe(serve_bin, model_dir, work, "quantized", ask))
 
 
-def serving_info(model_dir: Path, preflight: Check | None, cfg: ExportConfig) -> ServingInfo:
+def serving_info(
+    model_dir: Path, preflight: Check | None, cfg: ExportConfig, max_lora_rank: int | None = None
+) -> ServingInfo:
+    """How the bundle is served: its context, architecture, what the preflight measured, and
+    the engine settings it ran with (serve's defaults)."""
     config = json.loads((model_dir / "config.json").read_text())
     figures = preflight.figures() if preflight is not None else {}
     return ServingInfo(
@@ -193,7 +197,8 @@ def serving_info(model_dir: Path, preflight: Check | None, cfg: ExportConfig) ->
         architecture=(config.get("architectures") or ["?"])[0],
         startup_s=figures.get("load_s"),
         peak_rss_bytes=figures.get("peak_rss_bytes"),
-        **cfg.engine(),  # what the preflight ran with: serve's defaults
+        max_lora_rank=max_lora_rank,
+        **cfg.engine(),
     )
 
 

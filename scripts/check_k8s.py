@@ -152,7 +152,7 @@ def check_bundle_mount(where: str, container: dict, volumes: dict, env: dict) ->
 def check_stop_budget(where: str, spec: dict, container: dict, env: dict) -> list[str]:
     """The worst-case stop (preStop, then the drain, then vLLM's stop wait) must fit inside
     terminationGracePeriodSeconds, or the kubelet kills vLLM mid-drain. Both timeouts must be
-    set explicitly (the defaults live in tuneship.config, which this environment lacks)."""
+    set explicitly (the defaults live in tuneship.config.schema, which this environment lacks)."""
     missing = [n for n in ("TUNESHIP_DRAIN_TIMEOUT", "TUNESHIP_STOP_TIMEOUT") if n not in env]
     if missing:
         return [f"{where}: set {', '.join(missing)} (the stop budget is checked against them)"]

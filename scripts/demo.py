@@ -18,9 +18,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from tuneship.eval.report import measured, must_contain
-from tuneship.manifest import read_bundle, read_run
-from tuneship.reports import EvalReport, read_report
+from tuneship.eval.render import measured, must_contain
+from tuneship.handoff.eval_report import EvalReport, read_report
+from tuneship.handoff.manifest import read_bundle, read_run
 
 REPO = Path(__file__).resolve().parents[1]
 TUNESHIP = str(Path(sys.executable).parent / "tuneship")

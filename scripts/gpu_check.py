@@ -87,8 +87,8 @@ def write_data(path: Path, conversations: int, words: int) -> Path:
 
 
 def check_config(name: str, base: Path, work: Path, args: argparse.Namespace, cuda: bool):
-    from tuneship.config import TrainConfig
-    from tuneship.loading import load_config
+    from tuneship.config.loading import load_config
+    from tuneship.config.schema import TrainConfig
 
     shipped = load_config(TrainConfig, CONFIGS / CHECKS[name])
     batch = args.batch_size or shipped.batch_size

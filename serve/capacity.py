@@ -14,8 +14,8 @@ import shutil
 import subprocess
 from pathlib import Path
 
-from tuneship.config import VLLM_DEFAULT_MAX_NUM_SEQS, ServeConfig
-from tuneship.manifest import BundleManifest
+from tuneship.config.schema import VLLM_DEFAULT_MAX_NUM_SEQS, ServeConfig
+from tuneship.handoff.manifest import BundleManifest
 
 GIB = 1 << 30
 KV_BYTES = 2  # a 16-bit cache

@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from tuneship.errors import TuneshipError
-from tuneship.manifest import read_bundle
+from tuneship.handoff.manifest import read_bundle
+from tuneship.infra.errors import TuneshipError
 
 _METRICS: dict[str, Any] = {}
 

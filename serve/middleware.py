@@ -35,8 +35,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from tuneship.config import ServeConfig
-from tuneship.errors import TuneshipError
+from tuneship.config.schema import ServeConfig
+from tuneship.infra.errors import TuneshipError
 
 from .admission import KEY_LIMIT, TOO_LARGE, Admission, request_slots
 from .asgi import BodyTooLarge, error_body, is_cors_preflight, read_body, respond, route_path

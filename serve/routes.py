@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 
-from tuneship.config import ServeConfig
+from tuneship.config.schema import ServeConfig
 
 OPEN, KEY = "open", "key"
 PROBES = ("/health", "/ready", "/ping")

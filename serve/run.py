@@ -30,9 +30,9 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-from tuneship.bundles import engine_arguments, lora_arguments, verify
-from tuneship.config import ENGINE_KEYS, ServeConfig
-from tuneship.errors import TuneshipError
+from tuneship.config.schema import ENGINE_KEYS, ServeConfig
+from tuneship.handoff.bundles import engine_arguments, lora_arguments, verify
+from tuneship.infra.errors import TuneshipError
 
 from .capacity import kv_line, startup_line
 from .keys import read_keys_file

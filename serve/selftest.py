@@ -22,8 +22,8 @@ import time
 import urllib.request
 from dataclasses import dataclass
 
-from tuneship.checks import template_parity
-from tuneship.manifest import BundleManifest, CheckPrompt
+from tuneship.handoff.manifest import BundleManifest, CheckPrompt
+from tuneship.quality.verdicts import template_parity
 
 SELF_TEST_HEADER = "x-tuneship-self-test"
 SAMPLES = 3

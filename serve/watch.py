@@ -12,7 +12,7 @@ import threading
 from collections import deque
 from typing import IO
 
-from tuneship.engine_log import engine_died, root_cause
+from tuneship.infra.engine_log import engine_died, root_cause
 
 KEPT_LINES = 2000  # enough for every process's traceback of one engine failure
 

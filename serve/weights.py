@@ -1,15 +1,15 @@
-"""What vLLM loads on this machine, and in which dtype (serve, the export's preflight, bundle
-check and eval all start vLLM through this).
+"""What vLLM loads on this machine, and in which dtype (serve, the export's preflight, bundle check
+and eval all start vLLM through this).
 
 On CUDA: the checkpoint as it is, in its own dtype. On CPU the compute precision follows the
-machine (tuneship/precision.py): bf16 where it is native, fp32 elsewhere. A W4A16 checkpoint
-needs vLLM's 4-bit CPU kernel, which exists only in vLLM's AVX-512 libraries and takes bf16
-activations only (vLLM issue 55613). Where it cannot run (an AVX2 CPU, or one without native
-bf16), vLLM is given a copy dequantized from the W4A16 tensors instead: every weight exactly
-(q - zero point) x scale in fp32, so the numbers served are the bundle's 4-bit weights, never
-the merged 16-bit model's. The copy is made once per checkpoint (keyed by its files' sha256)
-under TUNESHIP_HOME/dequantized, checked against its own hashes when reused, and costs the
-memory of a 16-bit-or-wider model (measured in docs/benchmarks.md, "CPU classes").
+machine (tuneship/modelops/precision.py): bf16 where it is native, fp32 elsewhere. A W4A16
+checkpoint needs vLLM's 4-bit CPU kernel, which exists only in vLLM's AVX-512 libraries and
+takes bf16 activations only (vLLM issue 55613). Where it cannot run (an AVX2 CPU, or one without
+native bf16), vLLM is given a copy dequantized from the W4A16 tensors instead: every weight
+exactly (q - zero point) x scale in fp32, so the numbers served are the bundle's 4-bit weights,
+never the merged 16-bit model's. The copy is made once per checkpoint (keyed by its files'
+sha256) under TUNESHIP_HOME/dequantized, checked against its own hashes when reused, and costs
+the memory of a 16-bit-or-wider model (measured in docs/benchmarks.md, "CPU classes").
 """
 
 from __future__ import annotations
@@ -20,10 +20,10 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from tuneship.errors import TuneshipError
-from tuneship.fsutil import hash_tree, staged_dir
-from tuneship.paths import home
-from tuneship.precision import Capability, detect, pick
+from tuneship.infra.errors import TuneshipError
+from tuneship.infra.fsutil import hash_tree, staged_dir
+from tuneship.infra.paths import home
+from tuneship.modelops.precision import Capability, detect, pick
 
 RECORD = "dequantized.json"
 PACKED = ("weight_packed", "weight_scale", "weight_shape", "weight_zero_point", "weight_g_idx")

@@ -86,7 +86,7 @@ def small_dataset(tmp_path) -> Path:
 def tiny_run(tmp_path_factory, tiny_base):
     """A 2-step run on the tiny base (LoRA on every linear layer): what export and the
     adapters-only bundle start from."""
-    from tuneship.config import TrainConfig
+    from tuneship.config.schema import TrainConfig
     from tuneship.train.run import run as train
 
     root = tmp_path_factory.mktemp("run")

@@ -14,9 +14,9 @@ from pathlib import Path
 
 import yaml
 
-from tuneship.config import TrainConfig
-from tuneship.fsutil import hash_tree
-from tuneship.manifest import BUNDLE_FILE, header
+from tuneship.config.schema import TrainConfig
+from tuneship.handoff.manifest import BUNDLE_FILE, header
+from tuneship.infra.fsutil import hash_tree
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_BIN = Path(sys.executable).parent / "tuneship"

@@ -8,12 +8,12 @@ import shutil
 import pytest
 
 from tests.support import sharegpt, write_jsonl
-from tuneship.bundles import lora_arguments, verify
-from tuneship.config import ExportConfig, TrainConfig
-from tuneship.errors import TuneshipError
+from tuneship.config.schema import ExportConfig, TrainConfig
 from tuneship.export.adapters import base_module_names, lint_adapter
 from tuneship.export.adapters import run as export_adapters
-from tuneship.manifest import read_bundle
+from tuneship.handoff.bundles import lora_arguments, verify
+from tuneship.handoff.manifest import read_bundle
+from tuneship.infra.errors import TuneshipError
 from tuneship.train.run import run as train
 
 
@@ -97,7 +97,7 @@ def test_an_adapters_bundle_named_like_its_run_serves_names_that_do_not_clash(
     base served as 'demo'. The base now gets a name of its own, and the preflight serves the
     names serving will use."""
     from tuneship.export import adapters
-    from tuneship.probes import ProbeAnswer, ProbeResult
+    from tuneship.quality.probes import ProbeAnswer, ProbeResult
 
     asked = []
 

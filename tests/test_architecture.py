@@ -11,9 +11,9 @@ import pytest
 from pydantic import ValidationError
 
 from tests.support import REPO
-from tuneship.config import ExportConfig, TrainConfig
+from tuneship.config.schema import ExportConfig, TrainConfig
 from tuneship.export.run import run as export
-from tuneship.manifest import read_bundle, read_run
+from tuneship.handoff.manifest import read_bundle, read_run
 
 STAGES = ("train", "export", "serve", "eval")
 
@@ -67,13 +67,42 @@ def is_stage(module: str) -> bool:
     return any(module == f"tuneship.{s}" or module.startswith(f"tuneship.{s}.") for s in STAGES)
 
 
+def core_modules() -> list[tuple[Path, str]]:
+    """Every core file with the package it is in (tuneship, tuneship.handoff, ...)."""
+    found = []
+    for path in sorted((REPO / "tuneship").rglob("*.py")):
+        folder = path.parent.relative_to(REPO).as_posix().replace("/", ".")
+        found.append((path, folder))
+    return found
+
+
 def test_the_core_imports_no_stage():
     assert is_stage("tuneship.serve.run") and not is_stage("tuneship.serverlog")
-    for path in sorted((REPO / "tuneship").glob("*.py")):
-        for line, module in imported_modules(path, "tuneship"):
+    assert len(core_modules()) > 25  # the subpackages are scanned too
+    for path, package in core_modules():
+        for line, module in imported_modules(path, package):
             assert not is_stage(module) or (
                 path.name == "cli.py"  # the CLI imports a stage when its command runs
-            ), f"{path.name}:{line} imports {module}"
+            ), f"{path.relative_to(REPO)}:{line} imports {module}"
+
+
+def test_no_module_name_is_used_twice():
+    """A name says where to look: no two modules of the core and the stages share one (the
+    stages' entry points are all run.py on purpose: `run(cfg, out_dir)` in each)."""
+    seen: dict[str, list[str]] = {}
+    for folder in ("tuneship", *STAGES):
+        for path in (REPO / folder).rglob("*.py"):
+            if path.name not in ("__init__.py", "__main__.py", "run.py"):
+                seen.setdefault(path.stem, []).append(path.relative_to(REPO).as_posix())
+    assert {name: paths for name, paths in seen.items() if len(paths) > 1} == {}
+
+
+def test_the_core_subpackages_import_nothing_when_imported():
+    """Their __init__ files are empty, so `tuneship --help` and the serve middleware load only
+    the modules they name (the always-imported part imports neither torch nor vLLM)."""
+    for init in (REPO / "tuneship").glob("*/__init__.py"):
+        tree = ast.parse(init.read_text(encoding="utf-8"))
+        assert not [n for n in tree.body if isinstance(n, ast.Import | ast.ImportFrom)], init
 
 
 def test_a_run_written_by_an_older_tuneship_still_exports(tmp_path, tiny_run, capsys):

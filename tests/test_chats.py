@@ -7,7 +7,7 @@ import json
 import pytest
 
 from tests.support import sharegpt, write_jsonl
-from tuneship.chats import load_file, load_files
+from tuneship.chat.records import load_file, load_files
 
 
 def test_sharegpt_and_aliases_normalise_to_openai_roles(tmp_path):

@@ -1,5 +1,5 @@
-"""The checks' judging logic (tuneship/checks.py): template parity, stop rate, recall, quality
-gate; the check plan's training ids (export/checks.py); held-out question files."""
+"""The checks' judging logic (tuneship/quality/verdicts.py): template parity, stop rate, recall,
+quality gate; the check plan's training ids (export/check_plan.py); held-out question files."""
 
 from __future__ import annotations
 
@@ -8,14 +8,14 @@ from pathlib import Path
 
 import pytest
 
-from tuneship import checks, probes
-from tuneship.chat_tokens import ChatTokenizer
-from tuneship.config import ExportConfig
-from tuneship.errors import TuneshipError
-from tuneship.export.checks import trained_ids
-from tuneship.facts import cites_clause, contains_fact, recall
-from tuneship.manifest import Check, CheckPlan, CheckPrompt
-from tuneship.probes import ProbeAnswer
+from tuneship.chat.labels import ChatTokenizer
+from tuneship.config.schema import ExportConfig
+from tuneship.export.check_plan import trained_ids
+from tuneship.handoff.manifest import Check, CheckPlan, CheckPrompt
+from tuneship.infra.errors import TuneshipError
+from tuneship.quality import probes, verdicts
+from tuneship.quality.facts import cites_clause, contains_fact, recall
+from tuneship.quality.probes import ProbeAnswer
 
 ITEM = probes.EvalItem("q1", ({"role": "user", "content": "Meal allowance?"},), "It is $62.", "$62")
 
@@ -34,11 +34,11 @@ def check_prompt(tokenizer, item) -> CheckPrompt:
 def test_template_parity_passes_on_identical_ids_and_names_mismatches(chatml_tokenizer):
     prompt = check_prompt(chatml_tokenizer, ITEM)
     good = served_prompt(chatml_tokenizer, ITEM)
-    result = checks.template_parity([prompt], [good], chatml_tokenizer.bos_token_id)
+    result = verdicts.template_parity([prompt], [good], chatml_tokenizer.bos_token_id)
     assert result.passed and result.mismatched == 0
     # a server rendering a different system prompt (another template) is caught
     other = [*good[:3], good[3] + 1, *good[4:]]
-    result = checks.template_parity([prompt], [other], chatml_tokenizer.bos_token_id)
+    result = verdicts.template_parity([prompt], [other], chatml_tokenizer.bos_token_id)
     assert not result.passed and result.mismatched_ids == ["q1"]
 
 
@@ -48,8 +48,8 @@ def test_template_parity_catches_a_double_bos():
     tokenizer = build_tokenizer(LLAMA3, eos="<|eot_id|>", bos="<|begin_of_text|>")
     prompt, bos = check_prompt(tokenizer, ITEM), tokenizer.bos_token_id
     served = served_prompt(tokenizer, ITEM)
-    assert checks.template_parity([prompt], [served], bos).passed
-    result = checks.template_parity([prompt], [[bos, *served]], bos)
+    assert verdicts.template_parity([prompt], [served], bos).passed
+    result = verdicts.template_parity([prompt], [[bos, *served]], bos)
     assert not result.passed and result.double_bos_ids == ["q1"]
 
 
@@ -58,8 +58,8 @@ def test_stop_rate_threshold():
         return ProbeAnswer(id=id_, model="m", text="", finish_reason=finish, latency_s=0.1)
 
     chats = [answer(str(i), "stop") for i in range(19)]
-    assert checks.stop_rate([*chats, answer("x", "length")], 0.95, 64).passed
-    result = checks.stop_rate(chats + [answer("x", "length")] * 2, 0.95, 64)
+    assert verdicts.stop_rate([*chats, answer("x", "length")], 0.95, 64).passed
+    result = verdicts.stop_rate(chats + [answer("x", "length")] * 2, 0.95, 64)
     assert not result.passed and result.not_stopped_ids == ["x", "x"]
 
 
@@ -96,19 +96,19 @@ def plan(ppl_merged: float | None, ppl_quantized: float | None) -> CheckPlan:
     [(1.05, 0.90, True), (1.2, 0.90, False), (1.05, 0.80, False), (1.10, 0.86, True)],
 )
 def test_quality_gate(ppl_q, recall_q, passed):
-    gate = checks.quality_gate(plan(1.0, ppl_q), 0.90, recall_q)
+    gate = verdicts.quality_gate(plan(1.0, ppl_q), 0.90, recall_q)
     assert gate.passed is passed
     assert gate.perplexity_ratio == pytest.approx(ppl_q)
 
 
 def test_quality_gate_without_reference_answers_judges_recall_only():
-    gate = checks.quality_gate(plan(None, None), 0.9, 0.8)
+    gate = verdicts.quality_gate(plan(None, None), 0.9, 0.8)
     assert not gate.passed and gate.perplexity_ratio is None
-    assert checks.quality_gate(plan(None, None), 0.9, 0.88).passed
+    assert verdicts.quality_gate(plan(None, None), 0.9, 0.88).passed
 
 
 def test_quality_gate_without_facts_judges_perplexity_only():
-    gate = checks.quality_gate(plan(2.0, 2.1), None, None)
+    gate = verdicts.quality_gate(plan(2.0, 2.1), None, None)
     assert gate.passed and gate.recall_drop_points is None
 
 

@@ -53,7 +53,7 @@ def test_serve_options_are_generated_from_the_serve_config():
     import click
 
     from tuneship.cli import serve
-    from tuneship.config import ServeConfig
+    from tuneship.config.schema import ServeConfig
 
     options = {p.name for p in serve.params if isinstance(p, click.Option)}
     options -= {"config_path", "overrides", "dry_run", "help"}
@@ -62,8 +62,8 @@ def test_serve_options_are_generated_from_the_serve_config():
 
 
 def test_serve_settings_layer_file_environment_set_and_options(tmp_path):
-    from tuneship.errors import ConfigError
-    from tuneship.loading import load_serve_config
+    from tuneship.config.loading import load_serve_config
+    from tuneship.infra.errors import ConfigError
 
     path = tmp_path / "serve.yaml"
     path.write_text("max_running: 8\nmax_waiting: 4\ndrain_timeout: 10\nport: 9000\n")

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from tuneship.config import EvalConfig, ExportConfig, TrainConfig
-from tuneship.errors import ConfigError
-from tuneship.loading import load_config, parse_overrides
+from tuneship.config.loading import load_config, parse_overrides
+from tuneship.config.schema import EvalConfig, ExportConfig, TrainConfig
+from tuneship.infra.errors import ConfigError
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -27,9 +27,9 @@ import yaml
 
 from tests.request_mix import send_the_request_mix
 from tests.support import REPO, render_overlay
-from tuneship.fsutil import make_readable, sha256_file
-from tuneship.launch import free_port
-from tuneship.paths import default_base_dir
+from tuneship.infra.fsutil import make_readable, sha256_file
+from tuneship.infra.launch import free_port
+from tuneship.infra.paths import default_base_dir
 
 DOCKER = shutil.which("/usr/bin/docker") or shutil.which("docker") or "docker"
 SERVE, TRAIN = "tuneship-serve:cpu", "tuneship-train:cpu"

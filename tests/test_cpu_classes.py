@@ -10,8 +10,8 @@ import json
 import pytest
 
 from tests.support import NO_KERNEL_ENV, SERVE_BIN, sharegpt, tuneship, write_config, write_jsonl
-from tuneship.launch import Server, free_port
-from tuneship.precision import detect, pick
+from tuneship.infra.launch import Server, free_port
+from tuneship.modelops.precision import detect, pick
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from tuneship.chats import load_file
+from tuneship.chat.records import load_file
 
 DEMO = Path(__file__).resolve().parents[1] / "data" / "demo"
 

@@ -11,7 +11,7 @@ import pytest
 
 from tests.request_mix import send_the_request_mix
 from tests.support import AVX2_ENV, REPO, SERVE_BIN, tuneship
-from tuneship.launch import Server, free_port
+from tuneship.infra.launch import Server, free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -211,8 +211,8 @@ def test_served_prompt_tokens_equal_the_training_tokens(server, bundle):
     import httpx
     from transformers import AutoTokenizer
 
-    from tuneship.chat_tokens import ChatTokenizer
-    from tuneship.chats import Conversation
+    from tuneship.chat.labels import ChatTokenizer
+    from tuneship.chat.records import Conversation
 
     messages = [{"role": "user", "content": "国内出差每天的餐费补贴是多少?"}]
     served = httpx.post(
@@ -257,7 +257,7 @@ LMEVAL_BIN = REPO / ".venv" / "lmeval" / "bin" / "lm_eval"
 def test_lm_eval_scores_the_served_endpoint(server, bundle, client, tmp_path):
     """lm-evaluation-harness's local-chat-completions model against `tuneship serve`, with the
     task that ships in eval/lm_eval_tasks (README, "Scoring with lm-eval")."""
-    from tuneship.facts import contains_fact
+    from tuneship.quality.facts import contains_fact
 
     assert LMEVAL_BIN.exists(), f"lm-eval environment missing at {LMEVAL_BIN}: run `make envs`"
     name = json.loads((bundle / "bundle.json").read_text())["served_model_name"]

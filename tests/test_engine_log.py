@@ -1,9 +1,9 @@
-"""Reading vLLM's output for the cause of a failure (tuneship/engine_log.py)."""
+"""Reading vLLM's output for the cause of a failure (tuneship/infra/engine_log.py)."""
 
 from __future__ import annotations
 
 from tests.support import REPO
-from tuneship.engine_log import engine_died, root_cause, strip_prefix
+from tuneship.infra.engine_log import engine_died, root_cause, strip_prefix
 
 DEATH = (REPO / "tests" / "data" / "vllm-engine-death.log").read_text().splitlines()
 

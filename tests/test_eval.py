@@ -11,14 +11,11 @@ from types import SimpleNamespace
 import pytest
 
 from tests.support import REPO, SERVE_BIN, tuneship, write_jsonl
-from tuneship.config import EvalConfig
-from tuneship.errors import ConfigError
-from tuneship.eval import report as render
+from tuneship.config.schema import EvalConfig
+from tuneship.eval import render
 from tuneship.eval.figures import base_in_4bit, judge, model_figures, retention, wilson_interval
 from tuneship.eval.run import export_config
-from tuneship.manifest import RunManifest, TrainMetrics, header
-from tuneship.probes import EvalItem, ProbeAnswer, ProbeResult
-from tuneship.reports import (
+from tuneship.handoff.eval_report import (
     MODELS,
     AnswerRow,
     BaseIn4Bit,
@@ -29,6 +26,9 @@ from tuneship.reports import (
     ReportData,
     read_report,
 )
+from tuneship.handoff.manifest import RunManifest, TrainMetrics, header
+from tuneship.infra.errors import ConfigError
+from tuneship.quality.probes import EvalItem, ProbeAnswer, ProbeResult
 
 
 def held(id_: str, question: str, fact: str, style: str, clause: str | None = None) -> EvalItem:
@@ -303,8 +303,8 @@ def test_a_bundle_of_a_base_that_was_itself_4bit_is_judged_against_the_base_in_4
 
 
 def test_judging_against_the_base_in_4bit_needs_that_figure(tmp_path):
-    from tuneship.errors import TuneshipError
     from tuneship.eval.run import load_questions
+    from tuneship.infra.errors import TuneshipError
 
     heldout = write_jsonl(tmp_path / "h.jsonl", [{"question": "Q?", "fact": "$1"}])
     cfg = EvalConfig.model_validate(
@@ -318,8 +318,8 @@ def test_perplexity_in_batches_is_the_perplexity_reply_by_reply(tiny_base):
     """Replies batched and padded give the same figure as one reply at a time."""
     from transformers import AutoTokenizer
 
-    from tuneship.chat_tokens import ChatTokenizer
-    from tuneship.probes import perplexity
+    from tuneship.chat.labels import ChatTokenizer
+    from tuneship.quality.probes import perplexity
 
     chat = ChatTokenizer(AutoTokenizer.from_pretrained(tiny_base))
     items = [

@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from tuneship.config import ExportConfig
-from tuneship.errors import TuneshipError
+from tuneship.config.schema import ExportConfig
 from tuneship.export.run import run as export
-from tuneship.fsutil import hash_tree
-from tuneship.manifest import read_bundle
+from tuneship.handoff.manifest import read_bundle
+from tuneship.infra.errors import TuneshipError
+from tuneship.infra.fsutil import hash_tree
 
 
 def test_export_merges_quantizes_and_writes_a_verified_manifest(tmp_path, tiny_run):
@@ -162,7 +162,7 @@ def test_killed_export_leaves_nothing_verify_accepts_and_rerun_completes(tmp_pat
 
 
 def test_bundle_show_summarises_provenance_recipe_and_checks(tmp_path, tiny_run):
-    from tuneship.bundles import show
+    from tuneship.handoff.bundles import show
 
     out = export(tiny_run, tmp_path / "b", ExportConfig(calibration_samples=2, checks=False))
     text = show(out)
@@ -174,7 +174,7 @@ def test_bundle_show_summarises_provenance_recipe_and_checks(tmp_path, tiny_run)
 
 
 def test_merged_checkpoint_is_hashed_and_verified_when_kept(tmp_path, tiny_run):
-    from tuneship.bundles import verify
+    from tuneship.handoff.bundles import verify
 
     cfg = ExportConfig(calibration_samples=2, checks=False, keep_merged=True)
     out = export(tiny_run, tmp_path / "b", cfg)
@@ -189,7 +189,7 @@ def test_merged_checkpoint_is_hashed_and_verified_when_kept(tmp_path, tiny_run):
 def test_checks_later_record_a_plan_and_the_bundle_waits_for_bundle_check(tmp_path, tiny_run):
     """The train image has no vLLM: the export records what the vLLM checks need, and
     `bundle verify` refuses the bundle until `tuneship bundle check` has run."""
-    from tuneship.bundles import verify
+    from tuneship.handoff.bundles import verify
 
     out = export(
         tiny_run,
@@ -210,11 +210,11 @@ def test_checks_later_record_a_plan_and_the_bundle_waits_for_bundle_check(tmp_pa
 
 
 def test_a_check_record_for_another_bundle_json_is_refused(tmp_path, tiny_run):
-    from tuneship.bundles import verify
-    from tuneship.checks import judge
-    from tuneship.fsutil import sha256_file, write_json_atomic
-    from tuneship.manifest import CheckRecord, header
-    from tuneship.probes import ProbeAnswer, ProbeResult
+    from tuneship.handoff.bundles import verify
+    from tuneship.handoff.manifest import CheckRecord, header
+    from tuneship.infra.fsutil import sha256_file, write_json_atomic
+    from tuneship.quality.probes import ProbeAnswer, ProbeResult
+    from tuneship.quality.verdicts import judge
 
     out = export(tiny_run, tmp_path / "b", ExportConfig(calibration_samples=2, checks="later"))
     plan = read_bundle(out).check_plan
@@ -259,7 +259,7 @@ def test_verify_names_a_file_the_serving_user_cannot_read(tmp_path, tiny_run):
     import shutil
     import tempfile
 
-    from tuneship.bundles import verify
+    from tuneship.handoff.bundles import verify
 
     out = export(tiny_run, tmp_path / "b", ExportConfig(calibration_samples=2, checks="off"))
     shared = Path(tempfile.mkdtemp(prefix="tuneship-modes-"))

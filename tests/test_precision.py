@@ -1,5 +1,5 @@
-"""The compute-precision rule (tuneship/precision.py) for machines the tests do not run on: the
-capability is a value, so each class is one line here."""
+"""The compute-precision rule (tuneship/modelops/precision.py) for machines the tests do not run
+on: the capability is a value, so each class is one line here."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ import sys
 import pytest
 
 from tests.support import AVX2_ENV
-from tuneship.errors import TuneshipError
-from tuneship.precision import Capability, pick
+from tuneship.infra.errors import TuneshipError
+from tuneship.modelops.precision import Capability, pick
 
 AMX = Capability("cpu", avx512=True, avx512_bf16=True, amx=True, torch_isa="AVX512")
 ZEN4 = Capability("cpu", avx512=True, avx512_bf16=True, torch_isa="AVX512")
@@ -62,8 +62,8 @@ def test_the_reason_names_the_machine():
 
 
 DETECT = (
-    "import json; from tuneship.precision import compute_precision; p, c = compute_precision(); "
-    "print(json.dumps([p.name, c.as_dict()]))"
+    "import json; from tuneship.modelops.precision import compute_precision; "
+    "p, c = compute_precision(); print(json.dumps([p.name, c.as_dict()]))"
 )
 
 

@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 
 from tests.support import fake_bundle
-from tuneship.bundles import verify as verify_bundle
-from tuneship.errors import TuneshipError
-from tuneship.manifest import BUNDLE_FILE
+from tuneship.handoff.bundles import verify as verify_bundle
+from tuneship.handoff.manifest import BUNDLE_FILE
+from tuneship.infra.errors import TuneshipError
 from tuneship.serve.run import build_command
 from tuneship.serve.weights import Weights
 
@@ -87,7 +87,7 @@ def test_eager_cpu_serving_compiles_nothing_unless_the_operator_says_so(tmp_path
 def test_compiled_cpu_serving_without_a_compiler_is_refused_before_vllm_starts(
     tmp_path, monkeypatch
 ):
-    from tuneship.config import ServeConfig
+    from tuneship.config.schema import ServeConfig
     from tuneship.serve import run as serve_run
 
     bundle = fake_bundle(tmp_path / "b")
@@ -118,7 +118,7 @@ def test_vllm_computes_on_every_core_of_a_small_cpu_machine(
 
 
 def test_serve_settings_become_vllm_limits_and_reach_the_middleware_in_one_piece():
-    from tuneship.config import ServeConfig
+    from tuneship.config.schema import ServeConfig
     from tuneship.serve.middleware import MiddlewareSettings
     from tuneship.serve.run import limit_args
 
@@ -178,7 +178,7 @@ def test_a_pinned_bundle_json_sha256_refuses_an_edited_manifest(tmp_path, monkey
     assert verify_bundle(bundle).served_model_name == "gpt-4"  # unpinned: nothing can tell
     with pytest.raises(TuneshipError, match=f"not the pinned {pinned}"):
         verify_bundle(bundle, pinned)
-    from tuneship.config import ServeConfig
+    from tuneship.config.schema import ServeConfig
     from tuneship.serve.run import prepare
 
     monkeypatch.setattr("tuneship.serve.run.vllm_flavour", lambda: "cpu")
@@ -211,7 +211,7 @@ def big_bundle(root: Path, **serving) -> Path:
 def test_engine_settings_come_from_the_bundle_unless_the_operator_overrides_them(
     tmp_path, monkeypatch
 ):
-    from tuneship.config import ServeConfig
+    from tuneship.config.schema import ServeConfig
     from tuneship.serve.run import prepare
 
     monkeypatch.setattr("tuneship.serve.run.vllm_flavour", lambda: "cuda")
@@ -235,9 +235,9 @@ def test_engine_settings_come_from_the_bundle_unless_the_operator_overrides_them
 
 
 def test_the_export_records_its_preflight_engine_settings(tmp_path):
-    from tuneship.bundles import engine_arguments
-    from tuneship.config import ExportConfig
+    from tuneship.config.schema import ExportConfig
     from tuneship.export.run import serving_info
+    from tuneship.handoff.bundles import engine_arguments
 
     cfg = ExportConfig(tensor_parallel_size=2, gpu_memory_utilization=0.85, max_num_seqs=128)
     assert engine_arguments(cfg.engine()) == [
@@ -252,7 +252,7 @@ def test_the_export_records_its_preflight_engine_settings(tmp_path):
 
 
 def test_dry_run_prints_the_kv_cache_capacity_it_implies(tmp_path, monkeypatch, capsys):
-    from tuneship.config import ServeConfig
+    from tuneship.config.schema import ServeConfig
     from tuneship.serve.run import run
 
     monkeypatch.setattr("tuneship.serve.run.vllm_flavour", lambda: "cuda")

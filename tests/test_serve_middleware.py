@@ -13,8 +13,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from tests.support import fake_bundle, mount_secret
-from tuneship.config import ServeConfig
-from tuneship.errors import TuneshipError
+from tuneship.config.schema import ServeConfig
+from tuneship.infra.errors import TuneshipError
 from tuneship.serve.keys import KeyRing, key_id
 from tuneship.serve.middleware import SETTINGS_ENV, MiddlewareSettings, TuneshipMiddleware
 

@@ -19,7 +19,7 @@ import openai
 import pytest
 
 from tests.support import REPO, SERVE_BIN, mount_secret
-from tuneship.launch import Server, free_port
+from tuneship.infra.launch import Server, free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -8,7 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from tuneship.manifest import BundleManifest, Check, CheckPlan, CheckPrompt, header
+from tuneship.handoff.manifest import BundleManifest, Check, CheckPlan, CheckPrompt, header
 from tuneship.serve.selftest import SELF_TEST_HEADER, SelfTest
 
 TRAINED = {"a": [1, 5, 6, 7, 2, 9], "b": [1, 5, 8, 2, 9], "c": [1, 5, 4, 2, 9]}

@@ -17,8 +17,8 @@ from pathlib import Path
 import pytest
 
 from tests.support import REPO, fake_bundle
-from tuneship.errors import TuneshipError
-from tuneship.launch import Server, free_port
+from tuneship.infra.errors import TuneshipError
+from tuneship.infra.launch import Server, free_port
 
 DOCKERFILE_SERVE = REPO / "Dockerfile.serve"
 STAND_IN = r"""
@@ -152,9 +152,9 @@ def test_an_engine_that_dies_stops_serve_at_once_with_the_cause_in_one_line(tmp_
 SLOW_VERIFY = r"""
 import sys, time
 from pathlib import Path
-import tuneship.fsutil as fsutil
+import tuneship.infra.fsutil as fsutil
 import tuneship.serve.run as serve_run
-from tuneship.config import ServeConfig
+from tuneship.config.schema import ServeConfig
 def slow_hash(path, chunk=1 << 20):
     print("hashing", flush=True)
     time.sleep(30)  # a 70B bundle on network storage

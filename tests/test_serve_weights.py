@@ -8,7 +8,7 @@ import json
 import pytest
 
 from tests.test_precision import CAPPED, SKYLAKE, ZEN3, ZEN4
-from tuneship.config import ExportConfig
+from tuneship.config.schema import ExportConfig
 from tuneship.export.run import run as export
 from tuneship.serve import weights as serve_weights
 from tuneship.serve.weights import dequantize, is_w4a16, plan

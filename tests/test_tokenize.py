@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 
 from tests.support import LLAMA3, build_tokenizer
-from tuneship.chat_tokens import IGNORE, ChatTokenizer
-from tuneship.chats import Conversation
-from tuneship.errors import TuneshipError
-from tuneship.template import align_eos, end_of_turn
+from tuneship.chat.labels import IGNORE, ChatTokenizer
+from tuneship.chat.records import Conversation
+from tuneship.chat.template import align_eos, end_of_turn
+from tuneship.infra.errors import TuneshipError
 
 MULTI_TURN = Conversation(
     "t:1",

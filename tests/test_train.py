@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 
 from tests.support import train_config, write_jsonl
-from tuneship.errors import DataError, TuneshipError
-from tuneship.manifest import read_run
+from tuneship.handoff.manifest import read_run
+from tuneship.infra.errors import DataError, TuneshipError
 from tuneship.train.examples import pad_collate
 from tuneship.train.run import run
 

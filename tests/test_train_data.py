@@ -8,11 +8,11 @@ import subprocess
 import pytest
 
 from tests.support import TUNESHIP, sharegpt, train_config, write_jsonl
-from tuneship.chats import load_file
-from tuneship.config import TrainConfig
-from tuneship.errors import ConfigError
-from tuneship.manifest import read_run
-from tuneship.mixing import prepare
+from tuneship.chat.mixing import prepare
+from tuneship.chat.records import load_file
+from tuneship.config.schema import TrainConfig
+from tuneship.handoff.manifest import read_run
+from tuneship.infra.errors import ConfigError
 from tuneship.train.run import run
 
 
@@ -145,8 +145,8 @@ def test_early_stopping_keeps_the_adapter_with_the_best_eval_loss(tmp_path, tiny
     from peft import PeftModel
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuneship.chat_tokens import ChatTokenizer
-    from tuneship.mixing import prepare as prepare_data
+    from tuneship.chat.labels import ChatTokenizer
+    from tuneship.chat.mixing import prepare as prepare_data
     from tuneship.train.examples import pad_collate
 
     domain, general = two_sources
@@ -180,6 +180,6 @@ def test_early_stopping_keeps_the_adapter_with_the_best_eval_loss(tmp_path, tiny
 
 def test_config_rejects_contradictory_eval_settings():
     with pytest.raises(ConfigError, match="early_stopping_patience and keep_best need eval_data"):
-        from tuneship.loading import load_config
+        from tuneship.config.loading import load_config
 
         load_config(TrainConfig, None, {"name": "x", "data": ["a"], "early_stopping_patience": 2})

@@ -8,9 +8,9 @@ import torch.nn.functional as F
 from pydantic import ValidationError
 
 from tests.support import train_config
-from tuneship.chat_tokens import IGNORE, Example
-from tuneship.config import TrainConfig
-from tuneship.manifest import read_run
+from tuneship.chat.labels import IGNORE, Example
+from tuneship.config.schema import TrainConfig
+from tuneship.handoff.manifest import read_run
 from tuneship.train.distill import token_losses, top_k_kl
 from tuneship.train.examples import pad_collate
 from tuneship.train.loss import LossTrainer

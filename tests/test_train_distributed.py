@@ -20,7 +20,7 @@ from tests.support import (
     write_config,
     write_jsonl,
 )
-from tuneship.manifest import read_run
+from tuneship.handoff.manifest import read_run
 
 pytestmark = pytest.mark.processes
 
@@ -100,7 +100,7 @@ def test_qlora_under_fsdp_learns_the_same_adapter_as_under_ddp(tmp_path, tiny_ba
 
 SLOW_BASE_HASH = """
 import time
-import tuneship.fsutil as fsutil
+import tuneship.infra.fsutil as fsutil
 hash_tree = fsutil.hash_tree
 def slow_hash_tree(path, *args, **kwargs):
     if str(path) == {base!r}:  # the base's weights, 140 GB on network storage

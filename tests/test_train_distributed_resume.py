@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.support import TORCHRUN, events, kill_tree, run_job, write_config
-from tuneship.manifest import read_run
+from tuneship.handoff.manifest import read_run
 from tuneship.train import checkpoints as ckpt
 
 pytestmark = pytest.mark.processes

@@ -11,9 +11,9 @@ import yaml
 from safetensors.torch import load_file
 
 from tests.support import REPO, tuneship, write_config
-from tuneship.config import TrainConfig
-from tuneship.errors import TuneshipError
-from tuneship.loading import load_config
+from tuneship.config.loading import load_config
+from tuneship.config.schema import TrainConfig
+from tuneship.infra.errors import TuneshipError
 from tuneship.train.estimate import (
     GPUS,
     GiB,

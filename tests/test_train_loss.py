@@ -7,7 +7,7 @@ import pytest
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from tuneship.chat_tokens import IGNORE
+from tuneship.chat.labels import IGNORE
 from tuneship.train.distill import token_losses
 from tuneship.train.loss import LossTrainer, chunked_token_losses, not_chunkable
 

@@ -11,8 +11,8 @@ import urllib.request
 import pytest
 
 from tests.support import TUNESHIP, events, train_config, write_config
-from tuneship.launch import free_port
-from tuneship.manifest import read_run
+from tuneship.handoff.manifest import read_run
+from tuneship.infra.launch import free_port
 from tuneship.train.run import run
 
 

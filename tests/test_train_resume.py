@@ -11,8 +11,8 @@ import time
 import pytest
 
 from tests.support import TUNESHIP, events, train_config, write_config
-from tuneship.errors import TuneshipError
-from tuneship.manifest import read_run
+from tuneship.handoff.manifest import read_run
+from tuneship.infra.errors import TuneshipError
 from tuneship.train import checkpoints as ckpt
 from tuneship.train.run import run
 

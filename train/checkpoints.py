@@ -24,8 +24,8 @@ from transformers import Trainer, TrainerCallback
 from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME
 from transformers.utils import ADAPTER_SAFE_WEIGHTS_NAME
 
-from tuneship.errors import TuneshipError
-from tuneship.fsutil import fsync_tree, write_json_atomic
+from tuneship.infra.errors import TuneshipError
+from tuneship.infra.fsutil import fsync_tree, write_json_atomic
 
 from . import sharded
 

@@ -7,9 +7,9 @@ from collections import Counter
 from pathlib import Path
 from typing import Any
 
-from tuneship.chat_tokens import ChatTokenizer
-from tuneship.chats import LoadResult, load_files
-from tuneship.mixing import drop_duplicates, leaks
+from tuneship.chat.labels import ChatTokenizer
+from tuneship.chat.mixing import drop_duplicates, leaks
+from tuneship.chat.records import LoadResult, load_files
 
 
 def _percentile(values: list[int], q: float) -> int:

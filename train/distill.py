@@ -18,7 +18,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tuneship.chat_tokens import IGNORE
+from tuneship.chat.labels import IGNORE
 
 
 def top_k_kl(log_p: Any, ids: Any, logprobs: Any) -> Any:

@@ -43,8 +43,8 @@ from dataclasses import dataclass
 from itertools import pairwise
 from typing import Any
 
-from tuneship.config import TrainConfig
-from tuneship.errors import TuneshipError
+from tuneship.config.schema import TrainConfig
+from tuneship.infra.errors import TuneshipError
 
 GiB = 2**30
 # NF4: 4 bits a weight, an 8-bit scale per 64 weights, an fp32 scale per 256 of those
@@ -326,6 +326,16 @@ def advice(result: dict[str, Any], cfg: TrainConfig) -> str:
         f"{result['total'] / GiB:.1f} GiB per GPU does not fit in "
         f"{result['gpu_memory'] / GiB:.1f} GiB; try {', '.join(ways)}"
     )
+
+
+@dataclass(frozen=True)
+class FitQuestion:
+    """What `--dry-run` asks the estimate about: how many GPUs, of what memory and kind (each
+    None: this launch's or this machine's)."""
+
+    gpus: int | None = None
+    gpu_memory: str | None = None
+    gpu: str | None = None
 
 
 def report(

@@ -9,9 +9,9 @@ from typing import Any
 import torch
 from transformers import DataCollatorWithFlattening
 
-from tuneship.chat_tokens import IGNORE, ChatTokenizer, Example
-from tuneship.chats import Conversation
-from tuneship.config import TrainConfig
+from tuneship.chat.labels import IGNORE, ChatTokenizer, Example
+from tuneship.chat.records import Conversation
+from tuneship.config.schema import TrainConfig
 
 
 @dataclass

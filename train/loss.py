@@ -27,7 +27,7 @@ import torch
 from torch.distributed.tensor import DTensor
 from transformers import Trainer
 
-from tuneship.chat_tokens import IGNORE
+from tuneship.chat.labels import IGNORE
 
 from .distill import token_losses
 

@@ -11,13 +11,13 @@ from accelerate import init_empty_weights
 from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoConfig, AutoModelForCausalLM, BitsAndBytesConfig, set_seed
 
-from tuneship.config import TrainConfig
-from tuneship.errors import TuneshipError
-from tuneship.precision import Capability, Precision, compute_precision
+from tuneship.config.schema import TrainConfig
+from tuneship.infra.errors import TuneshipError
+from tuneship.modelops.precision import Capability, Precision, compute_precision
 
 
 def pick_precision(requested: str) -> tuple[Precision, Capability, torch.dtype]:
-    """The core rule on this machine (tuneship/precision.py)."""
+    """The core rule on this machine (tuneship/modelops/precision.py)."""
     precision, machine = compute_precision(requested)
     return precision, machine, precision.torch_dtype
 

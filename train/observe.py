@@ -18,7 +18,7 @@ from typing import Any
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 
-from tuneship.plots import Points, line_chart, loss_chart
+from tuneship.infra.plots import Points, line_chart, loss_chart
 
 METRICS_JSONL = "metrics.jsonl"
 GAUGES = {
@@ -79,7 +79,7 @@ def start_metrics_server(port: int) -> tuple[Any, dict[str, Any]]:
     try:
         server, _thread = start_http_server(port, registry=registry)
     except OSError as exc:
-        from tuneship.errors import TuneshipError
+        from tuneship.infra.errors import TuneshipError
 
         raise TuneshipError(f"metrics_port {port} cannot be used: {exc.strerror or exc}") from None
     return server, gauges

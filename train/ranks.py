@@ -8,7 +8,7 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from tuneship.config import TrainConfig
+from tuneship.config.schema import TrainConfig
 
 
 def rank_and_world() -> tuple[int, int]:

@@ -23,10 +23,10 @@ import torch.distributed as dist
 import yaml
 from transformers import AutoTokenizer
 
-from tuneship.config import TrainConfig
-from tuneship.errors import Preempted, TuneshipError
-from tuneship.fsutil import check_output_free, hash_tree, sha256_file, sha256_text, staged_dir
-from tuneship.manifest import (
+from tuneship.chat.mixing import PreparedData, prepare
+from tuneship.chat.template import align_eos
+from tuneship.config.schema import TrainConfig
+from tuneship.handoff.manifest import (
     RUN_FILE,
     BaseInfo,
     DatasetRecord,
@@ -40,13 +40,14 @@ from tuneship.manifest import (
     versions,
     write_manifest,
 )
-from tuneship.mixing import PreparedData, prepare
-from tuneship.precision import Capability, Precision
-from tuneship.template import align_eos
+from tuneship.infra.errors import Preempted, TuneshipError
+from tuneship.infra.fsutil import check_output_free, hash_tree, sha256_file, sha256_text, staged_dir
+from tuneship.modelops.precision import Capability, Precision
 
 from . import checkpoints as ckpt
 from . import tokenized
 from .base import quantized_origin, resolve_base
+from .estimate import FitQuestion, report
 from .examples import TrainingRows, tokenize
 from .model import checkpoint_bytes, load_model, pick_precision, rank_0_loads_alone
 from .observe import METRICS_JSONL, Reporter, read_rows, write_csv, write_plots
@@ -68,20 +69,28 @@ class Prepared:
 
 
 def run(
-    cfg: TrainConfig, force: bool = False, restart: bool = False, dry_run: bool = False
+    cfg: TrainConfig,
+    force: bool = False,
+    restart: bool = False,
+    dry_run: FitQuestion | None = None,
 ) -> Path | None:
+    """Train and write the run folder. dry_run: print the fit estimate, the resolved config and
+    the data report instead, loading no weights."""
+    if dry_run is not None:
+        estimate = report(cfg, dry_run.gpus, dry_run.gpu_memory, dry_run.gpu)
+        print(yaml.safe_dump({"fit": estimate}, sort_keys=False), end="")
     rank, world = rank_and_world()
     reporter = Reporter(cfg.log_format, is_main=rank == 0)
     out_dir = Path(cfg.output_dir) / cfg.name
-    check_output_free(out_dir, force or dry_run)
+    check_output_free(out_dir, force or dry_run is not None)
     base = resolve_base(cfg.base)
     tokenizer = AutoTokenizer.from_pretrained(base)
     eot_id = align_eos(tokenizer)
-    if dry_run or world == 1:
+    if dry_run is not None or world == 1:
         prepared = prepare_data(cfg, tokenizer, reporter)
     else:
         prepared = shared_data(cfg, tokenizer, reporter, ckpt.work_dir(out_dir), rank, world)
-    if dry_run:
+    if dry_run is not None:
         stats = prepared.stats.model_dump(mode="json")
         print(yaml.safe_dump({"config": cfg.model_dump(), "data": stats}, sort_keys=False))
         return None

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 from torch.distributed.tensor import DTensor, distribute_tensor
 
-from tuneship.errors import TuneshipError
+from tuneship.infra.errors import TuneshipError
 
 
 def full_tensor(tensor: Any) -> Any:

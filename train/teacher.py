@@ -24,7 +24,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from tqdm.auto import tqdm
 
-from tuneship.chat_tokens import IGNORE, Example
+from tuneship.chat.labels import IGNORE, Example
 
 from .examples import pad_collate
 from .loss import final_hidden, not_chunkable, one_position

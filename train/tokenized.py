@@ -15,8 +15,8 @@ import pickle
 from pathlib import Path
 from typing import Any
 
-from tuneship.config import TrainConfig
-from tuneship.fsutil import sha256_file, sha256_text
+from tuneship.config.schema import TrainConfig
+from tuneship.infra.fsutil import sha256_file, sha256_text
 
 from .checkpoints import RUNTIME_KEYS
 

@@ -25,7 +25,7 @@ import os
 import signal
 import sys
 
-PREEMPTED = 128 + signal.SIGTERM  # what tuneship.errors.Preempted exits with
+PREEMPTED = 128 + signal.SIGTERM  # what tuneship.infra.errors.Preempted exits with
 
 
 def preempted(exit_codes: set[int]) -> bool:

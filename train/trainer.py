@@ -16,9 +16,9 @@ import torch
 from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
 from transformers import PrinterCallback, TrainingArguments
 
-from tuneship.config import TrainConfig
-from tuneship.errors import Preempted
-from tuneship.manifest import BestEval, TrainMetrics
+from tuneship.config.schema import TrainConfig
+from tuneship.handoff.manifest import BestEval, TrainMetrics
+from tuneship.infra.errors import Preempted
 
 from . import checkpoints as ckpt
 from .best import BestAdapter

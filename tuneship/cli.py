@@ -12,8 +12,8 @@ import click
 from pydantic import BaseModel
 
 from tuneship import __version__
-from tuneship.config import ServeConfig
-from tuneship.errors import Preempted, TuneshipError
+from tuneship.config.schema import ServeConfig
+from tuneship.infra.errors import Preempted, TuneshipError
 
 
 class _Group(click.Group):
@@ -114,7 +114,7 @@ def data_check(
     if not no_tokens:
         from transformers import AutoTokenizer
 
-        from tuneship.template import align_eos
+        from tuneship.chat.template import align_eos
         from tuneship.train.base import resolve_base
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_base(base_ref))
@@ -183,22 +183,15 @@ def train(
     An interrupted run resumes from its newest checkpoint when started again. Runs as one
     process, or under `torchrun --nproc-per-node N` / `accelerate launch` (DDP or FSDP).
     """
-    from tuneship.config import TrainConfig
-    from tuneship.loading import load_config, parse_overrides
+    from tuneship.config.loading import load_config, parse_overrides
+    from tuneship.config.schema import TrainConfig
 
     cfg = load_config(TrainConfig, config_path, parse_overrides(overrides))
+    from tuneship.train.estimate import FitQuestion
     from tuneship.train.run import run
 
-    if dry_run:
-        import yaml
-
-        from tuneship.train.estimate import report
-
-        print(
-            yaml.safe_dump({"fit": report(cfg, gpus, gpu_memory, gpu_kind)}, sort_keys=False),
-            end="",
-        )
-    run(cfg, force=force, restart=restart, dry_run=dry_run)
+    question = FitQuestion(gpus, gpu_memory, gpu_kind) if dry_run else None
+    run(cfg, force=force, restart=restart, dry_run=question)
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         leave_at_once(0)  # the run is written and every rank has left the process group
 
@@ -228,8 +221,8 @@ def export(
     force: bool,
 ) -> None:
     """Merge a run's adapter, GPTQ-quantize to W4A16, check it in vLLM, write a bundle."""
-    from tuneship.config import ExportConfig
-    from tuneship.loading import load_config, parse_overrides
+    from tuneship.config.loading import load_config, parse_overrides
+    from tuneship.config.schema import ExportConfig
 
     cfg = load_config(ExportConfig, config_path, parse_overrides(overrides))
     if adapters_only:
@@ -265,8 +258,8 @@ def evaluate(
     strict: bool,
 ) -> None:
     """Compare base, merged 16-bit and quantized models served by vLLM; write report.md/.html."""
-    from tuneship.config import EvalConfig
-    from tuneship.loading import load_config, parse_overrides
+    from tuneship.config.loading import load_config, parse_overrides
+    from tuneship.config.schema import EvalConfig
 
     cfg = load_config(EvalConfig, config_path, parse_overrides(overrides))
     from tuneship.eval.run import run
@@ -337,7 +330,7 @@ def serve(
     """
     import os
 
-    from tuneship.loading import load_serve_config
+    from tuneship.config.loading import load_serve_config
 
     cfg = load_serve_config(config_path, overrides, options, dict(os.environ))
     from tuneship.serve.run import run
@@ -354,7 +347,7 @@ def bundle() -> None:
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 def bundle_verify(bundle_dir: Path) -> None:
     """Re-hash every model file against bundle.json; exit 1 naming what differs."""
-    from tuneship.bundles import verify
+    from tuneship.handoff.bundles import verify
 
     manifest = verify(bundle_dir)
     click.echo(f"bundle {bundle_dir} verified: {len(manifest.files)} files match bundle.json")
@@ -365,7 +358,7 @@ def bundle_verify(bundle_dir: Path) -> None:
 def bundle_check(bundle_dir: Path) -> None:
     """Run the export's vLLM checks on a bundle exported with checks=later (serve environment,
     e.g. the serve image); record them in BUNDLE/checks.json; exit 1 if one fails."""
-    from tuneship.serve.check import run
+    from tuneship.serve.bundle_check import run
 
     run(bundle_dir)
 
@@ -374,7 +367,7 @@ def bundle_check(bundle_dir: Path) -> None:
 @click.argument("bundle_dir", type=click.Path(path_type=Path))
 def bundle_show(bundle_dir: Path) -> None:
     """Print bundle.json as a readable summary."""
-    from tuneship.bundles import show
+    from tuneship.handoff.bundles import show
 
     click.echo(show(bundle_dir))
 
@@ -385,7 +378,7 @@ def bundle_show(bundle_dir: Path) -> None:
 @click.option("--output", "output_path", required=True, type=click.Path(path_type=Path))
 def bundle_probe(model_dir: Path, input_path: Path, output_path: Path) -> None:
     """Export preflight (serve environment): run vLLM on MODEL_DIR and record its answers."""
-    from tuneship.serve.probe import run
+    from tuneship.serve.bundle_probe import run
 
     run(model_dir, input_path, output_path)
 
@@ -394,8 +387,8 @@ def bundle_probe(model_dir: Path, input_path: Path, output_path: Path) -> None:
 @click.argument("stage", type=click.Choice(["train", "export", "eval", "serve"]))
 def config_keys(stage: str) -> None:
     """List a stage's config keys with their defaults and meaning."""
-    from tuneship.config import EvalConfig, ExportConfig, TrainConfig
-    from tuneship.loading import describe_fields
+    from tuneship.config.loading import describe_fields
+    from tuneship.config.schema import EvalConfig, ExportConfig, TrainConfig
 
     models: dict[str, type[BaseModel]] = {
         "train": TrainConfig, "export": ExportConfig, "eval": EvalConfig, "serve": ServeConfig

@@ -22,7 +22,7 @@ def main(out: Path) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from tuneship.paths import default_base_dir
+    from tuneship.infra.paths import default_base_dir
 
     base = default_base_dir()
     tokenizer = AutoTokenizer.from_pretrained(base, padding_side="left")

@@ -11,7 +11,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tuneship.errors import TuneshipError
+from tuneship.infra.errors import TuneshipError
 
 
 def sha256_file(path: Path, chunk: int = 1 << 20) -> str:

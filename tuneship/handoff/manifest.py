@@ -21,9 +21,9 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tuneship import __version__
-from tuneship.errors import TuneshipError
-from tuneship.fsutil import hash_tree, sha256_file, write_json_atomic
-from tuneship.probes import EvalItem, ProbeChat, ProbeRequest
+from tuneship.infra.errors import TuneshipError
+from tuneship.infra.fsutil import hash_tree, sha256_file, write_json_atomic
+from tuneship.quality.probes import EvalItem, ProbeChat, ProbeRequest
 
 SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
@@ -126,7 +126,8 @@ class ExampleStats(Section):
 class DeviceInfo(Section):
     precision: str
     precision_reason: str | None = Field(
-        None, description="Why this precision (the rule in tuneship/precision.py, or the config)."
+        None,
+        description="Why this precision (tuneship/modelops/precision.py's rule, or the config).",
     )
     machine: str | None = Field(None, description="The machine's compute capability, in words.")
     qlora: bool = False
@@ -179,8 +180,8 @@ class RunManifest(Header):
     distillation: Distillation | None = None
     config: dict[str, Any] = Field(
         description="The resolved TrainConfig, verbatim. Readers take what they need through "
-        "a tolerant view (tuneship.config.DataMix), so keys a later tuneship removed or added "
-        "never stop an old run from exporting."
+        "a tolerant view (tuneship.config.schema.DataMix), so keys a later tuneship removed or "
+        "added never stop an old run from exporting."
     )
     versions: dict[str, str] = {}
     device: DeviceInfo

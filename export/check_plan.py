@@ -1,5 +1,5 @@
 """The export's part of the checks (train environment): what can be known without vLLM, and the
-CheckPlan that whoever runs vLLM judges (tuneship/checks.py).
+CheckPlan that whoever runs vLLM judges (tuneship/quality/verdicts.py).
 
 - stop tokens, statically: tokenizer eos, generation_config eos and the template's end-of-turn
   token agree;
@@ -15,13 +15,13 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from tuneship.chat_tokens import ChatTokenizer
-from tuneship.chats import Conversation
-from tuneship.checks import CheckPlan, CheckPrompt
-from tuneship.config import ExportConfig
-from tuneship.manifest import Check
-from tuneship.probes import EvalItem, perplexity
-from tuneship.template import end_of_turn
+from tuneship.chat.labels import ChatTokenizer
+from tuneship.chat.records import Conversation
+from tuneship.chat.template import end_of_turn
+from tuneship.config.schema import ExportConfig
+from tuneship.handoff.manifest import Check
+from tuneship.quality.probes import EvalItem, perplexity
+from tuneship.quality.verdicts import CheckPlan, CheckPrompt
 
 if TYPE_CHECKING:
     import torch
@@ -123,7 +123,7 @@ def any_facts(plan: CheckPlan) -> bool:
 
 def skipped_checks(plan: CheckPlan, reason: str) -> dict[str, Any]:
     """checks: off: the static stop-token check and the perplexity part of the gate only."""
-    from tuneship.checks import quality_gate
+    from tuneship.quality.verdicts import quality_gate
 
     skipped = Check(passed=None, reason=reason)
     return {

@@ -7,9 +7,7 @@ import html
 from collections.abc import Callable
 from pathlib import Path
 
-from tuneship.manifest import RunManifest, write_manifest
-from tuneship.plots import loss_chart
-from tuneship.reports import (
+from tuneship.handoff.eval_report import (
     MODELS,
     REPORT_FILE,
     TUNED,
@@ -19,6 +17,8 @@ from tuneship.reports import (
     ModelFigures,
     Target,
 )
+from tuneship.handoff.manifest import RunManifest, write_manifest
+from tuneship.infra.plots import loss_chart
 
 COLOURS = {"base": "#9e9e9e", "merged": "#1f77b4", "quantized": "#ff7f0e"}
 

@@ -25,15 +25,15 @@ from typing import TYPE_CHECKING, Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from tuneship.chats import Conversation
-from tuneship.engine_log import root_cause
-from tuneship.errors import TuneshipError
-from tuneship.facts import cites_clause, contains_fact
+from tuneship.chat.records import Conversation
+from tuneship.infra.engine_log import root_cause
+from tuneship.infra.errors import ProblemsError, TuneshipError
+from tuneship.quality.facts import cites_clause, contains_fact
 
 if TYPE_CHECKING:
     import torch
 
-    from tuneship.chat_tokens import ChatTokenizer
+    from tuneship.chat.labels import ChatTokenizer
 
 SERVING_LEN_CAP = 4096
 
@@ -67,9 +67,8 @@ def load_eval_items(path: Path) -> list[EvalItem]:
         except (json.JSONDecodeError, KeyError, TypeError, ValueError) as exc:
             problems.append(f"{path}:line {lineno}: {exc}")
     if problems or not items:
-        raise TuneshipError(
-            f"eval_data {path} is not a held-out question file:\n"
-            + "\n".join(f"  - {p}" for p in problems or ["no questions"])
+        raise ProblemsError(
+            f"eval_data {path} is not a held-out question file:", problems or ["no questions"]
         )
     return items
 

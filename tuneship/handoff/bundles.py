@@ -10,9 +10,7 @@ import os
 from pathlib import Path
 from typing import Any
 
-from tuneship.errors import TuneshipError
-from tuneship.fsutil import sha256_file, symlinks_under
-from tuneship.manifest import (
+from tuneship.handoff.manifest import (
     BUNDLE_FILE,
     CHECKS_FILE,
     BundleManifest,
@@ -22,6 +20,8 @@ from tuneship.manifest import (
     read_manifest,
     verify_files,
 )
+from tuneship.infra.errors import ProblemsError
+from tuneship.infra.fsutil import sha256_file, symlinks_under
 
 
 def verify(
@@ -39,9 +39,7 @@ def verify(
     ]
     problems += unreadable(bundle_dir)
     if problems:  # nothing can be hashed before these are fixed
-        raise TuneshipError(
-            f"bundle {bundle_dir} failed verification:\n" + "\n".join(f"  - {p}" for p in problems)
-        )
+        raise ProblemsError(f"bundle {bundle_dir} failed verification:", problems)
     manifest = read_bundle(bundle_dir, bundle_sha256)
     problems = with_recorded_checks(bundle_dir, manifest)
     problems += verify_files(bundle_dir / "model", manifest.files)
@@ -56,9 +54,7 @@ def verify(
             f"without vLLM): run `tuneship bundle check {bundle_dir}` where vLLM is installed"
         )
     if problems:
-        raise TuneshipError(
-            f"bundle {bundle_dir} failed verification:\n" + "\n".join(f"  - {p}" for p in problems)
-        )
+        raise ProblemsError(f"bundle {bundle_dir} failed verification:", problems)
     return manifest
 
 

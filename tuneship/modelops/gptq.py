@@ -10,11 +10,11 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tuneship.calibration import calibration_rows
-from tuneship.chats import Conversation
-from tuneship.config import ExportConfig
-from tuneship.errors import TuneshipError
-from tuneship.manifest import CalibrationInfo, QuantizationInfo
+from tuneship.chat.records import Conversation
+from tuneship.config.schema import ExportConfig
+from tuneship.handoff.manifest import CalibrationInfo, QuantizationInfo
+from tuneship.infra.errors import TuneshipError
+from tuneship.modelops.calibration import calibration_rows
 
 if TYPE_CHECKING:
     import torch

@@ -15,7 +15,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from tuneship.errors import TuneshipError
+from tuneship.infra.errors import TuneshipError
 
 # a line that names why a process failed (not a traceback's frame or source line)
 ERROR_LINE = re.compile(r"^\S.*(Error|Exception|Killed|killed)\b|ERROR")

@@ -8,7 +8,7 @@ from typing import Any, Literal
 
 from pydantic import Field
 
-from tuneship.manifest import ComputeInfo, Header, Section, read_manifest
+from tuneship.handoff.manifest import ComputeInfo, Header, Section, read_manifest
 
 REPORT_FILE = "report.json"
 MODELS = ("base", "merged", "quantized")

@@ -110,7 +110,7 @@ def pick(requested: str, cap: Capability) -> Precision:
             return Precision("bf16", f"auto: bf16, native on this {where}")
         return Precision("fp32", f"auto: fp32, as this {where} has no native bf16")
     if requested == "fp16" and cap.device != "cuda":
-        from tuneship.errors import TuneshipError
+        from tuneship.infra.errors import TuneshipError
 
         raise TuneshipError("precision fp16 needs CUDA; use auto, fp32 or bf16 on CPU")
     if requested not in ("bf16", "fp16", "fp32"):

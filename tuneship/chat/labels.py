@@ -11,9 +11,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from tuneship.chats import Conversation
-from tuneship.errors import TuneshipError
-from tuneship.template import end_of_turn, render
+from tuneship.chat.records import Conversation
+from tuneship.chat.template import end_of_turn, render
+from tuneship.infra.errors import TuneshipError
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -12,9 +12,9 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuneship.chats import Conversation, RecordProblem, load_files
-from tuneship.config import DataMix
-from tuneship.errors import DataError, TuneshipError
+from tuneship.chat.records import Conversation, RecordProblem, load_files
+from tuneship.config.schema import DataMix
+from tuneship.infra.errors import DataError, TuneshipError
 
 
 def _norm(text: str) -> str:

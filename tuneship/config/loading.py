@@ -16,8 +16,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from tuneship.config import ServeConfig
-from tuneship.errors import ConfigError
+from tuneship.config.schema import ServeConfig
+from tuneship.infra.errors import ConfigError
 
 ENV_PREFIX = "TUNESHIP_"
 SECRETS = ("api_keys", "key_id_secret")

