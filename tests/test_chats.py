@@ -90,18 +90,19 @@ def test_json_array_problems_name_the_index(tmp_path):
     result = load_file(path)
     assert [str(p) for p in result.problems] == [
         f"{path}:index 1: no 'conversations' (ShareGPT) or 'messages' (OpenAI) list, nor "
-        "'question' and 'answer' strings; keys present: x"
+        "'instruction' and 'output' (Alpaca), nor 'question' and 'answer'; keys present: x (a "
+        "list under another name: set messages_field)"
     ]
 
 
 def test_file_level_problems(tmp_path):
-    (tmp_path / "d.csv").write_text("a,b\n")
+    (tmp_path / "d.txt").write_text("a,b\n")
     (tmp_path / "obj.json").write_text('{"conversations": []}')
     (tmp_path / "broken.json").write_text('[\n{"a": 1},\n{oops}\n]')
     (tmp_path / "latin1.jsonl").write_bytes(b'{"a": "caf\xe9"}\n')
     result = load_files(
         [
-            tmp_path / "d.csv",
+            tmp_path / "d.txt",
             tmp_path / "missing.jsonl",
             tmp_path / "obj.json",
             tmp_path / "broken.json",
@@ -109,7 +110,7 @@ def test_file_level_problems(tmp_path):
         ]
     )
     reasons = [str(p) for p in result.problems]
-    assert "unsupported file type '.csv'" in reasons[0]
+    assert "unsupported file type '.txt'" in reasons[0]
     assert "missing.jsonl: cannot read" in reasons[1]
     assert "top level is a JSON dict" in reasons[2]
     assert "broken.json:line 3: invalid JSON" in reasons[3]

@@ -9,7 +9,7 @@ from typing import Any
 
 from tuneship.chat.labels import ChatTokenizer
 from tuneship.chat.mixing import drop_duplicates, leaks
-from tuneship.chat.records import LoadResult, load_files
+from tuneship.chat.records import NO_MAPPING, LoadResult, RecordMapping, load_files
 
 
 def _percentile(values: list[int], q: float) -> int:
@@ -38,9 +38,13 @@ def token_report(result: LoadResult, tokenizer: Any, max_length: int) -> dict[st
 
 
 def check(
-    paths: list[str], tokenizer: Any | None, max_length: int, eval_paths: list[str] | None = None
+    paths: list[str],
+    tokenizer: Any | None,
+    max_length: int,
+    eval_paths: list[str] | None = None,
+    mapping: RecordMapping = NO_MAPPING,
 ) -> tuple[LoadResult, dict]:
-    result = load_files(paths)
+    result = load_files(paths, mapping)
     _, duplicates = drop_duplicates(result.conversations)
     report: dict[str, Any] = {
         "files": [str(Path(p)) for p in paths],

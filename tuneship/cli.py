@@ -97,6 +97,16 @@ def data() -> None:
 )
 @click.option("--no-tokens", is_flag=True, help="Validate only; skip token statistics.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--messages-field", help="Key or column of each record's turns (as messages_field).")
+@click.option("--role-field", help="Key of a turn's role (as role_field).")
+@click.option("--content-field", help="Key of a turn's text (as content_field).")
+@click.option(
+    "--role-map",
+    multiple=True,
+    metavar="THEIRS=ROLE",
+    help="A role name of the data and the role it is (system, user, assistant), as role_map; "
+    "repeatable: --role-map bot=assistant --role-map customer=user.",
+)
 def data_check(
     files: tuple[str, ...],
     base_ref: str,
@@ -104,11 +114,24 @@ def data_check(
     eval_files: tuple[str, ...],
     no_tokens: bool,
     as_json: bool,
+    messages_field: str | None,
+    role_field: str | None,
+    content_field: str | None,
+    role_map: tuple[str, ...],
 ) -> None:
-    """Validate chat data files (.json/.jsonl, ShareGPT or OpenAI messages) and report."""
+    """Validate chat data (.json, .jsonl, .gz, .parquet, .csv, a datasets folder; ShareGPT,
+    OpenAI messages, Alpaca or question/answer records) and report what training would see."""
     import json
 
+    from tuneship.config.loading import load_config
+    from tuneship.config.schema import DataSource
     from tuneship.train.datacheck import check, render
+
+    pairs = dict(pair.partition("=")[::2] for pair in role_map)
+    source = load_config(DataSource, None, {
+        "path": files[0], "messages_field": messages_field, "role_field": role_field,
+        "content_field": content_field, "role_map": pairs,
+    })  # fmt: skip
 
     tokenizer = None
     if not no_tokens:
@@ -119,7 +142,7 @@ def data_check(
 
         tokenizer = AutoTokenizer.from_pretrained(resolve_base(base_ref))
         align_eos(tokenizer)
-    result, report = check(list(files), tokenizer, max_length, list(eval_files))
+    result, report = check(list(files), tokenizer, max_length, list(eval_files), source.mapping())
     if as_json:
         report["problems"] = [str(p) for p in result.problems]
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))

@@ -12,7 +12,14 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
-from tuneship.chat.records import Conversation, RecordProblem, load_files
+from tuneship.chat.records import (
+    NO_MAPPING,
+    Conversation,
+    LoadResult,
+    RecordMapping,
+    RecordProblem,
+    load_files,
+)
 from tuneship.config.schema import DataMix
 from tuneship.infra.errors import DataError, TuneshipError
 
@@ -85,8 +92,10 @@ class PreparedData:
     distill_ids: set[str] = field(default_factory=set)  # conversations from distill sources
 
 
-def _load(paths: list[str], skip_invalid: bool, what: str):
-    loaded = load_files(paths)
+def _load(
+    paths: list[str], skip_invalid: bool, what: str, mapping: RecordMapping = NO_MAPPING
+) -> LoadResult:
+    loaded = load_files(paths, mapping)
     if loaded.problems and not skip_invalid:
         raise DataError(
             f"{len(loaded.problems)} invalid record(s) in the {what} "
@@ -100,7 +109,7 @@ def prepare(cfg: DataMix) -> PreparedData:
     """Load, validate, de-duplicate, split off the eval set, check leakage and mix."""
     per_source, problems = [], []
     for source in cfg.data:
-        loaded = _load([source.path], cfg.skip_invalid, "training data")
+        loaded = _load([source.path], cfg.skip_invalid, "training data", source.mapping())
         per_source.append(loaded.conversations)
         problems += loaded.problems
     report: dict[str, Any] = {"duplicates_dropped": 0, "duplicate_ids": []}

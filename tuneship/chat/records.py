@@ -1,17 +1,21 @@
-"""Chat datasets: ShareGPT, OpenAI-messages and question/answer records in .json or .jsonl files.
+"""Chat datasets: ShareGPT, OpenAI-messages, question/answer and Alpaca-style records, in any
+file format files.py reads (JSON, JSONL, gzip, Parquet, CSV, a datasets folder).
 
 Every record is normalised to OpenAI-style messages (role system/user/assistant, content str).
-Every invalid record yields one RecordProblem naming the file, the line (or array index) and why.
+Column and role names that differ from these are mapped (RecordMapping: the training config's
+messages_field, role_field, content_field, role_map). Every invalid record yields one
+RecordProblem naming the file, where in it (line, index or row) and why.
 """
 
 from __future__ import annotations
 
-import json
 from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from tuneship.chat.files import LIST_COLUMNS, FileUnreadable, Unreadable, records
 
 SHAREGPT_ROLES = {
     "system": "system",
@@ -21,7 +25,23 @@ SHAREGPT_ROLES = {
     "assistant": "assistant",
 }
 OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
-SUFFIXES = (".json", ".jsonl")
+
+
+@dataclass(frozen=True)
+class RecordMapping:
+    """Names a dataset uses for what tuneship calls messages, role, content and the roles."""
+
+    messages_field: str | None = None
+    role_field: str | None = None
+    content_field: str | None = None
+    role_map: tuple[tuple[str, str], ...] = ()  # (the dataset's role, system/user/assistant)
+
+    @property
+    def list_columns(self) -> tuple[str, ...]:
+        return (*LIST_COLUMNS, *([self.messages_field] if self.messages_field else []))
+
+
+NO_MAPPING = RecordMapping()  # the names tuneship expects
 
 
 @dataclass(frozen=True)
@@ -60,11 +80,27 @@ class InvalidRecord(ValueError):
     pass
 
 
-def _turns(record: dict[str, Any]) -> tuple[str, list[Any], str, str, dict[str, str]]:
+def _turns(
+    record: dict[str, Any], mapping: RecordMapping
+) -> tuple[str, list[Any], str, str, dict[str, str]]:
+    if mapping.messages_field is not None:
+        if mapping.messages_field not in record:
+            keys = ", ".join(sorted(map(str, record))) or "none"
+            raise InvalidRecord(
+                f"no '{mapping.messages_field}' (messages_field); keys present: {keys}"
+            )
+        roles = SHAREGPT_ROLES | dict(mapping.role_map)
+        role_key, content_key = mapping.role_field or "role", mapping.content_field or "content"
+        return "mapped", record[mapping.messages_field], role_key, content_key, roles
     if "conversations" in record:
-        return "sharegpt", record["conversations"], "from", "value", SHAREGPT_ROLES
+        roles = SHAREGPT_ROLES | dict(mapping.role_map)
+        return "sharegpt", record["conversations"], "from", "value", roles
     if "messages" in record:
-        return "openai", record["messages"], "role", "content", OPENAI_ROLES
+        roles = OPENAI_ROLES | dict(mapping.role_map)
+        role_key, content_key = mapping.role_field or "role", mapping.content_field or "content"
+        return "openai", record["messages"], role_key, content_key, roles
+    if "instruction" in record and "output" in record:
+        return "alpaca", _alpaca(record), "role", "content", OPENAI_ROLES
     if "question" in record and "answer" in record:
         turns = [
             {"role": "user", "content": record["question"]},
@@ -73,17 +109,46 @@ def _turns(record: dict[str, Any]) -> tuple[str, list[Any], str, str, dict[str, 
         return "qa", turns, "role", "content", OPENAI_ROLES
     keys = ", ".join(sorted(map(str, record))) or "none"
     raise InvalidRecord(
-        "no 'conversations' (ShareGPT) or 'messages' (OpenAI) list, nor 'question' and "
-        f"'answer' strings; keys present: {keys}"
+        "no 'conversations' (ShareGPT) or 'messages' (OpenAI) list, nor 'instruction' and "
+        f"'output' (Alpaca), nor 'question' and 'answer'; keys present: {keys} (a list under "
+        "another name: set messages_field)"
     )
 
 
-def parse_record(record: Any) -> tuple[str, tuple[dict[str, str], ...]]:
+def _alpaca(record: dict[str, Any]) -> list[dict[str, Any]]:
+    """instruction (+ input) -> user, output -> assistant; system first and history's
+    [question, answer] pairs before them, where present."""
+    turns: list[dict[str, Any]] = []
+    if record.get("system"):
+        turns.append({"role": "system", "content": record["system"]})
+    history = record.get("history") or []
+    if not isinstance(history, list):
+        raise InvalidRecord(f"'history' is a {type(history).__name__}, expected a list of pairs")
+    for i, pair in enumerate(history):
+        if not (isinstance(pair, list | tuple) and len(pair) == 2):
+            raise InvalidRecord(f"history[{i}] is not a [question, answer] pair")
+        turns += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+    instruction, extra = record["instruction"], record.get("input")
+    if isinstance(instruction, str) and isinstance(extra, str) and extra.strip():
+        instruction = f"{instruction}\n\n{extra}"
+    turns += [
+        {"role": "user", "content": instruction},
+        {"role": "assistant", "content": record["output"]},
+    ]
+    return turns
+
+
+def parse_record(
+    record: Any, mapping: RecordMapping = NO_MAPPING
+) -> tuple[str, tuple[dict[str, str], ...]]:
     """Validate one record and return (format, messages); raise InvalidRecord with the reason."""
     if not isinstance(record, dict):
         raise InvalidRecord(f"record is a JSON {type(record).__name__}, expected an object")
-    fmt, turns, role_key, content_key, roles = _turns(record)
-    list_key = {"sharegpt": "conversations", "openai": "messages", "qa": "question/answer"}[fmt]
+    fmt, turns, role_key, content_key, roles = _turns(record, mapping)
+    list_key = {
+        "sharegpt": "conversations", "openai": "messages", "qa": "question/answer",
+        "alpaca": "instruction/output", "mapped": mapping.messages_field,
+    }[fmt]  # fmt: skip
     if not isinstance(turns, list):
         raise InvalidRecord(f"'{list_key}' is a {type(turns).__name__}, expected a list")
     if not turns:
@@ -122,10 +187,15 @@ def parse_record(record: Any) -> tuple[str, tuple[dict[str, str], ...]]:
     return fmt, tuple(messages)
 
 
-def _add(result: LoadResult, name: str, where: str, conv_id: str, record: Any) -> None:
+def _add(
+    result: LoadResult, name: str, where: str, conv_id: str, record: Any, mapping: RecordMapping
+) -> None:
     result.records_seen += 1
+    if isinstance(record, Unreadable):
+        result.problems.append(RecordProblem(name, where, record.reason))
+        return
     try:
-        fmt, messages = parse_record(record)
+        fmt, messages = parse_record(record, mapping)
     except InvalidRecord as exc:
         result.problems.append(RecordProblem(name, where, str(exc)))
         return
@@ -133,58 +203,31 @@ def _add(result: LoadResult, name: str, where: str, conv_id: str, record: Any) -
     result.conversations.append(Conversation(conv_id, fmt, messages))
 
 
-def load_file(path: str | Path) -> LoadResult:
+def load_file(path: str | Path, mapping: RecordMapping = NO_MAPPING) -> LoadResult:
     path = Path(path)
     name = str(path)
     result = LoadResult()
-    if path.suffix not in SUFFIXES:
-        reason = f"unsupported file type '{path.suffix}' (use .json or .jsonl)"
-        result.problems.append(RecordProblem(name, "", reason))
-        return result
     try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        result.problems.append(RecordProblem(name, "", f"cannot read: {exc.strerror}"))
-        return result
-    raw = raw.removeprefix(b"\xef\xbb\xbf")
-    if path.suffix == ".jsonl":
-        for lineno, line in enumerate(raw.split(b"\n"), start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line.decode("utf-8"))
-            except UnicodeDecodeError as exc:
-                reason = f"not UTF-8 (byte {exc.start} of the line)"
-                result.problems.append(RecordProblem(name, f"line {lineno}", reason))
-                result.records_seen += 1
-                continue
-            except json.JSONDecodeError as exc:
-                reason = f"invalid JSON: {exc.msg} (column {exc.colno})"
-                result.problems.append(RecordProblem(name, f"line {lineno}", reason))
-                result.records_seen += 1
-                continue
-            _add(result, name, f"line {lineno}", f"{path.name}:{lineno}", record)
-        return result
-    try:
-        data = json.loads(raw.decode("utf-8"))
-    except UnicodeDecodeError as exc:
-        result.problems.append(RecordProblem(name, "", f"not UTF-8 (byte {exc.start})"))
-        return result
-    except json.JSONDecodeError as exc:
-        reason = f"invalid JSON: {exc.msg} (column {exc.colno})"
-        result.problems.append(RecordProblem(name, f"line {exc.lineno}", reason))
-        return result
-    if not isinstance(data, list):
-        reason = f"top level is a JSON {type(data).__name__}; a .json dataset is an array"
-        result.problems.append(RecordProblem(name, "", reason))
-        return result
-    for index, record in enumerate(data):
-        _add(result, name, f"index {index}", f"{path.name}#{index}", record)
+        for where, record in records(path, mapping.list_columns):
+            _add(result, name, where, conversation_id(path, where), record, mapping)
+    except FileUnreadable as exc:
+        result.problems.append(RecordProblem(name, exc.where, str(exc)))
+    except FileNotFoundError:
+        result.problems.append(RecordProblem(name, "", "cannot read: No such file or directory"))
     return result
 
 
-def load_files(paths: Sequence[str | Path]) -> LoadResult:
+def conversation_id(path: Path, where: str) -> str:
+    """FILE:LINE for lines, FILE#N for array indexes and rows (stable across runs)."""
+    kind, _, number = where.rpartition(" ")
+    if kind == "line":
+        return f"{path.name}:{number}"
+    shard = kind.removesuffix("row") if kind.endswith(":row") else ""
+    return f"{path.name}#{shard}{number}"
+
+
+def load_files(paths: Sequence[str | Path], mapping: RecordMapping = NO_MAPPING) -> LoadResult:
     result = LoadResult()
     for path in paths:
-        result.extend(load_file(path))
+        result.extend(load_file(path, mapping))
     return result

@@ -19,6 +19,8 @@ from pydantic import (
     model_validator,
 )
 
+from tuneship.chat.records import RecordMapping
+
 ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VLLM_DEFAULT_MAX_NUM_SEQS = 256
 
@@ -39,7 +41,11 @@ class LoraSettings(StrictModel):
 
 
 class DataSource(StrictModel):
-    path: str = Field(description="A chat data file (.json or .jsonl).")
+    path: str = Field(
+        description="A chat data file: .json, .jsonl (also .gz), .parquet, .csv, or a folder "
+        "(datasets' save_to_disk, or .parquet shards). Records: ShareGPT, OpenAI messages, "
+        "Alpaca (instruction, input, output, system, history) or question/answer."
+    )
     weight: float | None = Field(
         None,
         gt=0,
@@ -52,6 +58,28 @@ class DataSource(StrictModel):
         "next-token distribution (KL to the base, the adapter switched off) instead of its "
         "text alone: for replay data that should keep what the base knows.",
     )
+    messages_field: str | None = Field(
+        None,
+        description="The key or column holding each record's list of turns, where it is not "
+        "'messages' or 'conversations' (e.g. 'dialog').",
+    )
+    role_field: str | None = Field(
+        None, description="The key of a turn's role, where it is not 'role' (or ShareGPT's 'from')."
+    )
+    content_field: str | None = Field(
+        None,
+        description="The key of a turn's text, where it is not 'content' (or ShareGPT's 'value').",
+    )
+    role_map: dict[str, Literal["system", "user", "assistant"]] = Field(
+        default_factory=dict,
+        description="The data's own role names and the role each is, e.g. {bot: assistant, "
+        "customer: user}.",
+    )
+
+    def mapping(self) -> RecordMapping:
+        return RecordMapping(
+            self.messages_field, self.role_field, self.content_field, tuple(self.role_map.items())
+        )
 
 
 class Distributed(StrictModel):
