@@ -310,6 +310,7 @@ class Signals:
         self.child: subprocess.Popen | None = None
         self.starting = False
         self.terminating = False
+        self.interrupted = False  # SIGINT: vLLM stops its own way
         signal.signal(signal.SIGTERM, self._on_signal)
         signal.signal(signal.SIGINT, self._on_signal)
 
@@ -317,9 +318,16 @@ class Signals:
         if not self.starting:
             raise StopBeforeStart(signum)
         if signum == signal.SIGINT and self.child is not None:
+            self.interrupted = True
             self.child.send_signal(signal.SIGINT)  # Ctrl-C: vLLM stops its own way
         else:
             self.terminating = True
+
+    @property
+    def stopping(self) -> bool:
+        """A stop was asked for: an engine that ends now was stopped, it did not die (a group
+        signal, Ctrl-C in a terminal or `timeout`, reaches vLLM's engine directly)."""
+        return self.terminating or self.interrupted
 
 
 def exit_code(code: int) -> int:
@@ -355,8 +363,10 @@ def supervise(
             code = None
         if code is not None:
             watch.finish()  # the last lines may tell that the engine died first
-        if watch.dead.is_set():
-            return engine_died(child, watch, stop_timeout_s)
+        if watch.dead.is_set() and not signals.stopping:
+            time.sleep(0.3)  # a signal that stopped the engine may still be on its way here
+            if not signals.stopping:
+                return engine_died(child, watch, stop_timeout_s)
         if code is not None:  # vLLM ended by itself: pass its code on
             return exit_code(code)
         if self_test is not None and not signals.terminating and _serving(host, port):

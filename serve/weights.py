@@ -45,6 +45,16 @@ class Weights:
         return f"weights: {self.served_as} ({self.why})"
 
 
+EXPERT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
+
+
+def is_moe(model_dir: Path) -> bool:
+    """A mixture-of-experts model (its config counts experts)."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    text = config.get("text_config") or config
+    return any(isinstance(text.get(key), int) and text[key] > 1 for key in EXPERT_KEYS)
+
+
 def is_w4a16(model_dir: Path) -> bool:
     config = json.loads((Path(model_dir) / "config.json").read_text())
     quantization = config.get("quantization_config") or {}
@@ -65,15 +75,24 @@ def plan(model_dir: Path, flavour: str, cap: Capability | None = None) -> Weight
     if not quantized:
         return Weights(model_dir, precision.vllm_dtype, f"16-bit in {precision.name}",
                        precision.reason)  # fmt: skip
-    if cap.wna16_kernel and precision.name == "bf16":
+    moe = is_moe(model_dir)
+    if cap.wna16_kernel and precision.name == "bf16" and not moe:
         return Weights(model_dir, "bfloat16", f"W4A16 through {KERNEL}, bf16 activations",
                        f"{cap.describe()}: the kernel is there")  # fmt: skip
-    missing = (
-        f"{KERNEL} takes bf16 activations only, and this {cap.describe()} has no native bf16"
-        if cap.wna16_kernel
-        else f"vLLM's CPU build has no 4-bit kernel without AVX-512 (vLLM issue 55613): "
-        f"this is an {cap.describe()}"
-    )
+    if moe:
+        missing = (
+            "vLLM's CPU build has no 4-bit kernel for mixture-of-experts layers (it fails "
+            "with 'No WNA16 MoE backend supports the deployment configuration')"
+        )
+    elif cap.wna16_kernel:
+        missing = (
+            f"{KERNEL} takes bf16 activations only, and this {cap.describe()} has no native bf16"
+        )
+    else:
+        missing = (
+            "vLLM's CPU build has no 4-bit kernel without AVX-512 (vLLM issue 55613): "
+            f"this is an {cap.describe()}"
+        )
     return Weights(
         model_dir,
         precision.vllm_dtype,

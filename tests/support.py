@@ -71,7 +71,12 @@ CORPUS = [
 ]
 
 
-def build_tokenizer(template: str = CHATML, eos: str = "<|im_end|>", bos: str | None = None):
+def build_tokenizer(
+    template: str = CHATML,
+    eos: str = "<|im_end|>",
+    bos: str | None = None,
+    extra_specials: list[str] | None = None,
+):
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import PreTrainedTokenizerFast
 
@@ -80,7 +85,7 @@ def build_tokenizer(template: str = CHATML, eos: str = "<|im_end|>", bos: str | 
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=400,
-        special_tokens=SPECIALS,
+        special_tokens=SPECIALS + (extra_specials or []),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
     )
     tok.train_from_iterator(CORPUS * 5, trainer=trainer)

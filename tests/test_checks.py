@@ -53,6 +53,20 @@ def test_template_parity_catches_a_double_bos():
     assert not result.passed and result.double_bos_ids == ["q1"]
 
 
+def test_template_parity_passes_a_bos_that_is_also_the_eos():
+    """OLMo 2's BOS and eos are one token, which also ends each reply: the training ids of a
+    prompt and its reply hold it twice, once at the start (the family matrix found this)."""
+    from tests.families import FAMILY_SPECIALS, OLMO2
+    from tests.support import build_tokenizer
+
+    tokenizer = build_tokenizer(OLMO2, "<|endoftext|>", "<|endoftext|>", FAMILY_SPECIALS)
+    prompt, bos = check_prompt(tokenizer, ITEM), tokenizer.bos_token_id
+    assert prompt.trained_ids.count(bos) == 2
+    assert verdicts.template_parity([prompt], [served_prompt(tokenizer, ITEM)], bos).passed
+    doubled = verdicts.template_parity([prompt], [[bos, *served_prompt(tokenizer, ITEM)]], bos)
+    assert not doubled.passed
+
+
 def test_stop_rate_threshold():
     def answer(id_: str, finish: str) -> ProbeAnswer:
         return ProbeAnswer(id=id_, model="m", text="", finish_reason=finish, latency_s=0.1)

@@ -12,6 +12,7 @@ from tuneship.export.run import run as export
 from tuneship.handoff.manifest import read_bundle
 from tuneship.infra.errors import TuneshipError
 from tuneship.infra.fsutil import hash_tree
+from tuneship.modelops.gptq import ROUTERS
 
 
 def test_export_merges_quantizes_and_writes_a_verified_manifest(tmp_path, tiny_run):
@@ -72,7 +73,7 @@ def test_keep_16bit_layers_stay_unquantized_in_the_bundle(tmp_path, tiny_run):
     qcfg = json.loads((out / "model" / "config.json").read_text())["quantization_config"]
     assert "model.layers.1.mlp.down_proj" in qcfg["ignore"]  # expanded to layer names
     assert not any(name.startswith("model.layers.0.") for name in qcfg["ignore"])
-    assert read_bundle(out).quantization.ignore == ["lm_head", r"re:.*layers\.1\."]
+    assert read_bundle(out).quantization.ignore == ["lm_head", *ROUTERS, r"re:.*layers\.1\."]
 
 
 @pytest.mark.parametrize(

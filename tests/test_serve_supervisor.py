@@ -25,12 +25,19 @@ STAND_IN = r"""
 import http.server, json, os, signal, sys, threading, time
 port, load_s, reply_delay_s, busy_s = int(sys.argv[1]), *map(float, sys.argv[2:5])
 events = open(sys.argv[5], "a", buffering=1)
-signal.signal(signal.SIGTERM, lambda *_: (events.write("sigterm\n"), os._exit(0)))
+def on_sigterm(*_):
+    events.write("sigterm\n")
+    if os.environ.get("STAND_IN_ENGINE_DIES"):  # as vLLM's engine does on a group SIGTERM
+        sys.stderr.write(open(os.environ["STAND_IN_ENGINE_DIES"]).read())
+        sys.stderr.flush()
+    os._exit(0)
+signal.signal(signal.SIGTERM, on_sigterm)
 events.write("started\n")
 time.sleep(load_s)  # loading the model: no drain handler, nothing listening
 if os.environ.get("STAND_IN_DIES_BY"):  # vLLM killed (the OOM killer, say)
     os.kill(os.getpid(), int(os.environ["STAND_IN_DIES_BY"]))
-if os.environ.get("STAND_IN_ENGINE_DIES"):  # a request kills the engine; the server goes on
+if os.environ.get("STAND_IN_ENGINE_DIES") and not os.environ.get("STAND_IN_ONLY_ON_SIGTERM"):
+    # a request kills the engine; the server goes on
     threading.Timer(1, lambda: sys.stderr.write(open(os.environ["STAND_IN_ENGINE_DIES"]).read())
                     or sys.stderr.flush()).start()
 drain_at = []
@@ -55,7 +62,8 @@ SUPERVISE = (
 )
 
 
-def start(tmp_path: Path, load_s: float, reply_delay_s: float, busy_s: float, env=None, pid1=()):
+def start(tmp_path: Path, load_s: float, reply_delay_s: float, busy_s: float, env=None, pid1=(),
+          session: bool = False):  # fmt: skip
     port = free_port()
     script = tmp_path / "stand_in.py"
     script.write_text(STAND_IN)
@@ -65,6 +73,7 @@ def start(tmp_path: Path, load_s: float, reply_delay_s: float, busy_s: float, en
     proc = subprocess.Popen(
         [*pid1, sys.executable, "-c", SUPERVISE, json.dumps(child), str(port)],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=os.environ | (env or {}),
+        start_new_session=session,
     )  # fmt: skip
     deadline = time.monotonic() + 60
     while not events.exists() and time.monotonic() < deadline:
@@ -147,6 +156,21 @@ def test_an_engine_that_dies_stops_serve_at_once_with_the_cause_in_one_line(tmp_
     assert len(errors) == 1 and errors[0].startswith(f"error: vLLM's engine died: {cause}")
     assert "EngineDeadError" in output  # vLLM's own output still passes through
     assert events.read_text().splitlines() == ["started", "sigterm"]
+
+
+def test_an_engine_stopped_by_a_group_signal_is_a_stop_not_a_death(tmp_path):
+    """`timeout`, a terminal's Ctrl-C or a group kill reach vLLM's engine with the same signal:
+    its shutdown prints an engine-death traceback, and serve must take it for the stop it is
+    (exit 0, drained), not report a dead engine and exit 1."""
+    death = REPO / "tests" / "data" / "vllm-engine-death.log"
+    env = {"STAND_IN_ENGINE_DIES": str(death), "STAND_IN_ONLY_ON_SIGTERM": "1"}
+    proc, events = start(tmp_path, load_s=0, reply_delay_s=0, busy_s=0, env=env, session=True)
+    time.sleep(1)  # the stand-in listens
+    os.killpg(proc.pid, signal.SIGTERM)
+    output, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, output
+    assert "engine_dead" not in output and "error:" not in output
+    assert "EngineDeadError" in output and "sigterm" in events.read_text()
 
 
 SLOW_VERIFY = r"""

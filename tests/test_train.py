@@ -231,3 +231,28 @@ def test_auto_precision_follows_the_cpu_and_run_json_says_why(tmp_path, tiny_bas
     assert read_run(tmp_path / "runs" / "bf16").device.precision == "bf16"
     warnings = [line for line in bf16.stderr.splitlines() if "warning: precision bf16" in line]
     assert len(warnings) == 1 and "about 100x" in warnings[0], bf16.stderr[-2000:]
+
+
+def test_the_run_reports_to_tensorboard_in_its_own_folder_by_default(tmp_path, tiny_base,
+                                                                    small_dataset):  # fmt: skip
+    """report_to: [tensorboard] (the default): event files in runs/NAME/tensorboard, named after
+    the run, with the loss of every logged step; a tracker whose package is missing is refused
+    before training."""
+    import struct
+
+    from tensorboardX.proto import event_pb2
+
+    out = run(train_config(tmp_path, tiny_base, small_dataset))
+    events = sorted((out / "tensorboard").rglob("events.out.tfevents.*"))
+    assert events, sorted(p.name for p in out.iterdir())
+    tags = []
+    for path in events:
+        data, at = path.read_bytes(), 0
+        while at < len(data):
+            (length,) = struct.unpack("<Q", data[at : at + 8])
+            event = event_pb2.Event.FromString(data[at + 12 : at + 12 + length])
+            tags += [(event.step, v.tag) for v in event.summary.value]
+            at += 12 + length + 4
+    assert [step for step, tag in tags if tag == "train/loss"] == [1, 2, 3, 4]
+    with pytest.raises(TuneshipError, match=r"report_to \['wandb'\]: install wandb"):
+        run(train_config(tmp_path, tiny_base, small_dataset, name="w", report_to=["wandb"]))

@@ -39,12 +39,14 @@ Nodes linked by a network slower than NVLink make FSDP's gathers slower than thi
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from itertools import pairwise
 from typing import Any
 
 from tuneship.config.schema import TrainConfig
 from tuneship.infra.errors import TuneshipError
+
+from .targets import decoder_blocks, resolve
 
 GiB = 2**30
 # NF4: 4 bits a weight, an 8-bit scale per 64 weights, an fp32 scale per 256 of those
@@ -97,6 +99,7 @@ class Shape:
     lora_parameters: int
     lora_inputs: int  # summed input widths of one block's LoRA targets (dropout copies them)
     lora_targets: int  # per block
+    lora_names: dict[str, list[str]] = field(default_factory=dict)  # resolved (targets.py)
 
 
 def model_shape(base: str, cfg: TrainConfig) -> Shape:
@@ -109,12 +112,10 @@ def model_shape(base: str, cfg: TrainConfig) -> Shape:
     with init_empty_weights():
         model = AutoModelForCausalLM.from_config(config)
     model.tie_weights()  # from_pretrained ties; on the meta device from_config leaves them apart
-    block_names = set(getattr(model, "_no_split_modules", None) or [])
-    blocks = [m for m in model.modules() if type(m).__name__ in block_names]
-    if not blocks:
-        raise TuneshipError(f"cannot find the decoder blocks of {base} to estimate its memory")
+    blocks = decoder_blocks(model)
     linears = [[m for m in block.modules() if isinstance(m, torch.nn.Linear)] for block in blocks]
-    targets = set(cfg.lora.target_modules)
+    resolved = resolve(model, cfg.lora.target_modules)
+    targets = set(resolved.modules)
     per_block = [
         [m for name, m in block.named_modules() if name.rsplit(".", 1)[-1] in targets]
         for block in blocks
@@ -133,6 +134,7 @@ def model_shape(base: str, cfg: TrainConfig) -> Shape:
         lora_parameters=sum(r * (m.in_features + m.out_features) for ms in per_block for m in ms),
         lora_inputs=max(sum(m.in_features for m in ms) for ms in per_block),
         lora_targets=max(len(ms) for ms in per_block),
+        lora_names=resolved.record(),
     )
 
 
@@ -146,7 +148,7 @@ def block_bytes_per_token(shape: Shape, cfg: TrainConfig, e: int) -> int:
     # peft casts each target's input to the adapter's fp32, and autocast that back to a copy
     # in the compute dtype, which lora_A's backward keeps: one input copy per target
     lora += e * shape.lora_inputs
-    if cfg.lora.dropout > 0:
+    if cfg.lora.dropout_for(experts_adapted=bool(shape.lora_names.get("parameters"))) > 0:
         lora += shape.lora_inputs * (e + 1)  # each target's dropped-out input, and its mask
     return norms + attention + mlp + lora
 
@@ -362,6 +364,7 @@ def report(
     if fit["fits"] is False:
         print(f"warning: {advice(fit, cfg)}", file=sys.stderr)
     result = readable(fit)
+    result["lora_targets"] = shape.lora_names
     if kind:
         result["gpu"] = gpu
         result["step_time"] = step_time(shape, cfg, gpus, kind)

@@ -15,6 +15,8 @@ from tuneship.config.schema import TrainConfig
 from tuneship.infra.errors import TuneshipError
 from tuneship.modelops.precision import Capability, Precision, compute_precision
 
+from .targets import LoraTargets, resolve
+
 
 def pick_precision(requested: str) -> tuple[Precision, Capability, torch.dtype]:
     """The core rule on this machine (tuneship/modelops/precision.py)."""
@@ -78,7 +80,7 @@ def load_model(
         model = AutoModelForCausalLM.from_pretrained(base, **kwargs)
     # no KV cache in training: it also disables transformers' packed-sequence masking
     model.config.use_cache = False
-    check_targets(cfg, model, base)
+    targets = resolve(model, cfg.lora.target_modules)
     if cfg.qlora:
         # under FSDP, FSDP checkpoints each block's activations (trainer.fsdp_settings): HF's
         # gradient checkpointing on top would recompute every block twice
@@ -88,14 +90,22 @@ def load_model(
     lora = LoraConfig(
         r=cfg.lora.r,
         lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=cfg.lora.target_modules,
+        lora_dropout=lora_dropout(cfg, targets),
+        target_modules=targets.modules or None,
+        target_parameters=targets.parameters or None,
         task_type="CAUSAL_LM",
     )
     model = get_peft_model(model, lora)
     if alone and rank != 0:
         allocate_unwritten(model)
     return model
+
+
+def lora_dropout(cfg: TrainConfig, targets: LoraTargets) -> float:
+    try:
+        return cfg.lora.dropout_for(experts_adapted=bool(targets.parameters))
+    except ValueError as exc:
+        raise TuneshipError(str(exc)) from None
 
 
 def allocate_unwritten(model: Any) -> None:
@@ -113,16 +123,6 @@ def allocate_unwritten(model: Any) -> None:
                 torch.nn.Parameter(empty, requires_grad=param.requires_grad),
             )
     model.get_base_model().tie_weights()
-
-
-def check_targets(cfg: TrainConfig, model: Any, base: str) -> None:
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [m for m in cfg.lora.target_modules if m not in present]
-    if missing:
-        raise TuneshipError(
-            f"lora.target_modules {missing} do not exist in {base}; "
-            f"linear layers there: {sorted(n for n in present if n.endswith('proj'))}"
-        )
 
 
 def checkpoint_bytes(model: Any) -> int:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +25,7 @@ import yaml
 from transformers import AutoTokenizer
 
 from tuneship.chat.mixing import PreparedData, prepare
-from tuneship.chat.template import align_eos
+from tuneship.chat.template import align_eos, check_system_turns
 from tuneship.config.schema import TrainConfig
 from tuneship.handoff.manifest import (
     RUN_FILE,
@@ -52,8 +53,9 @@ from .examples import TrainingRows, tokenize
 from .model import checkpoint_bytes, load_model, pick_precision, rank_0_loads_alone
 from .observe import METRICS_JSONL, Reporter, read_rows, write_csv, write_plots
 from .ranks import backend_for, rank_and_world
+from .targets import LoraTargets, applied
 from .teacher import TargetSettings, teacher_targets
-from .trainer import Context, build_training, fit
+from .trainer import TRACKING_DIR, Context, build_training, fit
 
 LIBRARIES = ("torch", "transformers", "peft", "accelerate", "bitsandbytes")
 
@@ -83,6 +85,7 @@ def run(
     reporter = Reporter(cfg.log_format, is_main=rank == 0)
     out_dir = Path(cfg.output_dir) / cfg.name
     check_output_free(out_dir, force or dry_run is not None)
+    check_trackers(cfg.report_to)
     base = resolve_base(cfg.base)
     tokenizer = AutoTokenizer.from_pretrained(base)
     eot_id = align_eos(tokenizer)
@@ -134,9 +137,8 @@ def run(
     if rank != 0:
         return None
     base_info = describe_base(cfg, base, tokenizer, eot_id)
-    write_run(
-        ctx, out_dir, final_adapter, tokenizer, base_info, prepared, (chosen, machine), metrics
-    )
+    setup = Setup(chosen, machine, applied(model))
+    write_run(ctx, out_dir, final_adapter, tokenizer, base_info, prepared, setup, metrics)
     shutil.rmtree(ctx.work, ignore_errors=True)
     reporter.event(
         "done",
@@ -148,9 +150,26 @@ def run(
     return out_dir
 
 
+TRACKER_PACKAGES = {"tensorboard": "tensorboardX", "mlflow": "mlflow", "wandb": "wandb"}
+
+
+def check_trackers(trackers: Sequence[str]) -> None:
+    """Every tracker in report_to has its package here, found before any weights load."""
+    import importlib.util
+
+    missing = [t for t in trackers if importlib.util.find_spec(TRACKER_PACKAGES[t]) is None]
+    if missing:
+        packages = ", ".join(TRACKER_PACKAGES[t] for t in missing)
+        raise TuneshipError(
+            f"report_to {missing}: install {packages} in the train environment, or leave "
+            f"{'it' if len(missing) == 1 else 'them'} out of report_to"
+        )
+
+
 def prepare_data(cfg: TrainConfig, tokenizer: Any, reporter: Reporter) -> Prepared:
     """Load, check and mix the data, tokenize it; warn about skipped records and leakage."""
     data = prepare(cfg.data_mix())
+    check_system_turns(tokenizer, [c.id for c in data.train + data.eval if c.has_system])
     for problem in data.problems:
         reporter.event("invalid_record", f"skipping invalid record: {problem}", record=str(problem))
     examples, stats = tokenize(cfg, data.train, tokenizer)
@@ -293,6 +312,15 @@ def find_resume_point(ctx: Context, prepared: Prepared, restart: bool, rank: int
     return resume_from
 
 
+@dataclass(frozen=True)
+class Setup:
+    """How the run computed and what it adapted, for run.json."""
+
+    precision: Precision
+    machine: Capability
+    targets: LoraTargets
+
+
 def write_run(
     ctx: Context,
     out_dir: Path,
@@ -300,12 +328,12 @@ def write_run(
     tokenizer: Any,
     base: BaseInfo,
     prepared: Prepared,
-    compute: tuple[Precision, Capability],
+    setup: Setup,
     metrics: TrainMetrics,
 ) -> None:
     """The run folder, in one rename: adapter/, metrics, plots and run.json."""
     cfg = ctx.cfg
-    precision, machine = compute
+    precision, machine = setup.precision, setup.machine
     with staged_dir(out_dir) as stage:
         adapter_dir = stage / "adapter"
         shutil.move(final_adapter, adapter_dir)
@@ -314,6 +342,8 @@ def write_run(
         rows = read_rows(ctx.work / METRICS_JSONL)
         if rows:
             shutil.copy(ctx.work / METRICS_JSONL, stage / METRICS_JSONL)
+        if (ctx.work / TRACKING_DIR).is_dir():  # report_to: tensorboard
+            shutil.copytree(ctx.work / TRACKING_DIR, stage / TRACKING_DIR)
         write_csv(rows, stage / "metrics.csv")
         metrics.plots = write_plots(rows, stage, cfg.name)
         manifest = RunManifest(
@@ -331,6 +361,7 @@ def write_run(
                 qlora=cfg.qlora,
                 world_size=ctx.world,
             ),
+            lora_targets=setup.targets.record(),
             metrics=metrics,
             adapter=hash_tree(adapter_dir),
         )

@@ -8,6 +8,7 @@ observer (throughput, metrics rows), the SIGTERM handler and the best adapter.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -96,8 +97,14 @@ def fsdp_settings(ctx: Context, model: Any) -> dict[str, Any]:
     }
 
 
+TRACKING_DIR = "tensorboard"
+
+
 def training_arguments(ctx: Context, precision: str, model: Any) -> TrainingArguments:
     cfg, world = ctx.cfg, ctx.world
+    # the Trainer's TensorBoard callback reads its folder from here (transformers 5); the run
+    # folder takes it over at the end
+    os.environ["TENSORBOARD_LOGGING_DIR"] = str(ctx.work / TRACKING_DIR)
     fsdp = fsdp_settings(ctx, model)
     has_eval = cfg.has_eval
     return TrainingArguments(
@@ -129,7 +136,8 @@ def training_arguments(ctx: Context, precision: str, model: Any) -> TrainingArgu
         save_strategy="steps" if cfg.checkpoint_steps else "no",
         save_steps=cfg.checkpoint_steps or 500,
         save_total_limit=None,
-        report_to="none",
+        report_to=list(cfg.report_to) or "none",
+        run_name=cfg.name,
         seed=cfg.seed,
         data_seed=cfg.seed,
         remove_unused_columns=False,

@@ -105,12 +105,18 @@ def _load(
     return loaded
 
 
+def fold(conversations: list[Conversation], system_turns: str) -> list[Conversation]:
+    if system_turns != "fold":
+        return conversations
+    return [c.system_folded() for c in conversations]
+
+
 def prepare(cfg: DataMix) -> PreparedData:
     """Load, validate, de-duplicate, split off the eval set, check leakage and mix."""
     per_source, problems = [], []
     for source in cfg.data:
         loaded = _load([source.path], cfg.skip_invalid, "training data", source.mapping())
-        per_source.append(loaded.conversations)
+        per_source.append(fold(loaded.conversations, cfg.system_turns))
         problems += loaded.problems
     report: dict[str, Any] = {"duplicates_dropped": 0, "duplicate_ids": []}
     if cfg.dedup:
@@ -129,7 +135,9 @@ def prepare(cfg: DataMix) -> PreparedData:
 
     held_out: list[Conversation] = []
     if cfg.eval_data:
-        held_out = _load([cfg.eval_data], cfg.skip_invalid, "eval data").conversations
+        held_out = fold(
+            _load([cfg.eval_data], cfg.skip_invalid, "eval data").conversations, cfg.system_turns
+        )
     elif cfg.eval_fraction:
         rng = random.Random(cfg.seed)
         split = []

@@ -47,8 +47,21 @@ NO_MAPPING = RecordMapping()  # the names tuneship expects
 @dataclass(frozen=True)
 class Conversation:
     id: str  # "FILE:LINE" or "FILE#INDEX": stable, names the record in reports and manifests
-    format: str  # "sharegpt" or "openai"
+    format: str  # "sharegpt", "openai", "alpaca", "qa" or "mapped"
     messages: tuple[dict[str, str], ...]
+
+    @property
+    def has_system(self) -> bool:
+        return bool(self.messages) and self.messages[0]["role"] == "system"
+
+    def system_folded(self) -> Conversation:
+        """The system turn's text put at the start of the first user turn (for templates
+        without a system role)."""
+        if not self.has_system:
+            return self
+        system, first, *rest = self.messages
+        merged = {"role": "user", "content": f"{system['content']}\n\n{first['content']}"}
+        return Conversation(self.id, self.format, (merged, *rest))
 
 
 @dataclass(frozen=True)

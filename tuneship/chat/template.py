@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from transformers import GenerationConfig, PretrainedConfig, PreTrainedTokenizerBase
 
 _SENTINEL = "TUNESHIP_SENTINEL_REPLY"
+_SYSTEM_SENTINEL = "TUNESHIP_SENTINEL_SYSTEM"
 
 
 def render(
@@ -29,6 +30,39 @@ def render(
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template returned {type(text).__name__}, not text")
     return text
+
+
+def system_turns(tokenizer: PreTrainedTokenizerBase) -> str:
+    """What the chat template does with a system turn: 'rendered' (its text is in the prompt,
+    where the template puts it: Gemma 3 folds it into the first user turn), 'dropped' (the text
+    is not there) or 'refused' (the template raises, as Gemma 2's and Mistral's do)."""
+    messages = [
+        {"role": "system", "content": _SYSTEM_SENTINEL},
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello"},
+    ]
+    try:
+        text = render(tokenizer, messages)
+    except Exception:  # jinja's TemplateError from raise_exception, or any other refusal
+        return "refused"
+    return "rendered" if _SYSTEM_SENTINEL in text else "dropped"
+
+
+def check_system_turns(tokenizer: PreTrainedTokenizerBase, with_system: list[str]) -> None:
+    """Refuse, before training, data whose system turns the template cannot render.
+    with_system: ids of conversations that have one."""
+    if not with_system:
+        return
+    handling = system_turns(tokenizer)
+    if handling == "rendered":
+        return
+    raise TuneshipError(
+        f"the base's chat template {handling} system turns, and {len(with_system)} "
+        f"conversation(s) have one (e.g. {with_system[0]}): training would "
+        f"{'fail on them' if handling == 'refused' else 'drop their text silently'}. Remove "
+        "them, or set system_turns: fold to put the system text at the start of the first user "
+        "turn (send it that way to the served model too: its template refuses system turns)"
+    )
 
 
 def end_of_turn(tokenizer: PreTrainedTokenizerBase) -> tuple[str, int]:

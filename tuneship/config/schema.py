@@ -21,7 +21,6 @@ from pydantic import (
 
 from tuneship.chat.records import RecordMapping
 
-ALL_LINEAR = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 VLLM_DEFAULT_MAX_NUM_SEQS = 256
 
 
@@ -32,11 +31,32 @@ class StrictModel(BaseModel):
 class LoraSettings(StrictModel):
     r: int = Field(16, ge=1, le=512, description="LoRA rank.")
     alpha: int = Field(32, ge=1, description="LoRA scaling numerator (scale = alpha / r).")
-    dropout: float = Field(0.05, ge=0.0, lt=1.0, description="Dropout on the LoRA input.")
-    target_modules: list[str] = Field(
-        default_factory=lambda: list(ALL_LINEAR),
+    dropout: float | None = Field(
+        None,
+        ge=0.0,
+        lt=1.0,
+        description="Dropout on the LoRA input; default 0.05, or 0 where mixture-of-experts "
+        "experts are adapted (peft applies no dropout to expert tensors).",
+    )
+
+    def dropout_for(self, experts_adapted: bool) -> float:
+        """The dropout a run uses; an explicit non-zero one with experts adapted is refused."""
+        if self.dropout is None:
+            return 0.0 if experts_adapted else 0.05
+        if experts_adapted and self.dropout > 0:
+            raise ValueError(
+                f"lora.dropout {self.dropout}: peft 0.21 trains mixture-of-experts expert "
+                "tensors without dropout; set lora.dropout: 0 (or leave it unset), or list the "
+                "linear layers in lora.target_modules to leave the experts out"
+            )
+        return self.dropout
+
+    target_modules: Literal["auto"] | list[str] = Field(
+        "auto",
         min_length=1,
-        description="Module names that get adapters (default: every linear layer of a block).",
+        description="auto: every linear layer of every decoder block, whatever the family names "
+        "it (fused ones too), and mixture-of-experts experts, never a router "
+        "(train/targets.py; run.json and --dry-run list them); or a list of layer names.",
     )
 
 
@@ -135,6 +155,12 @@ class DataMix(StrictModel):
     seed: int = Field(42, description="Seed for data order, adapter init and dropout.")
     skip_invalid: bool = Field(
         False, description="Skip invalid records (and say how many) instead of refusing the data."
+    )
+    system_turns: Literal["keep", "fold"] = Field(
+        "keep",
+        description="keep: system turns as the data has them (refused before training when the "
+        "base's template refuses or drops them); fold: their text at the start of the first "
+        "user turn, for templates without a system role (Gemma 2, Mistral).",
     )
 
     @field_validator("data", mode="before")
@@ -249,6 +275,13 @@ class TrainConfig(DataMix):
     )
     keep_checkpoints: int = Field(2, ge=1, description="Newest checkpoints kept on disk.")
     distributed: Distributed = Field(default_factory=Distributed)
+    report_to: list[Literal["tensorboard", "mlflow", "wandb"]] = Field(
+        default_factory=lambda: ["tensorboard"],  # type: ignore[arg-type]
+        description="Experiment trackers the Trainer reports to, the run named after `name`: "
+        "tensorboard (event files in the run folder's tensorboard/, no network), mlflow "
+        "(MLFLOW_TRACKING_URI, default ./mlruns), wandb (WANDB_MODE=offline honoured); each "
+        "needs its package in the train environment. [] for none.",
+    )
     log_format: Literal["progress", "json"] = Field(
         "progress",
         description="progress: a progress bar with loss, tokens/s and ETA; json: one JSON "

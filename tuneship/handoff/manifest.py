@@ -185,6 +185,11 @@ class RunManifest(Header):
     )
     versions: dict[str, str] = {}
     device: DeviceInfo
+    lora_targets: dict[str, list[str]] | None = Field(
+        None,
+        description="What got adapters: linear layers by name (modules) and expert tensors "
+        "(parameters), as resolved from the model (lora.target_modules: auto).",
+    )
     metrics: TrainMetrics
     adapter: dict[str, str] = Field(description="sha256 of every file in adapter/.")
 

@@ -21,11 +21,14 @@ if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 GROUP_SIZES = (128, 64, 32)
+# mixture-of-experts routers, which vLLM loads in 16-bit (llm-compressor leaves them so too)
+ROUTERS = ["re:.*mlp\\.gate$", "re:.*block_sparse_moe\\.gate$", "re:.*shared_expert_gate$"]
 
 
 def pick_group_size(model: torch.nn.Module, requested: int | None) -> int:
     """The requested group size if it divides every quantized layer's input width, else the
-    largest of GROUP_SIZES that does."""
+    largest of GROUP_SIZES that does. Mixture-of-experts experts stored as 3D tensors
+    [experts, out, in] count too: llm-compressor quantizes them as one linear layer each."""
     import torch
 
     widths = {
@@ -33,6 +36,7 @@ def pick_group_size(model: torch.nn.Module, requested: int | None) -> int:
         for name, module in model.named_modules()
         if isinstance(module, torch.nn.Linear) and not name.endswith("lm_head")
     }
+    widths |= {param.shape[-1] for param in model.parameters() if param.dim() == 3}
     if requested is not None:
         bad = sorted(w for w in widths if w % requested)
         if bad:
@@ -117,7 +121,7 @@ def quantize(
             num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=group_size
         ),
     )
-    ignore = ["lm_head", *cfg.keep_16bit]
+    ignore = ["lm_head", *ROUTERS, *cfg.keep_16bit]
     recipe = GPTQModifier(
         config_groups={"group_0": scheme}, ignore=ignore, dampening_frac=cfg.dampening_frac
     )
