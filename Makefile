@@ -7,7 +7,7 @@ LINT := .venv/lint
 LMEVAL := .venv/lmeval
 PIP_FLAGS := --quiet --disable-pip-version-check --no-deps
 
-.PHONY: demo test lint format unit e2e envs lock clean bench-train bench-fit bench-serve bench-cpu images
+.PHONY: demo test lint format unit e2e envs lock clean bench-train bench-fit bench-serve bench-cpu bench-data images
 
 # The installs wait mostly on the network and the disk: build them side by side.
 envs:
@@ -94,6 +94,12 @@ bench-fit: envs
 bench-cpu: envs
 	$(TRAIN)/bin/tuneship base fetch
 	$(TRAIN)/bin/python bench/cpu.py $(ARGS)
+
+# Peak memory of data check and of the training data preparation against the data's size, streamed
+# against held in memory (~25 min on 2 cores; ARGS='--check-sizes 10000 --prepare-sizes 10000')
+bench-data: envs
+	$(TRAIN)/bin/tuneship base fetch
+	$(TRAIN)/bin/python bench/data.py $(ARGS)
 
 # Serving throughput against the article's FastAPI server (needs bundles/demo: `make demo`)
 bench-serve: envs

@@ -45,6 +45,12 @@ VLLM = (
 )
 
 
+def class_label(machine) -> str:
+    """The CPU class figures are reported under (a modelops.precision.Capability)."""
+    return ("amx" if machine.amx else "avx512-bf16" if machine.avx512_bf16 else
+            "avx512" if machine.avx512 else "avx2")  # fmt: skip
+
+
 def matmul(dtype: str) -> dict:
     import torch
 
@@ -242,9 +248,7 @@ def main() -> None:
     ).stdout)  # fmt: skip
     machine = Capability(**{k: v for k, v in cap.items() if k in Capability.__annotations__})
     picked = pick("auto", machine).name
-    label = ("avx2-simulated" if args.simulate else
-             "amx" if machine.amx else "avx512-bf16" if machine.avx512_bf16 else
-             "avx512" if machine.avx512 else "avx2")  # fmt: skip
+    label = "avx2-simulated" if args.simulate else class_label(machine)
     base = default_base_dir()
     rows = []
 

@@ -45,7 +45,7 @@ from tuneship.quality.probes import (
 from tuneship.quality.verdicts import stop_rate
 
 from .check_plan import check_stop_tokens
-from .run import LIBRARIES, refuse_failed, serve_environment, serving_info
+from .run import LIBRARIES, refuse_failed, serve_environment, serving_info, tool_parser
 
 EMBEDDING_MODULES = {"lm_head", "embed_tokens", "wte", "wpe", "embed_in", "embed_out"}
 BASE_FILES = ("config.json", "generation_config.json")
@@ -131,7 +131,11 @@ def run(run_dirs: list[Path], out_dir: Path, cfg: ExportConfig, force: bool = Fa
             checks=results,
             versions=versions(*LIBRARIES),
             serving=serving_info(
-                model_dir, results["preflight"], cfg, max_lora_rank=max(ranks.values())
+                model_dir,
+                results["preflight"],
+                cfg,
+                max_lora_rank=max(ranks.values()),
+                tool_parser=tool_parser(manifests[0]),  # its tokenizer is the bundle's
             ),
         )
         write_manifest(stage / BUNDLE_FILE, bundle)

@@ -29,6 +29,7 @@ from tuneship.handoff.manifest import (
     CheckPlan,
     ComputeInfo,
     MergeInfo,
+    RunManifest,
     RunRef,
     ServingInfo,
     Sizes,
@@ -124,7 +125,9 @@ def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) ->
             checks=results,
             check_plan=plan,
             versions=versions(*LIBRARIES),
-            serving=serving_info(model_dir, results.get("preflight"), cfg),
+            serving=serving_info(
+                model_dir, results.get("preflight"), cfg, tool_parser=tool_parser(manifest)
+            ),
         )
         write_manifest(stage / BUNDLE_FILE, bundle)
     report(out_dir, sizes, time.monotonic() - started)
@@ -185,11 +188,20 @@ def vllm_checks(
     return judge(plan, probe(serve_bin, model_dir, work, "quantized", ask))
 
 
+def tool_parser(manifest: RunManifest) -> str | None:
+    """The vLLM parser for the tool calls the run trained (None: it trained none)."""
+    return manifest.tool_calling.parser if manifest.tool_calling else None
+
+
 def serving_info(
-    model_dir: Path, preflight: Check | None, cfg: ExportConfig, max_lora_rank: int | None = None
+    model_dir: Path,
+    preflight: Check | None,
+    cfg: ExportConfig,
+    max_lora_rank: int | None = None,
+    tool_parser: str | None = None,
 ) -> ServingInfo:
-    """How the bundle is served: its context, architecture, what the preflight measured, and
-    the engine settings it ran with (serve's defaults)."""
+    """How the bundle is served: its context, architecture, what the preflight measured, the
+    tool parser its calls need, and the engine settings it ran with (serve's defaults)."""
     config = json.loads((model_dir / "config.json").read_text())
     figures = preflight.figures() if preflight is not None else {}
     return ServingInfo(
@@ -198,6 +210,7 @@ def serving_info(
         startup_s=figures.get("load_s"),
         peak_rss_bytes=figures.get("peak_rss_bytes"),
         max_lora_rank=max_lora_rank,
+        tool_parser=tool_parser,
         **cfg.engine(),
     )
 

@@ -49,6 +49,19 @@ DEFAULT_CPU_KV_CACHE_GIB = 2
 SMALL_CPU_CORES = 2  # at most this many usable cores: vLLM computes on all of them
 
 
+def tool_arguments(parser: str | None) -> list[str]:
+    """vLLM's tool calling for a bundle trained to call tools: auto tool choice, and the parser
+    that reads the calls its template taught (bundle.json's serving.tool_parser). Without one,
+    vLLM answers a request with tools and tool_choice auto with a 400."""
+    return ["--enable-auto-tool-choice", "--tool-call-parser", parser] if parser else []
+
+
+def tools_line(parser: str | None) -> str:
+    if parser:
+        return f"tools: calls read by vLLM's '{parser}' parser (auto tool choice on)"
+    return "tools: not trained (a request with tools and tool_choice auto gets a 400)"
+
+
 def limit_args(cfg: ServeConfig) -> list[str]:
     """vLLM's own limits for max_running and max_waiting."""
     args = []
@@ -174,6 +187,7 @@ def prepare(
         (
             *lora_arguments(bundle_dir, {n: a.rank for n, a in manifest.adapters.items()}),
             *limit_args(cfg),
+            *tool_arguments(manifest.serving.tool_parser),
             *engine_arguments({k: getattr(cfg, k) for k in ENGINE_KEYS}),
             *([] if cfg.api_docs else ["--disable-fastapi-docs"]),
             *vllm_args,
@@ -183,6 +197,7 @@ def prepare(
     print(
         f"serving {manifest.served_model_name} ({flavour}): {shown} {shlex.join(argv)}\n"
         f"{weights.line()}\n"
+        f"{tools_line(manifest.serving.tool_parser)}\n"
         f"settings: {cfg.model_dump_json()}\n"
         f"{kv_line(manifest, cfg, bundle_dir / 'model', flavour, env)}\n"
         f"{startup_line(manifest)}",

@@ -57,7 +57,7 @@ FAMILY_SPECIALS = [
 ]  # fmt: skip
 SHAPE = {
     "hidden_size": 128, "intermediate_size": 256, "num_hidden_layers": 2,
-    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 512,
+    "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 2048,
 }  # fmt: skip
 MOE = {"num_experts_per_tok": 2}
 

@@ -65,6 +65,60 @@ def test_conversations_of_distill_sources_are_marked_through_the_mix(two_sources
     )
 
 
+def test_the_rows_training_streams_are_the_conversations_export_rebuilds(
+    tmp_path, tiny_base, two_sources
+):
+    """The train stage tokenizes from the plan (numbers, files read again: rows.py); export and
+    eval rebuild the same mix in memory (prepare): same conversations, order, eval set, leaks
+    and distill marks, with duplicates, a limit, weights and a seeded split all at work."""
+    from transformers import AutoTokenizer
+
+    from tuneship.train.observe import Reporter
+    from tuneship.train.run import prepare_data
+
+    domain, general = two_sources
+    again = write_jsonl(tmp_path / "again.jsonl", [qa(3), qa(2, "fact"), qa(50), qa(51)])
+    data = [
+        {"path": str(domain), "weight": 6},
+        {"path": str(again), "weight": 1},
+        {"path": str(general), "weight": 3, "distill": True},
+    ]
+    cfg = with_data(train_config(tmp_path, tiny_base, domain), [], data=data, seed=5,
+                    eval_fraction=0.2, limit=17)  # fmt: skip
+    in_memory = prepare(cfg.data_mix())
+    tokenizer = AutoTokenizer.from_pretrained(tiny_base)
+    streamed = prepare_data(cfg, tokenizer, Reporter("json", is_main=False), tmp_path / "work")
+
+    assert [e.id for e in streamed.rows.train] == [c.id for c in in_memory.train]
+    assert [e.id for e in streamed.rows.eval] == [c.id for c in in_memory.eval]
+    assert streamed.rows.distilled == [c.id in in_memory.distill_ids for c in in_memory.train]
+    assert any(streamed.rows.distilled)
+    stats = streamed.stats
+    assert stats.duplicates_dropped == in_memory.report["duplicates_dropped"] == 2
+    assert stats.eval.leaks == in_memory.report["eval"]["leaks"]
+    assert stats.sources[2].in_mix == in_memory.report["sources"][2]["in_mix"]
+    example = streamed.rows.train[0]  # the file's row is what tokenizing the conversation gives
+    from tuneship.chat.labels import ChatTokenizer
+
+    assert example == ChatTokenizer(tokenizer)(in_memory.train[0])
+    assert stats.tokens == sum(len(e.input_ids) for e in streamed.rows.train)
+
+
+def test_data_check_counts_every_problem_and_lists_the_first_ones(tmp_path):
+    from tuneship.train.datacheck import MAX_LISTED
+
+    bad = MAX_LISTED + 50
+    path = write_jsonl(tmp_path / "d.jsonl", [qa(1)] + [{"messages": []}] * bad)
+    checked = subprocess.run(
+        [TUNESHIP, "data", "check", str(path), "--no-tokens"], capture_output=True, text=True
+    )
+    assert checked.returncode == 3
+    assert f"records: {bad + 1} (1 valid, {bad} invalid)" in checked.stdout
+    assert f"invalid records ({bad}):" in checked.stdout
+    assert checked.stdout.count("'messages' is empty") == MAX_LISTED
+    assert "  ... and 50 more" in checked.stdout
+
+
 def test_weights_must_be_given_for_all_sources_or_none(two_sources):
     domain, general = two_sources
     with pytest.raises(ValueError, match="give every source a weight, or none"):

@@ -103,6 +103,47 @@ def resolve_base(ref: str) -> str:
     return ref
 
 
+def check_architecture(base: str) -> str | None:
+    """A local base's architecture, before any weights load: refused when transformers cannot
+    build it as a causal LM; a notice (returned) when the serve image's vLLM does not register
+    the class the merged model will have, or runs it through its Transformers backend."""
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    from tuneship.modelops.served_architectures import (
+        THROUGH_TRANSFORMERS,
+        VLLM_ARCHITECTURES,
+        VLLM_VERSION,
+    )
+
+    config_path = Path(base) / "config.json"
+    if not config_path.is_file():
+        return None  # a hub id: transformers reads its config when it loads
+    try:
+        model_type = json.loads(config_path.read_text(encoding="utf-8")).get("model_type")
+    except (ValueError, AttributeError):
+        raise TuneshipError(f"{config_path} is not a JSON object") from None
+    merged_class = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type or "")
+    if merged_class is None:
+        raise TuneshipError(
+            f"{config_path}: model_type {model_type!r} is not a causal language model this "
+            "transformers can build (tuneship fine-tunes AutoModelForCausalLM bases); pick a "
+            "chat/instruct checkpoint of a supported family"
+        )
+    if merged_class not in VLLM_ARCHITECTURES:
+        return (
+            f"vLLM {VLLM_VERSION} (the serve image's) registers no {merged_class}: the merged "
+            "model may not serve; the export's vLLM checks will say (at best vLLM runs it "
+            "through its Transformers backend)"
+        )
+    if merged_class in THROUGH_TRANSFORMERS:
+        return (
+            f"vLLM {VLLM_VERSION} serves {merged_class} through its Transformers backend, not "
+            "an implementation of its own: expect lower serving throughput than for Llama or "
+            "Qwen bases"
+        )
+    return None
+
+
 def fetch(out_dir: Path | None = None, force: bool = False) -> Path:
     out_dir = Path(out_dir) if out_dir else default_base_dir()
     if not force and is_fetched(out_dir):

@@ -39,6 +39,9 @@ COMPLETE = "checkpoints"
 _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # Keys that change how a run is watched, not what it computes: a resume may change them.
 RUNTIME_KEYS = {"log_format", "metrics_port", "output_dir", "keep_checkpoints"}
+# The tokenized data of this start (tokenized.py): made before the resume point is looked for,
+# so a --restart, which discards checkpoints, keeps it.
+DATA_PREFIX = "tokenized-"
 
 
 def work_dir(out_dir: Path) -> Path:
@@ -86,7 +89,10 @@ def resume_point(work: Path, plan: dict[str, Any], restart: bool, is_main: bool)
     """
     if is_main:
         if restart and work.exists():
-            shutil.rmtree(work)
+            for child in work.iterdir():
+                if child.name.startswith(DATA_PREFIX):
+                    continue
+                shutil.rmtree(child) if child.is_dir() else child.unlink()
         shutil.rmtree(work / INCOMING, ignore_errors=True)
     saved = work / PLAN
     if saved.is_file():

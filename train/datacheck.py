@@ -1,40 +1,95 @@
-"""`tuneship data check FILE...`: validate chat data and report what training would see."""
+"""`tuneship data check FILE...`: validate chat data and report what training would see.
+
+The files stream: one conversation is validated, counted and tokenized at a time and then let
+go. What grows with the data is small per conversation: an 8-byte digest for the duplicate
+check, a 4-byte token length for the percentiles, and the first MAX_LISTED problems (the count
+covers them all). The held-out files for the leakage check are read whole; they are the small
+side. docs/benchmarks.md, "Data at scale", has the memory figures (bench/data.py).
+"""
 
 from __future__ import annotations
 
 import statistics
+from array import array
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tqdm import tqdm
+
+from tuneship.chat import tool_template
 from tuneship.chat.labels import ChatTokenizer
-from tuneship.chat.mixing import drop_duplicates, leaks
-from tuneship.chat.records import NO_MAPPING, LoadResult, RecordMapping, load_files
+from tuneship.chat.mixing import DuplicateFinder, LeakFinder
+from tuneship.chat.records import (
+    NO_MAPPING,
+    Conversation,
+    RecordMapping,
+    RecordProblem,
+    load_files,
+    stream_file,
+)
+from tuneship.chat.tool_template import ToolFormat
+from tuneship.infra.errors import TuneshipError
+
+MAX_LISTED = 200  # problems kept to print; the count is of all
 
 
-def _percentile(values: list[int], q: float) -> int:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
+@dataclass
+class DataCheck:
+    problems: list[RecordProblem] = field(default_factory=list)
+    problem_count: int = 0
+    valid: int = 0
 
 
-def token_report(result: LoadResult, tokenizer: Any, max_length: int) -> dict[str, Any]:
-    chat_tokenizer = ChatTokenizer(tokenizer)
-    examples = [chat_tokenizer(conv) for conv in result.conversations]
-    lengths = [len(e.input_ids) for e in examples]
-    trained = sum(e.trained_tokens for e in examples)
-    over = [e for e in examples if len(e.input_ids) > max_length]
-    return {
-        "max_length": max_length,
-        "min": min(lengths),
-        "p50": _percentile(lengths, 0.5),
-        "p95": _percentile(lengths, 0.95),
-        "max": max(lengths),
-        "mean": round(statistics.fmean(lengths), 1),
-        "tokens": sum(lengths),
-        "trained_share": round(trained / sum(lengths), 4),
-        "over_max_length": len(over),
-        "over_max_length_ids": [e.id for e in over[:10]],
-    }
+class TokenTally:
+    """Token lengths, trained share and overlong conversations, one conversation at a time,
+    tool calls rendered as training would render them."""
+
+    def __init__(self, tokenizer: Any, max_length: int):
+        try:  # the template training would use for tool calls (plain chats render the same)
+            self.tool_format: ToolFormat | None = tool_template.tool_format(tokenizer)
+            tool_template.apply(tokenizer, self.tool_format)
+            self.tool_refusal = ""
+        except TuneshipError as exc:
+            self.tool_format, self.tool_refusal = None, str(exc)
+        self.chat_tokenizer = ChatTokenizer(tokenizer)
+        self.max_length = max_length
+        self.lengths = array("I")
+        self.trained = 0
+        self.over: list[str] = []
+        self.over_count = 0
+
+    def add(self, conv: Conversation) -> None:
+        if (conv.tools or conv.calls) and self.tool_format is None:
+            return  # training refuses these data: said in the report
+        example = self.chat_tokenizer(conv)
+        self.lengths.append(len(example.input_ids))
+        self.trained += example.trained_tokens
+        if len(example.input_ids) > self.max_length:
+            self.over_count += 1
+            if len(self.over) < 10:
+                self.over.append(example.id)
+
+    def report(self) -> dict[str, Any]:
+        ordered = sorted(self.lengths)
+
+        def percentile(q: float) -> int:
+            return ordered[min(len(ordered) - 1, int(q * (len(ordered) - 1) + 0.5))]
+
+        total = sum(ordered)
+        return {
+            "max_length": self.max_length,
+            "min": ordered[0],
+            "p50": percentile(0.5),
+            "p95": percentile(0.95),
+            "max": ordered[-1],
+            "mean": round(statistics.fmean(ordered), 1),
+            "tokens": total,
+            "trained_share": round(self.trained / total, 4),
+            "over_max_length": self.over_count,
+            "over_max_length_ids": self.over,
+        }
 
 
 def check(
@@ -43,37 +98,88 @@ def check(
     max_length: int,
     eval_paths: list[str] | None = None,
     mapping: RecordMapping = NO_MAPPING,
-) -> tuple[LoadResult, dict]:
-    result = load_files(paths, mapping)
-    _, duplicates = drop_duplicates(result.conversations)
+) -> tuple[DataCheck, dict]:
+    result = DataCheck()
+    held_out = load_files(eval_paths) if eval_paths else None
+    leaks = LeakFinder(held_out.conversations) if held_out else None
+    duplicates = DuplicateFinder()
+    tally = TokenTally(tokenizer, max_length) if tokenizer is not None else None
+    records, formats, turns, multi_turn = 0, Counter[str](), Counter[int](), 0
+    repeats, repeat_ids = 0, list[str]()
+    tool_conversations, calls, most_calls, tool_problems = 0, 0, 0, 0
+
+    def problem(found: RecordProblem) -> None:
+        nonlocal tool_problems
+        tool_problems += found.kind == "tool call"
+        result.problem_count += 1
+        if len(result.problems) < MAX_LISTED:
+            result.problems.append(found)
+
+    progress = tqdm(desc="checking", unit=" records", disable=None, mininterval=2)
+    for path in paths:
+        for item in stream_file(path, mapping):
+            progress.update()
+            if isinstance(item, RecordProblem):
+                records += item.of_record
+                problem(item)
+                continue
+            records += 1
+            result.valid += 1
+            formats[item.format] += 1
+            turns[len(item.messages)] += 1
+            multi_turn += sum(m["role"] == "assistant" for m in item.messages) > 1
+            if item.tools or item.calls:
+                tool_conversations += 1
+                calls += item.calls
+                most_calls = max(most_calls, item.calls)
+            if duplicates.is_repeat(item):
+                repeats += 1
+                if len(repeat_ids) < 10:
+                    repeat_ids.append(item.id)
+            if leaks:
+                leaks.see(item)
+            if tally:
+                tally.add(item)
+    progress.close()
+
     report: dict[str, Any] = {
         "files": [str(Path(p)) for p in paths],
-        "records": result.records_seen,
-        "valid": len(result.conversations),
-        "invalid": len(result.problems),
-        "formats": dict(result.formats),
-        "turns": dict(sorted(Counter(len(c.messages) for c in result.conversations).items())),
-        "multi_turn": sum(
-            1 for c in result.conversations if sum(m["role"] == "assistant" for m in c.messages) > 1
-        ),
-        "duplicates": {"count": len(duplicates), "ids": duplicates[:10]},
+        "records": records,
+        "valid": result.valid,
+        "invalid": result.problem_count,
+        "formats": dict(formats),
+        "turns": dict(sorted(turns.items())),
+        "multi_turn": multi_turn,
+        "duplicates": {"count": repeats, "ids": repeat_ids},
+        "tools": {
+            "conversations": tool_conversations,
+            "calls": calls,
+            "calls_per_conversation": round(calls / tool_conversations, 2)
+            if tool_conversations
+            else 0,
+            "most_calls": most_calls,
+            "invalid_calls": tool_problems,
+        },
     }
-    if eval_paths:
-        held_out = load_files(eval_paths)
-        result.problems += held_out.problems
-        found = leaks(result.conversations, held_out.conversations)
+    if held_out and leaks and eval_paths:
+        for found in held_out.problems:
+            problem(found)
+        leaked = leaks.found()
         report["eval"] = {
             "files": [str(Path(p)) for p in eval_paths],
             "conversations": len(held_out.conversations),
-            "leaks": len(found),
-            "leak_examples": found[:10],
+            "leaks": len(leaked),
+            "leak_examples": leaked[:10],
         }
-    if tokenizer is not None and result.conversations:
-        report["tokens"] = token_report(result, tokenizer, max_length)
+    if tally and tally.lengths:
+        report["tokens"] = tally.report()
+    if tally and tool_conversations:
+        fmt = tally.tool_format
+        report["tools"]["format"] = fmt.describe() if fmt else f"refused: {tally.tool_refusal}"
     return result, report
 
 
-def render(result: LoadResult, report: dict[str, Any]) -> str:
+def render(result: DataCheck, report: dict[str, Any]) -> str:
     lines = [
         f"files: {', '.join(report['files'])}",
         f"records: {report['records']} ({report['valid']} valid, {report['invalid']} invalid)",
@@ -87,6 +193,15 @@ def render(result: LoadResult, report: dict[str, Any]) -> str:
         f"exact duplicates (dropped by training with dedup: true): {dup['count']}"
         + (f" e.g. {', '.join(dup['ids'][:3])}" if dup["count"] else "")
     )
+    tools = report["tools"]
+    if tools["conversations"] or tools["invalid_calls"]:
+        lines.append(
+            f"tool calling: {tools['conversations']} conversations with tools, {tools['calls']} "
+            f"calls ({tools['calls_per_conversation']} per conversation, at most "
+            f"{tools['most_calls']}); {tools['invalid_calls']} records with invalid tools or "
+            "calls (undeclared function, bad JSON, arguments off the schema, unanswered results)"
+            + (f"\n  {tools['format']}" if "format" in tools else "")
+        )
     if "eval" in report:
         ev = report["eval"]
         lines.append(
@@ -109,7 +224,9 @@ def render(result: LoadResult, report: dict[str, Any]) -> str:
             f"trained tokens (assistant replies + end-of-turn): {tokens['trained_share']:.1%} "
             f"of {tokens['tokens']}",
         ]
-    if result.problems:
-        lines.append(f"invalid records ({len(result.problems)}):")
+    if result.problem_count:
+        lines.append(f"invalid records ({result.problem_count}):")
         lines += [f"  {p}" for p in result.problems]
+        if result.problem_count > len(result.problems):
+            lines.append(f"  ... and {result.problem_count - len(result.problems)} more")
     return "\n".join(lines)

@@ -1,17 +1,21 @@
-"""From conversations to training rows: tokenized with the base model's chat template, assistant
-tokens labelled, length limits applied; and the collators that batch them."""
+"""The training rows as the Trainer sees them: the tokenized file's rows (rows.py) that fit the
+length limits, with their counts; and the collators that batch them."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 import torch
+from torch.utils.data import Dataset as TorchDataset
 from transformers import DataCollatorWithFlattening
 
-from tuneship.chat.labels import IGNORE, ChatTokenizer, Example
-from tuneship.chat.records import Conversation
+from tuneship.chat.labels import IGNORE, Example
 from tuneship.config.schema import TrainConfig
+
+from .rows import RowFacts
 
 
 @dataclass
@@ -29,59 +33,72 @@ class TokenStats:
 
 @dataclass
 class TrainingRows:
-    """What the Trainer gets: training and eval examples, which conversations distill, and
-    (once teacher.py has computed them) the distilled rows' targets."""
+    """What the Trainer gets: training and eval examples (rows.ExampleTable: read from the
+    tokenized file as needed), which training rows distill, and (once teacher.py has computed
+    them) the distilled rows' targets."""
 
-    train: list[Example]
-    eval: list[Example]
-    distill_ids: set[str] = field(default_factory=set)
+    train: Sequence[Example]
+    eval: Sequence[Example]
+    distilled: list[bool] = field(default_factory=list)  # per training row; empty: none
     teacher: Any = None  # teacher.TeacherTargets
 
     @property
-    def distilled(self) -> list[bool]:
-        return [e.id in self.distill_ids for e in self.train]
+    def distills(self) -> bool:
+        return any(self.distilled)
 
-    def train_dataset(self) -> list[dict[str, Any]]:
-        rows = [{"input_ids": e.input_ids, "labels": e.labels} for e in self.train]
-        if not self.distill_ids:
-            return rows
-        if self.teacher is None:
+    def train_dataset(self) -> RowDataset:
+        if self.distills and self.teacher is None:
             raise ValueError("distilled rows need their teacher targets (teacher.py)")
-        return [
-            row
-            | {"distill": flag}
-            | ({"teacher_ids": ids, "teacher_logprobs": logprobs} if flag else {})
-            for row, flag, ids, logprobs in zip(
-                rows, self.distilled, self.teacher.ids, self.teacher.logprobs, strict=True
-            )
-        ]
+        return RowDataset(self.train, self.distilled if self.distills else None, self.teacher)
 
-    def eval_dataset(self) -> list[dict[str, Any]] | None:
-        return [{"input_ids": e.input_ids, "labels": e.labels} for e in self.eval] or None
+    def eval_dataset(self) -> RowDataset | None:
+        return RowDataset(self.eval) if len(self.eval) else None
 
 
-def tokenize(
-    cfg: TrainConfig, convs: list[Conversation], tokenizer: Any
-) -> tuple[list[Example], TokenStats]:
-    """Tokenize with the chat template; drop (or truncate) conversations over max_length."""
-    truncate = cfg.overlong == "truncate"
-    chat_tokenizer = ChatTokenizer(tokenizer, cfg.max_length if truncate else None)
-    examples, dropped = [], 0
-    for conv in convs:
-        example = chat_tokenizer(conv)
-        if len(example.input_ids) > cfg.max_length:
-            dropped += 1
-        elif example.trained_tokens:
-            examples.append(example)
-    tokens = sum(len(e.input_ids) for e in examples)
-    trained = sum(e.trained_tokens for e in examples)
-    return examples, TokenStats(
-        used=len(examples),
-        dropped_overlong=dropped,
-        truncated=sum(e.truncated for e in examples),
+class RowDataset(TorchDataset):
+    """The rows as the collators take them: input_ids and labels lists, and for distillation
+    the row's flag and, on distilled rows, its teacher targets."""
+
+    def __init__(
+        self,
+        examples: Sequence[Example],
+        distilled: list[bool] | None = None,
+        teacher: Any = None,  # teacher.TeacherTargets, where rows distill
+    ):
+        self.examples, self.distilled, self.teacher = examples, distilled, teacher
+
+    def __len__(self) -> int:
+        return len(self.examples)
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        example = self.examples[index]
+        row: dict[str, Any] = {"input_ids": example.input_ids, "labels": example.labels}
+        if self.distilled is None:
+            return row
+        row["distill"] = self.distilled[index]
+        if row["distill"]:
+            row["teacher_ids"] = self.teacher.ids[index]
+            row["teacher_logprobs"] = self.teacher.logprobs[index]
+        return row
+
+
+def select_rows(
+    cfg: TrainConfig, facts: RowFacts, rows: Sequence[int]
+) -> tuple[np.ndarray, TokenStats]:
+    """The rows (of the tokenized file, in order) that train: those over max_length dropped
+    (with overlong: truncate they were cut to it), and those with nothing to train."""
+    order = np.asarray(rows, dtype=np.int64)
+    lengths, trained = facts.lengths[order], facts.trained[order]
+    overlong = lengths > cfg.max_length
+    keep = ~overlong & (trained > 0)
+    tokens, trained_tokens = int(lengths[keep].sum()), int(trained[keep].sum())
+    return order[keep], TokenStats(
+        used=int(keep.sum()),
+        dropped_overlong=int(overlong.sum()),
+        truncated=int(facts.truncated[order][keep].sum()),
         tokens=tokens,
-        trained_tokens=trained,
-        trained_share=round(trained / tokens, 4) if tokens else 0,
+        trained_tokens=trained_tokens,
+        trained_share=round(trained_tokens / tokens, 4) if tokens else 0,
     )
 
 

@@ -13,19 +13,25 @@ from __future__ import annotations
 import os
 import shutil
 import sys
+import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import yaml
 from transformers import AutoTokenizer
 
-from tuneship.chat.mixing import PreparedData, prepare
+from tuneship.chat import tool_template
+from tuneship.chat.labels import ChatTokenizer
+from tuneship.chat.mixing import plan
+from tuneship.chat.records import RecordProblem
 from tuneship.chat.template import align_eos, check_system_turns
+from tuneship.chat.tool_template import ToolFormat
 from tuneship.config.schema import TrainConfig
 from tuneship.handoff.manifest import (
     RUN_FILE,
@@ -36,6 +42,7 @@ from tuneship.handoff.manifest import (
     EvalSplit,
     ExampleStats,
     RunManifest,
+    ToolCalling,
     TrainMetrics,
     header,
     versions,
@@ -47,12 +54,13 @@ from tuneship.modelops.precision import Capability, Precision
 
 from . import checkpoints as ckpt
 from . import tokenized
-from .base import quantized_origin, resolve_base
+from .base import check_architecture, quantized_origin, resolve_base
 from .estimate import FitQuestion, report
-from .examples import TrainingRows, tokenize
+from .examples import TrainingRows, select_rows
 from .model import checkpoint_bytes, load_model, pick_precision, rank_0_loads_alone
 from .observe import METRICS_JSONL, Reporter, read_rows, write_csv, write_plots
 from .ranks import backend_for, rank_and_world
+from .rows import ExampleTable, write_rows
 from .targets import LoraTargets, applied
 from .teacher import TargetSettings, teacher_targets
 from .trainer import TRACKING_DIR, Context, build_training, fit
@@ -67,6 +75,7 @@ class Prepared:
     rows: TrainingRows
     stats: ExampleStats
     datasets: list[DatasetRecord]
+    tool_calling: ToolCalling | None = None  # the data has tool calls: how they are rendered
     distillation: Distillation | None = None  # once the teacher targets are computed
 
 
@@ -87,16 +96,24 @@ def run(
     check_output_free(out_dir, force or dry_run is not None)
     check_trackers(cfg.report_to)
     base = resolve_base(cfg.base)
+    architecture = check_architecture(base)
+    if architecture:
+        reporter.event("architecture", f"note: {architecture}", notice=architecture)
     tokenizer = AutoTokenizer.from_pretrained(base)
     eot_id = align_eos(tokenizer)
-    if dry_run is not None or world == 1:
-        prepared = prepare_data(cfg, tokenizer, reporter)
+    if dry_run is not None:
+        with tempfile.TemporaryDirectory(prefix="tuneship-dry-run-") as scratch:
+            stats = prepare_data(cfg, tokenizer, reporter, Path(scratch)).stats
+        dump = {"config": cfg.model_dump(), "data": stats.model_dump(mode="json")}
+        print(yaml.safe_dump(dump, sort_keys=False))
+        return None
+    if world == 1:
+        prepared = prepare_data(cfg, tokenizer, reporter, ckpt.work_dir(out_dir))
     else:
         prepared = shared_data(cfg, tokenizer, reporter, ckpt.work_dir(out_dir), rank, world)
-    if dry_run is not None:
-        stats = prepared.stats.model_dump(mode="json")
-        print(yaml.safe_dump({"config": cfg.model_dump(), "data": stats}, sort_keys=False))
-        return None
+    if prepared.tool_calling:  # the template tool calls were tokenized with, on every rank
+        tool_template.apply(tokenizer, ToolFormat(prepared.tool_calling.template,
+                                                  prepared.tool_calling.parser))  # fmt: skip
 
     chosen, machine, dtype = pick_precision(cfg.precision)
     precision = chosen.name
@@ -166,30 +183,68 @@ def check_trackers(trackers: Sequence[str]) -> None:
         )
 
 
-def prepare_data(cfg: TrainConfig, tokenizer: Any, reporter: Reporter) -> Prepared:
-    """Load, check and mix the data, tokenize it; warn about skipped records and leakage."""
-    data = prepare(cfg.data_mix())
-    check_system_turns(tokenizer, [c.id for c in data.train + data.eval if c.has_system])
-    for problem in data.problems:
+def prepare_data(cfg: TrainConfig, tokenizer: Any, reporter: Reporter, work: Path) -> Prepared:
+    """Plan the mix (validated, de-duplicated, split, mixed: numbers, not conversations), check
+    the system turns against the template, tokenize every conversation used into the rows file
+    in work (rows.py); warn about skipped records and leakage."""
+    mixed = plan(cfg.data_mix())
+    check_system_turns(tokenizer, mixed.kinds.system, mixed.kinds.system_example)
+    tool_calling = None
+    if mixed.kinds.tool_conversations:
+        tool_format = tool_template.tool_format(tokenizer)
+        tool_template.apply(tokenizer, tool_format)
+        tool_calling = ToolCalling(
+            template=tool_format.template,
+            parser=tool_format.parser,
+            conversations=mixed.kinds.tool_conversations,
+            calls=mixed.kinds.calls,
+        )
+        reporter.event(
+            "tool_calling",
+            f"{tool_calling.conversations} conversation(s) with tools, {tool_calling.calls} "
+            f"call(s): {tool_format.describe()}",
+            **tool_calling.model_dump(),
+        )
+    for problem in mixed.problems:
         reporter.event("invalid_record", f"skipping invalid record: {problem}", record=str(problem))
-    examples, stats = tokenize(cfg, data.train, tokenizer)
-    eval_examples, eval_stats = tokenize(cfg, data.eval, tokenizer)
-    if not examples:
+    chat_tokenizer = ChatTokenizer(
+        tokenizer, cfg.max_length if cfg.overlong == "truncate" else None
+    )
+    key = tokenized.cache_key(cfg, tokenizer)
+    path = tokenized.rows_path(work, key)
+    ckpt.preflight(work, 0)  # a folder that cannot be written, said as such
+    written = write_rows(mixed, chat_tokenizer, path, show_progress=reporter.is_main)
+    tokenized.drop_others(work, key)
+    train_rows, stats = select_rows(cfg, written.facts, mixed.train)
+    eval_rows, eval_stats = select_rows(cfg, written.facts, written.eval_rows)
+    if not len(train_rows):
         raise TuneshipError("no trainable conversations left after validation and length limits")
-    split = EvalSplit(**data.report["eval"], **eval_stats.as_dict())
+    split = EvalSplit(
+        **mixed.report["eval"],
+        leaks=len(written.leaks),
+        leak_examples=written.leaks[:10],
+        **eval_stats.as_dict(),
+    )
     if split.leaks:
         leak = split.leak_examples[0]
         reporter.event(
             "leakage",
             f"warning: {split.leaks} eval conversation(s) share a user turn with training "
             f"(e.g. {leak['eval']} and {leak['train']}): the eval loss is optimistic",
-            **data.report["eval"],
+            **split.model_dump(include={"source", "conversations", "leaks", "leak_examples"}),
         )
-    report = {k: v for k, v in data.report.items() if k != "eval"}
+    distill_sources = [i for i, source in enumerate(cfg.data) if source.distill]
+    distilled = [mixed.source_of(int(row)) in distill_sources for row in train_rows]
+    report = {k: v for k, v in mixed.report.items() if k != "eval"}
     return Prepared(
-        rows=TrainingRows(examples, eval_examples, data.distill_ids),
+        rows=TrainingRows(
+            ExampleTable(path, train_rows),
+            ExampleTable(path, np.asarray(eval_rows)),
+            distilled if distill_sources else [],
+        ),
         stats=ExampleStats(**stats.as_dict(), **report, eval=split),
-        datasets=describe_datasets(cfg, data),
+        datasets=describe_datasets(cfg, mixed.problems),
+        tool_calling=tool_calling,
     )
 
 
@@ -204,7 +259,7 @@ def distill_targets(
 ) -> Distillation | None:
     """The base model's top-k targets for the distilled rows (teacher.py), on the device the
     model trains on; every rank computes them (no collective), rank 0 caches them."""
-    if not rows.distill_ids:
+    if not rows.distills:
         return None
     if torch.cuda.is_available() and not ctx.cfg.qlora:
         model.to(f"cuda:{int(os.environ.get('LOCAL_RANK', '0'))}")
@@ -237,7 +292,7 @@ def shared_data(
 
     def step() -> Prepared:
         if rank == 0:
-            prepared = prepare_data(cfg, tokenizer, reporter)
+            prepared = prepare_data(cfg, tokenizer, reporter, work)
             tokenized.write(work, key, prepared)
             return prepared
         found = tokenized.read(work, key)
@@ -248,7 +303,7 @@ def shared_data(
                 "node, with the same data?); tokenizing here",
                 file=sys.stderr,
             )
-            return prepare_data(cfg, tokenizer, reporter)
+            return prepare_data(cfg, tokenizer, reporter, work / f"rank-{rank}")
         return found
 
     prepared = main_first(step, rank, world, backend_for(cfg), cfg.distributed.timeout_s)
@@ -256,17 +311,17 @@ def shared_data(
     return prepared
 
 
-def describe_datasets(cfg: TrainConfig, data: PreparedData) -> list[DatasetRecord]:
+def describe_datasets(cfg: TrainConfig, problems: list[RecordProblem]) -> list[DatasetRecord]:
     files = [(p, "train") for p in cfg.data_paths]
     if cfg.eval_data:
         files.append((cfg.eval_data, "eval"))
-    invalid = {str(p.file) for p in data.problems}
+    invalid = {str(p.file) for p in problems}
     return [
         DatasetRecord(
             path=str(Path(path)),
             role=role,
             sha256=sha256_file(Path(path)),
-            invalid=sum(1 for p in data.problems if p.file == str(path)),
+            invalid=sum(1 for p in problems if p.file == str(path)),
             skipped=cfg.skip_invalid and str(path) in invalid,
         )
         for path, role in files
@@ -362,6 +417,7 @@ def write_run(
                 world_size=ctx.world,
             ),
             lora_targets=setup.targets.record(),
+            tool_calling=prepared.tool_calling,
             metrics=metrics,
             adapter=hash_tree(adapter_dir),
         )

@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -63,7 +64,9 @@ class TargetSettings:
     batch_size: int
 
 
-def targets_key(examples: list[Example], distilled: list[bool], settings: TargetSettings) -> str:
+def targets_key(
+    examples: Sequence[Example], distilled: list[bool], settings: TargetSettings
+) -> str:
     digest = hashlib.sha256(
         json.dumps([settings.base, settings.top_k, settings.precision]).encode()
     )
@@ -75,7 +78,7 @@ def targets_key(examples: list[Example], distilled: list[bool], settings: Target
 
 def teacher_targets(
     model: Any,
-    examples: list[Example],
+    examples: Sequence[Example],
     distilled: list[bool],
     settings: TargetSettings,
     cache_dir: Path,

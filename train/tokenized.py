@@ -1,10 +1,12 @@
 """The training data, tokenized once per run start and shared by the ranks.
 
 Loading, mixing and tokenizing millions of conversations takes minutes; under torchrun every
-rank did it at once, on the same files. Rank 0 now does it, and writes the result to the run's
-work folder under a hash of everything it depends on (settings, data files, tokenizer); the
-other ranks compute the same hash and read that file. A rank that does not find it (a work
-folder not shared by every node, or inputs that differ there) tokenizes for itself, and says so.
+rank did it at once, on the same files. Rank 0 now does it: the rows go to an Arrow file
+(rows.py) and what the run knows about them (stats, order, the file's name) to a small pickle
+beside it, both in the run's work folder under a hash of everything they depend on (settings,
+data files, tokenizer); the other ranks compute the same hash, read the pickle and map the
+rows. A rank that does not find them (a work folder not shared by every node, or inputs that
+differ there) tokenizes for itself into a folder of its own, and says so.
 """
 
 from __future__ import annotations
@@ -18,9 +20,8 @@ from typing import Any
 from tuneship.config.schema import TrainConfig
 from tuneship.infra.fsutil import sha256_file, sha256_text
 
+from .checkpoints import DATA_PREFIX as PREFIX
 from .checkpoints import RUNTIME_KEYS
-
-PREFIX = "tokenized-"
 
 
 def cache_key(cfg: TrainConfig, tokenizer: Any) -> str:
@@ -42,8 +43,19 @@ def cache_path(work: Path, key: str) -> Path:
     return work / f"{PREFIX}{key}.pkl"
 
 
+def rows_path(work: Path, key: str) -> Path:
+    return work / f"{PREFIX}{key}.arrow"
+
+
+def drop_others(work: Path, key: str) -> None:
+    """Earlier starts' files, made with other settings or data."""
+    for old in work.glob(f"{PREFIX}*"):
+        if not old.name.startswith(f"{PREFIX}{key}."):
+            old.unlink(missing_ok=True)
+
+
 def write(work: Path, key: str, prepared: Any) -> Path:
-    """Write atomically (a rank never reads half a file); drop other starts' files."""
+    """Write atomically (a rank never reads half a file)."""
     work.mkdir(parents=True, exist_ok=True)
     path = cache_path(work, key)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
@@ -52,9 +64,6 @@ def write(work: Path, key: str, prepared: Any) -> Path:
         fh.flush()
         os.fsync(fh.fileno())
     os.replace(tmp, path)
-    for old in work.glob(f"{PREFIX}*.pkl"):
-        if old != path:
-            old.unlink(missing_ok=True)
     return path
 
 

@@ -144,11 +144,12 @@ def data_check(
         align_eos(tokenizer)
     result, report = check(list(files), tokenizer, max_length, list(eval_files), source.mapping())
     if as_json:
-        report["problems"] = [str(p) for p in result.problems]
+        report["problems"] = [str(p) for p in result.problems]  # the first MAX_LISTED
         click.echo(json.dumps(report, indent=2, ensure_ascii=False))
     else:
         click.echo(render(result, report))
-    if result.problems or not result.conversations:
+    refused = report["tools"].get("format", "").startswith("refused")  # training would refuse
+    if result.problem_count or not result.valid or refused:
         sys.exit(3)
 
 

@@ -28,6 +28,7 @@ from typing import Any
 SUFFIXES = (".jsonl.gz", ".json.gz", ".jsonl", ".json", ".parquet", ".csv")
 LIST_COLUMNS = ("messages", "conversations", "history", "tools")
 PARQUET_BATCH = 1024
+PARQUET_READ_BUFFER = 1 << 20
 
 
 @dataclass(frozen=True)
@@ -144,11 +145,13 @@ def _parquet(path: Path, prefix: str = "") -> Iterator[tuple[str, Any]]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.ParquetFile(path)
+        # pre-buffering reads whole column chunks ahead and keeps them (a million-row file
+        # would sit in Arrow's pool whole); buffered streams hold one page per column instead
+        table = pq.ParquetFile(path, pre_buffer=False, buffer_size=PARQUET_READ_BUFFER)
     except (OSError, pa.ArrowException) as exc:
         raise FileUnreadable(f"not a readable Parquet file ({exc})") from None
     row = 0
-    for batch in table.iter_batches(batch_size=PARQUET_BATCH):
+    for batch in table.iter_batches(batch_size=PARQUET_BATCH, use_threads=False):
         for record in batch.to_pylist():
             yield f"{prefix}row {row}", record
             row += 1

@@ -1,15 +1,16 @@
 """Render conversations with the base model's own chat template and label assistant tokens only.
 
-The text is the one the serving endpoint renders for the same messages (the model's template, no
-`human:`/`gpt:` prompt format). Labels are the token ids on each assistant reply and its
-end-of-turn token; every other position (system, user, template markup, padding) is -100.
+The text is the one the serving endpoint renders for the same messages and tools (the model's
+template, no `human:`/`gpt:` prompt format). Labels are the token ids on each assistant turn
+(a reply, or its tool calls as the template writes them) and its end-of-turn token; every other
+position (system, user, tool results, template markup, padding) is -100.
 Tokenized with add_special_tokens=False: the template writes any BOS itself, so there is one.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from tuneship.chat.records import Conversation
 from tuneship.chat.template import end_of_turn, render
@@ -34,22 +35,34 @@ class Example:
 
 
 def assistant_spans(
-    tokenizer: PreTrainedTokenizerBase, messages: list[dict[str, str]], eot_text: str
+    tokenizer: PreTrainedTokenizerBase,
+    messages: list[dict[str, Any]],
+    eot_text: str,
+    tools: list[dict[Any, Any]] | None = None,
 ) -> tuple[str, list[tuple[int, int]]]:
     """Render messages; return the text and the (start, end) character span of every assistant
-    reply, each span ending just after the reply's end-of-turn token."""
-    text = render(tokenizer, messages)
+    turn (a reply, or tool calls as the template writes them), each span ending just after the
+    turn's end-of-turn token. Tool results are the tool's, not the model's: never in a span."""
+    text = render(tokenizer, messages, tools=tools)
     spans = []
     for i, message in enumerate(messages):
         if message["role"] != "assistant":
             continue
-        prompt = render(tokenizer, messages[:i], add_generation_prompt=True)
+        prompt = render(tokenizer, messages[:i], add_generation_prompt=True, tools=tools)
         if not text.startswith(prompt):
             raise TuneshipError(
                 "the chat template renders a conversation's prefix differently from the whole "
                 "conversation, so assistant turns cannot be located; use a prefix-stable template"
             )
         start = len(prompt)
+        if message.get("tool_calls"):  # the calls are the template's text: up to its end of turn
+            eot_at = text.find(eot_text, start)
+            if eot_at < 0:
+                raise TuneshipError(
+                    f"the chat template does not end tool-call turn {i} with {eot_text!r}"
+                )
+            spans.append((start, eot_at + len(eot_text)))
+            continue
         content_at = text.find(message["content"], start)
         eot_at = text.find(eot_text, content_at + len(message["content"]))
         if content_at != start or eot_at < 0:
@@ -79,7 +92,7 @@ def tokenize_conversation(
     eot_text: str,
     max_length: int | None = None,
 ) -> Example:
-    text, spans = assistant_spans(tokenizer, list(conv.messages), eot_text)
+    text, spans = assistant_spans(tokenizer, list(conv.messages), eot_text, list(conv.tools))
     enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
     input_ids = list(enc["input_ids"])
     labels = []

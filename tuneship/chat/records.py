@@ -1,7 +1,9 @@
 """Chat datasets: ShareGPT, OpenAI-messages, question/answer and Alpaca-style records, in any
 file format files.py reads (JSON, JSONL, gzip, Parquet, CSV, a datasets folder).
 
-Every record is normalised to OpenAI-style messages (role system/user/assistant, content str).
+Every record is normalised to OpenAI-style messages (role system/user/assistant/tool, content
+str; assistant turns may carry tool_calls, tool turns a tool_call_id) and the functions it
+declares (`tools`; validated by tools.py).
 Column and role names that differ from these are mapped (RecordMapping: the training config's
 messages_field, role_field, content_field, role_map). Every invalid record yields one
 RecordProblem naming the file, where in it (line, index or row) and why.
@@ -10,12 +12,20 @@ RecordProblem naming the file, where in it (line, index or row) and why.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from tuneship.chat.files import LIST_COLUMNS, FileUnreadable, Unreadable, records
+from tuneship.chat.tools import (
+    CallLedger,
+    ToolProblem,
+    check_call,
+    normalize_call,
+    normalize_tools,
+    parse_json_text,
+)
 
 SHAREGPT_ROLES = {
     "system": "system",
@@ -23,8 +33,11 @@ SHAREGPT_ROLES = {
     "user": "user",
     "gpt": "assistant",
     "assistant": "assistant",
+    "function_call": "assistant",  # its value is the call: {"name", "arguments"}
+    "observation": "tool",
+    "tool": "tool",
 }
-OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant"}
+OPENAI_ROLES = {"system": "system", "user": "user", "assistant": "assistant", "tool": "tool"}
 
 
 @dataclass(frozen=True)
@@ -48,11 +61,16 @@ NO_MAPPING = RecordMapping()  # the names tuneship expects
 class Conversation:
     id: str  # "FILE:LINE" or "FILE#INDEX": stable, names the record in reports and manifests
     format: str  # "sharegpt", "openai", "alpaca", "qa" or "mapped"
-    messages: tuple[dict[str, str], ...]
+    messages: tuple[dict[str, Any], ...]  # role, content; tool_calls, tool_call_id (tools.py)
+    tools: tuple[dict[str, Any], ...] = ()  # the functions the record declares (OpenAI's form)
 
     @property
     def has_system(self) -> bool:
         return bool(self.messages) and self.messages[0]["role"] == "system"
+
+    @property
+    def calls(self) -> int:
+        return sum(len(m.get("tool_calls", ())) for m in self.messages)
 
     def system_folded(self) -> Conversation:
         """The system turn's text put at the start of the first user turn (for templates
@@ -61,7 +79,7 @@ class Conversation:
             return self
         system, first, *rest = self.messages
         merged = {"role": "user", "content": f"{system['content']}\n\n{first['content']}"}
-        return Conversation(self.id, self.format, (merged, *rest))
+        return Conversation(self.id, self.format, (merged, *rest), self.tools)
 
 
 @dataclass(frozen=True)
@@ -69,6 +87,8 @@ class RecordProblem:
     file: str
     where: str  # "line 12", "index 3", or "" for the whole file
     reason: str
+    of_record: bool = True  # False: the whole file is unreadable
+    kind: str = "record"  # or "tool call": its tools or calls are at fault
 
     def __str__(self) -> str:
         place = f"{self.file}:{self.where}" if self.where else self.file
@@ -90,7 +110,13 @@ class LoadResult:
 
 
 class InvalidRecord(ValueError):
-    pass
+    kind = "record"
+
+
+class ToolCallInvalid(InvalidRecord):
+    """Its tools or calls are at fault (undeclared function, bad JSON, schema, unanswered)."""
+
+    kind = "tool call"
 
 
 def _turns(
@@ -153,8 +179,9 @@ def _alpaca(record: dict[str, Any]) -> list[dict[str, Any]]:
 
 def parse_record(
     record: Any, mapping: RecordMapping = NO_MAPPING
-) -> tuple[str, tuple[dict[str, str], ...]]:
-    """Validate one record and return (format, messages); raise InvalidRecord with the reason."""
+) -> tuple[str, tuple[dict[str, Any], ...], tuple[dict[str, Any], ...]]:
+    """Validate one record and return (format, messages, tools); raise InvalidRecord with the
+    reason (a ToolCallInvalid where its tools or calls are at fault)."""
     if not isinstance(record, dict):
         raise InvalidRecord(f"record is a JSON {type(record).__name__}, expected an object")
     fmt, turns, role_key, content_key, roles = _turns(record, mapping)
@@ -166,67 +193,113 @@ def parse_record(
         raise InvalidRecord(f"'{list_key}' is a {type(turns).__name__}, expected a list")
     if not turns:
         raise InvalidRecord(f"'{list_key}' is empty")
-    messages: list[dict[str, str]] = []
+    try:
+        tools = normalize_tools(record.get("tools"))
+        messages = _messages(turns, str(list_key), role_key, content_key, roles, tools)
+    except ToolProblem as exc:
+        raise ToolCallInvalid(str(exc)) from None
+    if not any(m["role"] == "assistant" for m in messages):
+        raise InvalidRecord("no assistant turn: nothing to train on")
+    return fmt, tuple(messages), tools
+
+
+def _messages(
+    turns: list[Any],
+    list_key: str,
+    role_key: str,
+    content_key: str,
+    roles: dict[str, str],
+    tools: tuple[dict[str, Any], ...],
+) -> list[dict[str, Any]]:
+    messages: list[dict[str, Any]] = []
     seen_user = False
+    ledger = CallLedger()
     for i, turn in enumerate(turns):
         at = f"{list_key}[{i}]"
         if not isinstance(turn, dict):
             raise InvalidRecord(f"{at} is a {type(turn).__name__}, expected an object")
-        if role_key not in turn or content_key not in turn:
+        calls = turn.get("tool_calls") or None
+        if role_key not in turn or (content_key not in turn and calls is None):
             missing = [k for k in (role_key, content_key) if k not in turn]
             raise InvalidRecord(f"{at} lacks " + ", ".join(f"'{k}'" for k in missing))
-        role, content = turn[role_key], turn[content_key]
+        role, content = turn[role_key], turn.get(content_key)
         if not isinstance(role, str):
             raise InvalidRecord(f"{at}.{role_key} is a {type(role).__name__}, expected a string")
-        if not isinstance(content, str):
-            raise InvalidRecord(
-                f"{at}.{content_key} is a {type(content).__name__}, expected a string"
-            )
         if role not in roles:
             raise InvalidRecord(
                 f"{at}: unknown role '{role}' (expected one of {', '.join(sorted(roles))})"
             )
         norm = roles[role]
-        if not content.strip():
+        if role == "function_call":  # ShareGPT: the turn's text is the call (or a list of them)
+            calls, content = parse_json_text(content, f"{at} (a function_call)"), ""
+            calls = calls if isinstance(calls, list) else [calls]
+        if calls is not None:
+            if norm != "assistant":
+                raise InvalidRecord(f"{at}: a {norm} turn with tool_calls (only assistants call)")
+            if not isinstance(calls, list):
+                raise ToolProblem(f"{at}.tool_calls is a {type(calls).__name__}, expected a list")
+            content = "" if content is None else content
+        if not isinstance(content, str):
+            raise InvalidRecord(
+                f"{at}.{content_key} is a {type(content).__name__}, expected a string"
+            )
+        if not content.strip() and not calls:
             raise InvalidRecord(f"{at}: empty {norm} content")
         if norm == "system" and i != 0:
             raise InvalidRecord(f"{at}: a system turn may only come first")
         if norm == "assistant" and not seen_user:
             raise InvalidRecord(f"{at}: assistant turn before any user turn")
         seen_user = seen_user or norm == "user"
-        messages.append({"role": norm, "content": content})
-    if not any(m["role"] == "assistant" for m in messages):
-        raise InvalidRecord("no assistant turn: nothing to train on")
-    return fmt, tuple(messages)
+        message: dict[str, Any] = {"role": norm, "content": content}
+        if calls:
+            made = [
+                normalize_call(call, f"{at}.tool_calls[{j}]", ledger.calls + j)
+                for j, call in enumerate(calls)
+            ]
+            for j, call in enumerate(made):
+                check_call(call, tools, f"{at}.tool_calls[{j}]")
+            ledger.made(made)
+            message["tool_calls"] = made
+        if norm == "tool":
+            message["tool_call_id"] = ledger.answer(turn.get("tool_call_id"), at)
+        messages.append(message)
+    return messages
 
 
-def _add(
-    result: LoadResult, name: str, where: str, conv_id: str, record: Any, mapping: RecordMapping
-) -> None:
-    result.records_seen += 1
-    if isinstance(record, Unreadable):
-        result.problems.append(RecordProblem(name, where, record.reason))
-        return
+def stream_file(
+    path: str | Path, mapping: RecordMapping = NO_MAPPING
+) -> Iterator[Conversation | RecordProblem]:
+    """Every record of path as a Conversation, or a RecordProblem saying why it is not one, in
+    file order, one at a time (nothing else is kept: a million-row file streams)."""
+    path = Path(path)
+    name = str(path)
     try:
-        fmt, messages = parse_record(record, mapping)
-    except InvalidRecord as exc:
-        result.problems.append(RecordProblem(name, where, str(exc)))
-        return
-    result.formats[fmt] += 1
-    result.conversations.append(Conversation(conv_id, fmt, messages))
+        for where, record in records(path, mapping.list_columns):
+            if isinstance(record, Unreadable):
+                yield RecordProblem(name, where, record.reason)
+                continue
+            try:
+                fmt, messages, tools = parse_record(record, mapping)
+            except InvalidRecord as exc:
+                yield RecordProblem(name, where, str(exc), kind=exc.kind)
+                continue
+            yield Conversation(conversation_id(path, where), fmt, messages, tools)
+    except FileUnreadable as exc:
+        yield RecordProblem(name, exc.where, str(exc), of_record=False)
+    except FileNotFoundError:
+        yield RecordProblem(name, "", "cannot read: No such file or directory", of_record=False)
 
 
 def load_file(path: str | Path, mapping: RecordMapping = NO_MAPPING) -> LoadResult:
-    path = Path(path)
-    name = str(path)
     result = LoadResult()
-    try:
-        for where, record in records(path, mapping.list_columns):
-            _add(result, name, where, conversation_id(path, where), record, mapping)
-    except FileUnreadable as exc:
-        result.problems.append(RecordProblem(name, exc.where, str(exc)))
-    except FileNotFoundError:
-        result.problems.append(RecordProblem(name, "", "cannot read: No such file or directory"))
+    for item in stream_file(path, mapping):
+        if isinstance(item, RecordProblem):
+            result.problems.append(item)
+            result.records_seen += item.of_record
+        else:
+            result.conversations.append(item)
+            result.formats[item.format] += 1
+            result.records_seen += 1
     return result
 
 

@@ -7,7 +7,8 @@ generation_config eos and the template can be made to agree (a mismatch makes a 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from collections.abc import Callable
+from typing import TYPE_CHECKING, Any
 
 from tuneship.infra.errors import TuneshipError
 
@@ -20,12 +21,18 @@ _SYSTEM_SENTINEL = "TUNESHIP_SENTINEL_SYSTEM"
 
 def render(
     tokenizer: PreTrainedTokenizerBase,
-    messages: list[dict[str, str]],
+    messages: list[dict[str, Any]],
     add_generation_prompt: bool = False,
+    tools: list[dict[Any, Any]] | None = None,
 ) -> str:
-    """The chat template's text for messages (apply_chat_template without tokenizing)."""
+    """The chat template's text for messages (apply_chat_template without tokenizing); tools:
+    the functions the conversation declares, passed as an OpenAI request passes them."""
+    functions: list[dict[Any, Any] | Callable[..., Any]] | None = list(tools) if tools else None
     text = tokenizer.apply_chat_template(
-        messages, tokenize=False, add_generation_prompt=add_generation_prompt
+        messages,
+        tools=functions,
+        tokenize=False,
+        add_generation_prompt=add_generation_prompt,
     )
     if not isinstance(text, str):
         raise TypeError(f"apply_chat_template returned {type(text).__name__}, not text")
@@ -48,17 +55,17 @@ def system_turns(tokenizer: PreTrainedTokenizerBase) -> str:
     return "rendered" if _SYSTEM_SENTINEL in text else "dropped"
 
 
-def check_system_turns(tokenizer: PreTrainedTokenizerBase, with_system: list[str]) -> None:
-    """Refuse, before training, data whose system turns the template cannot render.
-    with_system: ids of conversations that have one."""
-    if not with_system:
+def check_system_turns(tokenizer: PreTrainedTokenizerBase, count: int, example: str) -> None:
+    """Refuse, before training, data whose system turns the template cannot render: count
+    conversations have one, example is one of their ids."""
+    if not count:
         return
     handling = system_turns(tokenizer)
     if handling == "rendered":
         return
     raise TuneshipError(
-        f"the base's chat template {handling} system turns, and {len(with_system)} "
-        f"conversation(s) have one (e.g. {with_system[0]}): training would "
+        f"the base's chat template {handling} system turns, and {count} "
+        f"conversation(s) have one (e.g. {example}): training would "
         f"{'fail on them' if handling == 'refused' else 'drop their text silently'}. Remove "
         "them, or set system_turns: fold to put the system text at the start of the first user "
         "turn (send it that way to the served model too: its template refuses system turns)"

@@ -172,6 +172,16 @@ class Distillation(Section):
     seconds: float | None = Field(None, description="Time to compute them (None: from cache).")
 
 
+class ToolCalling(Section):
+    """How a run trained tool calls: the template that rendered them and the vLLM parser that
+    reads what it taught (tuneship/chat/tool_template.py), and how many there were."""
+
+    template: str
+    parser: str
+    conversations: int
+    calls: int
+
+
 class RunManifest(Header):
     kind: Literal["tuneship.run"]
     base: BaseInfo
@@ -190,6 +200,7 @@ class RunManifest(Header):
         description="What got adapters: linear layers by name (modules) and expert tensors "
         "(parameters), as resolved from the model (lora.target_modules: auto).",
     )
+    tool_calling: ToolCalling | None = None
     metrics: TrainMetrics
     adapter: dict[str, str] = Field(description="sha256 of every file in adapter/.")
 
@@ -311,6 +322,7 @@ class ServingInfo(Section):
     startup_s: float | None = None
     peak_rss_bytes: int | None = None
     max_lora_rank: int | None = None
+    tool_parser: str | None = None  # vLLM's parser for the calls the model was trained to write
     # the vLLM engine settings the preflight ran with (None: vLLM's default); serve's defaults
     tensor_parallel_size: int | None = None
     gpu_memory_utilization: float | None = None

@@ -7,6 +7,7 @@ import random
 from typing import TYPE_CHECKING
 
 from tuneship.chat.records import Conversation
+from tuneship.chat.template import render
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -22,11 +23,11 @@ def calibration_sample(
 def calibration_rows(
     tokenizer: PreTrainedTokenizerBase, sample: list[Conversation], max_length: int
 ) -> list[dict[str, list[int]]]:
-    """Each conversation rendered with the chat template and tokenized (the template writes any
-    BOS itself), cut to max_length tokens."""
+    """Each conversation rendered with the chat template (and its tools) and tokenized (the
+    template writes any BOS itself), cut to max_length tokens."""
     rows = []
     for conv in sample:
-        text = tokenizer.apply_chat_template(list(conv.messages), tokenize=False)
+        text = render(tokenizer, list(conv.messages), tools=list(conv.tools))
         ids = tokenizer(text, add_special_tokens=False).input_ids[:max_length]
         rows.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
     return rows

@@ -99,8 +99,10 @@ def _item(row: dict, default_id: str) -> EvalItem:
 
 
 def items_from_training(conversations: list[Conversation], count: int, seed: int) -> list[EvalItem]:
-    """Fallback when no eval_data is given: the last reply of sampled training conversations."""
-    picked = random.Random(seed).sample(conversations, min(count, len(conversations)))
+    """Fallback when no eval_data is given: the last reply of sampled training conversations,
+    plain chats where there are any (the checks send no tools; calls have a gate of their own)."""
+    plain = [c for c in conversations if not (c.tools or c.calls)] or conversations
+    picked = random.Random(seed).sample(plain, min(count, len(plain)))
     items = []
     for conv in picked:
         last = max(i for i, m in enumerate(conv.messages) if m["role"] == "assistant")

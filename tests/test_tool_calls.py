@@ -1,0 +1,202 @@
+"""Tool calling from the data to the serve command: records with tools and calls (OpenAI and
+ShareGPT), validated (declared function, JSON, schema, answered results) and reported by data
+check with file and line; rendered with the base's template where it renders tools, else
+tuneship's ChatML/Hermes template (plain chats unchanged); call turns trained, tool results not;
+run.json says how, and `tuneship serve` starts vLLM with the parser that reads them."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+
+import pytest
+from transformers import AutoTokenizer
+
+from tests.support import LLAMA3, TUNESHIP, build_tokenizer, train_config, write_jsonl
+from tuneship.chat import tool_template
+from tuneship.chat.labels import IGNORE, ChatTokenizer
+from tuneship.chat.records import load_file
+from tuneship.chat.template import render
+from tuneship.handoff.manifest import read_run
+from tuneship.infra.errors import TuneshipError
+from tuneship.train.run import run
+
+EXPENSE = {
+    "type": "function",
+    "function": {
+        "name": "submit_expense",
+        "description": "File an expense claim.",
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "amount": {"type": "number"},
+                "currency": {"type": "string", "enum": ["EUR", "USD"]},
+            },
+            "required": ["amount", "currency"],
+            "additionalProperties": False,
+        },
+    },
+}
+POLICY = {"name": "lookup_policy", "parameters": {"type": "object", "properties": {
+    "section": {"type": "string"}}, "required": ["section"]}}  # fmt: skip
+
+
+def call(name: str, arguments, call_id: str | None = "c1") -> dict:
+    return {"id": call_id, "type": "function", "function": {"name": name, "arguments": arguments}}
+
+
+def expense_chat(amount: int = 12, arguments=None) -> dict:
+    arguments = (
+        arguments if arguments is not None else json.dumps({"amount": amount, "currency": "EUR"})
+    )
+    calling = {
+        "role": "assistant",
+        "content": None,
+        "tool_calls": [call("submit_expense", arguments)],
+    }
+    return {
+        "tools": [EXPENSE],
+        "messages": [
+            {"role": "user", "content": f"File {amount} EUR for lunch."},
+            calling,
+            {"role": "tool", "tool_call_id": "c1", "content": '{"claim": 77}'},
+            {"role": "assistant", "content": "Filed as claim 77."},
+        ],
+    }
+
+
+def sharegpt_tool_chat() -> dict:
+    return {
+        "tools": json.dumps([POLICY, EXPENSE]),  # ShareGPT datasets hold them as JSON text
+        "conversations": [
+            {"from": "human", "value": "Travel rules, and file 5 USD?"},
+            {"from": "function_call", "value": json.dumps([
+                {"name": "lookup_policy", "arguments": {"section": "travel"}},
+                {"name": "submit_expense", "arguments": {"amount": 5, "currency": "USD"}},
+            ])},
+            {"from": "observation", "value": "Travel: economy class."},
+            {"from": "observation", "value": '{"claim": 78}'},
+            {"from": "gpt", "value": "Economy class; filed as claim 78."},
+        ],
+    }  # fmt: skip
+
+
+def test_openai_and_sharegpt_tool_records_are_normalised(tmp_path):
+    path = write_jsonl(tmp_path / "t.jsonl", [expense_chat(), sharegpt_tool_chat()])
+    result = load_file(path)
+    assert not result.problems
+    openai, sharegpt = result.conversations
+    assert openai.tools == (EXPENSE,) and openai.calls == 1
+    made = openai.messages[1]["tool_calls"][0]
+    assert made["function"]["arguments"] == {"amount": 12, "currency": "EUR"}  # JSON text read
+    assert openai.messages[2] == {"role": "tool", "content": '{"claim": 77}', "tool_call_id": "c1"}
+    assert [t["function"]["name"] for t in sharegpt.tools] == ["lookup_policy", "submit_expense"]
+    parallel = sharegpt.messages[1]["tool_calls"]
+    assert [c["function"]["name"] for c in parallel] == ["lookup_policy", "submit_expense"]
+    # results answer the calls in order when the data gives no ids
+    assert [m["tool_call_id"] for m in sharegpt.messages[2:4]] == [c["id"] for c in parallel]
+
+
+UNANSWERED = {
+    "messages": [
+        {"role": "user", "content": "hi"},
+        {"role": "tool", "content": "x"},
+        {"role": "assistant", "content": "ok"},
+    ]
+}
+WRONG_ID = {
+    **expense_chat(),
+    "messages": [
+        *expense_chat()["messages"][:2],
+        {"role": "tool", "tool_call_id": "c9", "content": "x"},
+    ],
+}
+
+
+@pytest.mark.parametrize(
+    "record, reason",
+    [
+        ({**expense_chat(), "tools": []}, "calls 'submit_expense', which the record does not"),
+        (expense_chat(arguments='{"amount": 12,'), "arguments is not valid JSON"),
+        (expense_chat(arguments={"amount": 12}), "'currency' is a required property"),
+        (expense_chat(arguments={"amount": 1, "currency": "GBP"}), "currency: 'GBP' is not one"),
+        (expense_chat(arguments=[1]), "arguments are a JSON list, not an object"),
+        (UNANSWERED, "a tool result with no call before it"),
+        (WRONG_ID, "tool_call_id 'c9' answers no pending call (c1)"),
+        ({**expense_chat(), "tools": [{"description": "no name"}]}, "tools[0] is not a function"),
+    ],
+)
+def test_bad_tools_and_calls_are_named_by_file_and_line(tmp_path, record, reason):
+    path = write_jsonl(tmp_path / "t.jsonl", [expense_chat(), record])
+    (problem,) = load_file(path).problems
+    assert problem.where == "line 2" and problem.kind == "tool call", problem
+    assert reason in problem.reason, problem.reason
+
+
+def test_data_check_reports_tool_calls_and_the_format_training_will_use(tmp_path, tiny_base):
+    bad = expense_chat(arguments={"amount": 3})
+    path = write_jsonl(tmp_path / "t.jsonl", [expense_chat(), sharegpt_tool_chat(), bad])
+    checked = subprocess.run(
+        [TUNESHIP, "data", "check", str(path), "--base", str(tiny_base), "--json"],
+        capture_output=True, text=True,
+    )  # fmt: skip
+    assert checked.returncode == 3  # an invalid record
+    tools = json.loads(checked.stdout)["tools"]
+    assert tools["conversations"] == 2 and tools["calls"] == 3 and tools["most_calls"] == 2
+    assert tools["invalid_calls"] == 1
+    assert "tuneship-chatml-hermes, read by vLLM's 'hermes' parser" in tools["format"]
+
+
+def test_tuneship_template_renders_tools_and_leaves_plain_chats_as_they_were():
+    tokenizer = build_tokenizer()
+    plain = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
+    before = render(tokenizer, plain)
+    assert tool_template.renders_tools(tokenizer) is None  # the base's template ignores tools
+    fmt = tool_template.tool_format(tokenizer)
+    assert (fmt.template, fmt.parser) == (tool_template.TUNESHIP_CHATML, "hermes")
+    tool_template.apply(tokenizer, fmt)
+    assert render(tokenizer, plain) == before
+    assert tool_template.renders_tools(tokenizer) is not None
+    assert tool_template.tool_format(tokenizer).template == tool_template.BASE  # now it does
+
+
+def test_call_turns_are_trained_and_tool_results_are_not(tmp_path):
+    tokenizer = build_tokenizer()
+    tool_template.apply(tokenizer, tool_template.tool_format(tokenizer))
+    conv = load_file(write_jsonl(tmp_path / "t.jsonl", [expense_chat()])).conversations[0]
+    example = ChatTokenizer(tokenizer)(conv)
+    trained = tokenizer.decode([i for i, lab in zip(example.input_ids, example.labels,
+                                                    strict=True) if lab != IGNORE])  # fmt: skip
+    call_text = '<tool_call>\n{"name": "submit_expense", "arguments": {"amount": 12, '
+    assert trained.startswith(call_text)
+    assert '"currency": "EUR"}}\n</tool_call><|im_end|>Filed as claim 77.<|im_end|>' in trained
+    assert 'claim": 77' not in trained and 'submit_expense", "description' not in trained
+
+
+def test_a_base_that_renders_no_tools_and_is_not_chatml_is_refused():
+    tokenizer = build_tokenizer(template=LLAMA3, eos="<|eot_id|>", bos="<|begin_of_text|>")
+    with pytest.raises(TuneshipError, match="does not render tools and does not use ChatML"):
+        tool_template.tool_format(tokenizer)
+
+
+def test_a_run_with_tool_calls_records_them_and_ships_the_template(tmp_path, tiny_base):
+    data = write_jsonl(tmp_path / "t.jsonl", [expense_chat(i) for i in range(1, 9)] + [
+        {"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]}
+    ])  # fmt: skip
+    out = run(train_config(tmp_path, tiny_base, data, max_steps=2))
+    manifest = read_run(out)
+    calling = manifest.tool_calling
+    assert calling is not None
+    assert (calling.template, calling.parser) == (tool_template.TUNESHIP_CHATML, "hermes")
+    assert (calling.conversations, calling.calls) == (8, 8)
+    shipped = AutoTokenizer.from_pretrained(out / "adapter")
+    assert tool_template.renders_tools(shipped) is not None  # the bundle will render them too
+
+
+def test_serve_starts_vllm_with_the_bundle_tool_parser():
+    from tuneship.serve.run import tool_arguments, tools_line
+
+    assert tool_arguments("hermes") == ["--enable-auto-tool-choice", "--tool-call-parser",
+                                        "hermes"]  # fmt: skip
+    assert tool_arguments(None) == []
+    assert "gets a 400" in tools_line(None)
