@@ -4,7 +4,7 @@ the run's work folder, read back memory-mapped.
 A million tokenized conversations held as Python lists take gigabytes; here they stream from
 the plan (tuneship/chat/mixing.py, which keeps numbers, not conversations) through the chat
 tokenizer into the file, 1,024 rows at a time, and the Trainer reads rows from the mapped file.
-What stays in memory grows by a few bytes per conversation (lengths and labels counts, the
+What stays in memory grows by a few bytes per conversation (its length and trained tokens, the
 order). The file is also what the other ranks of a distributed run read (tokenized.py).
 """
 

@@ -120,7 +120,8 @@ def data_check(
     role_map: tuple[str, ...],
 ) -> None:
     """Validate chat data (.json, .jsonl, .gz, .parquet, .csv, a datasets folder; ShareGPT,
-    OpenAI messages, Alpaca or question/answer records) and report what training would see."""
+    OpenAI messages, Alpaca or question/answer records, tool calls included) and report what
+    training would see."""
     import json
 
     from tuneship.config.loading import load_config
