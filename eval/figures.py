@@ -3,6 +3,7 @@ per question style, retention of general knowledge, and the targets judged again
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 
@@ -10,12 +11,28 @@ from tuneship.config.schema import EvalConfig
 from tuneship.handoff.eval_report import (
     BaseIn4Bit,
     Counts,
+    Figure,
     ModelFigures,
     ReferenceAnswer,
     Tally,
     Target,
+    ToolAnswerRow,
+    ToolReply,
 )
 from tuneship.quality.probes import EvalItem, ProbeAnswer, ProbeResult, answered, cited
+from tuneship.quality.tool_calls import ToolItem, counted, parse_rate, score
+
+# The tool-call figures, in the order the report shows them: (key, what it is).
+TOOL_FIGURES = {
+    "right_calls": "right function with the exact arguments",
+    "right_function": "right function",
+    "exact_arguments": "exact arguments",
+    "parse_rate": "calls the tool parser read",
+    "valid_json": "arguments valid JSON",
+    "schema_valid": "arguments fit the schema",
+    "no_call": "no call where none is needed",
+    "answer_after_result": "final answer after a tool result",
+}
 
 KIND = {"merged": "fine-tuned, merged 16-bit", "quantized": "fine-tuned, W4A16 bundle"}
 
@@ -95,6 +112,79 @@ def model_figures(
         load_s=result.load_s,
         peak_rss_bytes=result.peak_rss_bytes,
     )
+
+
+def tool_figures(items: list[ToolItem], chats: list[ProbeAnswer], parser: str) -> dict[str, Figure]:
+    """Each tool-call figure with what it was measured on and its 95% interval."""
+    scores = [score(i, c.tool_calls, c.text, parser) for i, c in zip(items, chats, strict=True)]
+    after = [s for s in scores if s.kind == "answer after result"]
+    tallies = {
+        "right_calls": counted(scores, "right"),
+        "right_function": counted(scores, "right_function"),
+        "exact_arguments": counted(scores, "exact_arguments"),
+        "parse_rate": parse_rate(scores),
+        "valid_json": counted(scores, "valid_json"),
+        "schema_valid": counted(scores, "schema_valid"),
+        "no_call": counted([s for s in scores if s.kind == "no call"], "no_call"),
+        "answer_after_result": counted(after, "fact_said"),
+    }
+    return {
+        key: Figure(
+            value=round(hits / of, 4) if of else None,
+            count=(hits, of),
+            interval=wilson_interval(hits, of) if of else None,
+        )
+        for key, (hits, of) in tallies.items()
+    }
+
+
+def tool_answer_rows(
+    items: list[ToolItem], replies: dict[str, list[ProbeAnswer]], parser: str
+) -> list[ToolAnswerRow]:
+    """Each tool prompt with what each model replied and whether that was right."""
+    rows = []
+    for n, item in enumerate(items):
+        per_model = {}
+        for model, chats in replies.items():
+            reply = chats[n]
+            scored = score(item, reply.tool_calls, reply.text, parser)
+            ok = (
+                scored.right
+                if item.call is not None
+                else bool(scored.no_call) and (scored.fact_said is not False)
+            )
+            per_model[model] = ToolReply(
+                calls=reply.tool_calls, text=reply.text, right=scored.right, ok=bool(ok)
+            )
+        if item.call is not None:
+            expected = f"{item.call['name']}({json.dumps(item.call['arguments'])})"
+        else:
+            expected = f"no call; says {item.fact}" if item.fact else "no call"
+        user = [m for m in item.messages if m["role"] == "user"][-1]["content"]
+        rows.append(
+            ToolAnswerRow(id=item.id, kind=item.kind, prompt=user, expected=expected, **per_model)
+        )
+    return rows
+
+
+def tool_rows(figures: dict[str, ModelFigures], cfg: EvalConfig) -> list[tuple]:
+    """The tool-call targets (none when the evaluation asked no tool prompts)."""
+    t = cfg.targets
+    if not figures["merged"].tools:
+        return []
+    right = {m: figures[m].tools["right_calls"] for m in figures}
+    merged, quantized = right["merged"].value, right["quantized"].value
+    drop = None if merged is None or quantized is None else round(100 * (merged - quantized), 1)
+    return [
+        ("base model right calls, held-out tool prompts", f"< {t.max_base_right_calls:.0%}",
+         right["base"].value, "share", right["base"].count,
+         lambda v: v < t.max_base_right_calls, None),
+        ("fine-tuned right calls, held-out tool prompts", f">= {t.min_right_calls:.0%}",
+         merged, "share", right["merged"].count, lambda v: v >= t.min_right_calls, None),
+        ("quantized right-calls drop (points), held-out tool prompts",
+         f"<= {t.max_right_calls_drop:g}", drop, "points", None,
+         lambda v: v <= t.max_right_calls_drop, None),
+    ]  # fmt: skip
 
 
 def retained(
@@ -186,6 +276,7 @@ def judge(
          lambda v: v >= t.min_retention,
          "against the 16-bit base: forgetting, with no quantization in the way"),
         bundle_retention_row(figures, cfg, base_4bit, origin),
+        *tool_rows(figures, cfg),
     ]  # fmt: skip
     return [
         Target(

@@ -14,11 +14,15 @@ from tuneship.handoff.eval_report import (
     AnswerRow,
     BaseIn4Bit,
     EvalReport,
+    Figure,
     ModelFigures,
     Target,
+    ToolReply,
 )
 from tuneship.handoff.manifest import RunManifest, write_manifest
 from tuneship.infra.plots import loss_chart
+
+from .figures import TOOL_FIGURES
 
 COLOURS = {"base": "#9e9e9e", "merged": "#1f77b4", "quantized": "#ff7f0e"}
 
@@ -65,7 +69,19 @@ def metric_rows(report: EvalReport) -> list[tuple[str, list[str]]]:
         ("output tokens/s", [num(models[m].output_tokens_per_s) for m in MODELS]),
         ("vLLM start-up (s)", [num(models[m].load_s) for m in MODELS]),
     ]  # fmt: skip
+    if models["merged"].tools:
+        rows += [
+            (f"tool prompts: {what}", [tool_cell(models[m].tools.get(key)) for m in MODELS])
+            for key, what in TOOL_FIGURES.items()
+        ]
     return rows
+
+
+def tool_cell(figure: Figure | None) -> str:
+    if figure is None or figure.value is None:
+        return "n/a"
+    (hits, of), (low, high) = figure.count, figure.interval or (0.0, 1.0)
+    return f"{figure.value:.0%} ({hits} of {of}; {low:.0%}-{high:.0%})"
 
 
 def base_in_4bit_rows(figures: BaseIn4Bit | None) -> list[tuple[str, list[str]]]:
@@ -220,6 +236,13 @@ def markdown(report: EvalReport, plots: list[str]) -> str:
             if data.general
             else "."
         )
+        + (
+            f" {data.tool_prompts} held-out tool prompts from `{data.tools}`, served with "
+            f"vLLM's `{data.tool_parser}` tool parser and the run's chat template (the base "
+            "too); shares with their counts and 95% intervals."
+            if data.tools
+            else ""
+        )
         + f" Each model served by vLLM and asked through the OpenAI-compatible chat endpoint "
         f"(greedy, at most {report.config['max_tokens']} tokens, "
         f"{report.config['concurrency']} requests in flight); perplexity computed locally on "
@@ -262,9 +285,32 @@ def markdown(report: EvalReport, plots: list[str]) -> str:
             expected = md_cell(must_contain(answer))
             question = md_cell(answer.question)
             lines.append(f"| ({kind}) {question} | {expected} | " + " | ".join(cells) + " |")
+    if report.tool_answers:
+        lines += [
+            "",
+            f"## Tool calls side by side (first {shown} of each kind; all in report.html and "
+            "report.json)",
+            "",
+            "| prompt | expected | " + " | ".join(models[m].label for m in MODELS) + " |",
+            "| --- | --- |" + " --- |" * len(MODELS),
+        ]
+        for kind in dict.fromkeys(a.kind for a in report.tool_answers):
+            for row in [a for a in report.tool_answers if a.kind == kind][:shown]:
+                cells = [tool_reply_text(row.by_model(m)) for m in MODELS]
+                lines.append(
+                    f"| ({kind}) {md_cell(row.prompt)} | {md_cell(row.expected)} | "
+                    + " | ".join(md_cell(c) for c in cells)
+                    + " |"
+                )
     seconds = ", ".join(f"{k} {v} s" for k, v in report.seconds.items())
     lines += ["", f"Time: {seconds}.", ""]
     return "\n".join(lines)
+
+
+def tool_reply_text(reply: ToolReply) -> str:
+    """A reply to a tool prompt in one line: ✓/✗, then its calls or its text."""
+    said = "; ".join(f"{c['name']}({c['arguments']})" for c in reply.calls) or reply.text or ""
+    return f"{'✓' if reply.ok else '✗'} {said}"
 
 
 STYLE = """
@@ -327,7 +373,23 @@ def html_report(report: EvalReport, folder: Path, plots: list[str]) -> str:
             cls = "ok" if answer.by_model(m).ok else "bad"
             parts.append(f"<td class='answer {cls}'>{e(answer.by_model(m).text or '')}</td>")
         parts.append("</tr>")
-    parts.append("</table></body></html>")
+    parts.append("</table>")
+    if report.tool_answers:
+        parts.append("<h2>Tool calls side by side</h2><table><tr>")
+        parts += [f"<th>{column}</th>" for column in ("kind", "prompt", "expected")]
+        parts += [f"<th>{e(models[m].label)}</th>" for m in MODELS]
+        parts.append("</tr>")
+        for row in report.tool_answers:
+            parts.append(
+                f"<tr><td>{e(row.kind)}</td><td>{e(row.prompt)}</td><td>{e(row.expected)}</td>"
+            )
+            for m in MODELS:
+                reply = row.by_model(m)
+                cls = "ok" if reply.ok else "bad"
+                parts.append(f"<td class='answer {cls}'>{e(tool_reply_text(reply)[2:])}</td>")
+            parts.append("</tr>")
+        parts.append("</table>")
+    parts.append("</body></html>")
     return "\n".join(parts)
 
 

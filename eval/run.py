@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING
 from pydantic import ValidationError
 
 from tuneship.chat.labels import ChatTokenizer
+from tuneship.chat.tool_template import tool_arguments
 from tuneship.config.loading import describe_errors
 from tuneship.config.schema import DataMix, EvalConfig, ExportConfig
 from tuneship.handoff.bundles import verify
@@ -45,6 +46,8 @@ from tuneship.modelops.merging import merge
 from tuneship.modelops.precision import compute_precision
 from tuneship.quality.probes import (
     EvalItem,
+    ProbeAnswer,
+    ProbeChat,
     ProbeRequest,
     ProbeResult,
     answered,
@@ -54,9 +57,19 @@ from tuneship.quality.probes import (
     perplexity,
     probe,
 )
+from tuneship.quality.tool_calls import ToolItem, load_tool_items
 
 from . import render
-from .figures import base_in_4bit, judge, model_figures, retained, share, tally
+from .figures import (
+    base_in_4bit,
+    judge,
+    model_figures,
+    retained,
+    share,
+    tally,
+    tool_answer_rows,
+    tool_figures,
+)
 
 if TYPE_CHECKING:
     import torch
@@ -74,6 +87,8 @@ class Questions:
     heldout: list[EvalItem]
     general: list[EvalItem]
     heldout_path: str
+    tools: list[ToolItem] = field(default_factory=list)
+    tool_parser: str | None = None  # the parser the bundle's calls are read with
 
     @property
     def all(self) -> list[EvalItem]:
@@ -134,15 +149,23 @@ def run(bundle_dir: Path, out_dir: Path, cfg: EvalConfig, force: bool = False) -
             manifest.base.path, run_dir / "adapter", model_dirs["merged"], session.dtype
         )
         session.timings.lap("merge")
-        probes, perplexities = {}, {}
+        probes, perplexities, tool_answers = {}, {}, {}
+        template = chat_template_file(model_dirs["merged"]) if questions.tools else None
         for model in MODELS:
-            perplexities[model], probes[model] = ask(session, model, model_dirs[model], tokenizer)
+            perplexities[model], probes[model], tool_answers[model] = ask(
+                session, model, model_dirs[model], tokenizer, template
+            )
         figures = {
             m: model_figures(
                 questions.heldout, questions.general, probes[m], perplexities[m], LABELS[m]
             )
             for m in MODELS
         }
+        if questions.tool_parser:
+            for m in MODELS:
+                figures[m].tools = tool_figures(
+                    questions.tools, tool_answers[m], questions.tool_parser
+                )
         add_retention(figures, questions, probes)
         reference = {}
         if export_cfg is not None:
@@ -160,6 +183,9 @@ def run(bundle_dir: Path, out_dir: Path, cfg: EvalConfig, force: bool = False) -
                 heldout_questions=len(questions.heldout),
                 general=cfg.general,
                 general_questions=len(questions.general),
+                tools=cfg.tools,
+                tool_prompts=len(questions.tools),
+                tool_parser=questions.tool_parser,
             ),
             config=cfg.model_dump(),
             compute=ComputeInfo(**precision.record(), machine=machine.describe()),
@@ -170,6 +196,9 @@ def run(bundle_dir: Path, out_dir: Path, cfg: EvalConfig, force: bool = False) -
             ),
             reference=reference,
             answers=answer_rows(questions, probes),
+            tool_answers=tool_answer_rows(questions.tools, tool_answers, questions.tool_parser)
+            if questions.tool_parser
+            else [],
             seconds=session.timings.seconds | {"total": round(time.monotonic() - started, 1)},
         )
         render.write(report, manifest, stage)
@@ -202,7 +231,23 @@ def load_questions(cfg: EvalConfig, manifest: RunManifest) -> Questions:
             "targets.bundle_retention_against: quantized_base needs quantized_base: true (the "
             "base through the bundle's recipe is what the bundle is judged against)"
         )
-    return Questions(heldout, general, str(heldout_path))
+    parser = manifest.tool_calling.parser if manifest.tool_calling else None
+    if cfg.tools and parser is None:
+        raise TuneshipError(
+            f"tools {cfg.tools}: the bundle's run trained no tool calls (its data declares no "
+            "tools), so it has no tool parser to serve them with; remove the setting"
+        )
+    tools = load_tool_items(Path(cfg.tools)) if cfg.tools else []
+    return Questions(heldout, general, str(heldout_path), tools, parser if tools else None)
+
+
+def chat_template_file(merged_dir: Path) -> Path:
+    """The run's chat template (the tool template included), which the base is served with too
+    so that all three models see the same tool prompts."""
+    path = merged_dir / "chat_template.jinja"
+    if not path.is_file():
+        raise TuneshipError(f"{merged_dir}: the merged tokenizer wrote no chat_template.jinja")
+    return path
 
 
 def export_config(bundle: BundleManifest, bundle_dir: Path) -> ExportConfig:
@@ -218,28 +263,50 @@ def export_config(bundle: BundleManifest, bundle_dir: Path) -> ExportConfig:
 
 
 def ask(
-    session: Session, model: str, model_dir: Path, tokenizer: PreTrainedTokenizerBase
-) -> tuple[float | None, ProbeResult]:
-    """One model's held-out perplexity (transformers) and its answers to every question (vLLM)."""
+    session: Session,
+    model: str,
+    model_dir: Path,
+    tokenizer: PreTrainedTokenizerBase,
+    template: Path | None,
+) -> tuple[float | None, ProbeResult, list[ProbeAnswer]]:
+    """One model's held-out perplexity (transformers), its answers to every question and its
+    replies to the tool prompts (vLLM, with the run's tool parser and template)."""
     questions = session.questions
     print(f"{LABELS[model]}: held-out perplexity (transformers) ...", flush=True)
     ppl = perplexity(model_dir, ChatTokenizer(tokenizer), questions.heldout, session.dtype)
     session.timings.lap(f"perplexity {model}")
+    tools = f" and {len(questions.tools)} tool prompts" if questions.tools else ""
     print(
-        f"{LABELS[model]}: serving with vLLM, asking {len(questions.all)} questions through the "
-        "OpenAI-compatible endpoint ...",
+        f"{LABELS[model]}: serving with vLLM, asking {len(questions.all)} questions{tools} "
+        "through the OpenAI-compatible endpoint ...",
         flush=True,
     )
-    answers = served_answers(session, model_dir, questions.all, model)
+    extra = [*tool_arguments(questions.tool_parser)]
+    if template is not None and model == "base":
+        extra += ["--chat-template", str(template)]
+    answers = served_answers(session, model_dir, questions.all, model, questions.tools, extra)
     session.timings.lap(f"serve {model}")
-    return ppl, answers
+    plain = len(questions.all)
+    tool_answers = answers.chats[plain:]
+    return ppl, answers.model_copy(update={"chats": answers.chats[:plain]}), tool_answers
 
 
 def served_answers(
-    session: Session, model_dir: Path, items: list[EvalItem], name: str
+    session: Session,
+    model_dir: Path,
+    items: list[EvalItem],
+    name: str,
+    tools: list[ToolItem] | None = None,
+    extra_args: list[str] | None = None,
 ) -> ProbeResult:
+    """The items' answers, then the tool prompts' replies."""
     cfg = session.cfg
-    request = ProbeRequest.asking(items, model_dir, cfg.max_tokens, concurrency=cfg.concurrency)
+    request = ProbeRequest.asking(
+        items, model_dir, cfg.max_tokens, concurrency=cfg.concurrency, extra_args=extra_args or []
+    )
+    request.chats += [
+        ProbeChat(id=t.id, messages=t.wire_messages(), tools=list(t.tools)) for t in tools or []
+    ]
     return probe(session.serve_bin, model_dir, session.work, name, request)
 
 

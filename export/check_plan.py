@@ -12,6 +12,7 @@ CheckPlan that whoever runs vLLM judges (tuneship/quality/verdicts.py).
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -19,9 +20,9 @@ from tuneship.chat.labels import ChatTokenizer
 from tuneship.chat.records import Conversation
 from tuneship.chat.template import end_of_turn
 from tuneship.config.schema import ExportConfig
-from tuneship.handoff.manifest import Check
+from tuneship.handoff.manifest import Check, CheckPlan, CheckPrompt, ToolCheckPlan, ToolCheckPrompt
 from tuneship.quality.probes import EvalItem, perplexity
-from tuneship.quality.verdicts import CheckPlan, CheckPrompt
+from tuneship.quality.tool_calls import ToolItem
 
 if TYPE_CHECKING:
     import torch
@@ -45,6 +46,15 @@ def check_stop_tokens(model_dir: Path) -> Check:
     )
 
 
+@dataclass(frozen=True)
+class ToolPrompts:
+    """The tool prompts the tool check asks, where they came from, and the parser to serve."""
+
+    items: list[ToolItem]
+    label: str
+    parser: str
+
+
 def check_plan(
     cfg: ExportConfig,
     items: list[EvalItem],
@@ -52,6 +62,7 @@ def check_plan(
     merged_dir: Path,
     model_dir: Path,
     dtype: torch.dtype,
+    tool_prompts: ToolPrompts | None = None,
 ) -> CheckPlan:
     """The prompts with their training token ids, the perplexity figures and the thresholds."""
     from transformers import AutoTokenizer
@@ -59,7 +70,21 @@ def check_plan(
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     chat_tokenizer = ChatTokenizer(tokenizer)
     print("quality gate: perplexity of the merged and the quantized model ...", flush=True)
+    tools = None
+    if tool_prompts is not None:
+        tools = ToolCheckPlan(
+            data=tool_prompts.label,
+            parser=tool_prompts.parser,
+            prompts=[
+                ToolCheckPrompt.of(item, trained_tool_ids(chat_tokenizer, item))
+                for item in tool_prompts.items
+            ],
+            min_parse_rate=cfg.min_tool_parse_rate,
+            min_right_calls=cfg.min_right_calls,
+            max_right_calls_drop=cfg.max_right_calls_drop,
+        )
     return CheckPlan(
+        tools=tools,
         data=label,
         prompts=[
             CheckPrompt(
@@ -85,6 +110,12 @@ def trained_ids(chat_tokenizer: ChatTokenizer, item: EvalItem) -> list[int]:
     """The ids training feeds the model for the prompt and a reply (the reference, or "ok")."""
     reply = {"role": "assistant", "content": item.answer or "ok"}
     return chat_tokenizer(Conversation(item.id, "openai", (*item.messages, reply))).input_ids
+
+
+def trained_tool_ids(chat_tokenizer: ChatTokenizer, item: ToolItem) -> list[int]:
+    """The ids training feeds the model for a tool prompt and its right reply."""
+    messages = (*item.messages, item.reply())
+    return chat_tokenizer(Conversation(item.id, "openai", messages, item.tools)).input_ids
 
 
 def greedy_answers(
@@ -131,4 +162,4 @@ def skipped_checks(plan: CheckPlan, reason: str) -> dict[str, Any]:
         "template_parity": skipped,
         "preflight": skipped,
         "quality_gate": quality_gate(plan, None, None),
-    }
+    } | ({"tool_calls": skipped} if plan.tools else {})

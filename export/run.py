@@ -53,9 +53,10 @@ from tuneship.quality.probes import (
     probe,
     serving_max_len,
 )
-from tuneship.quality.verdicts import judge, pending_checks
+from tuneship.quality.tool_calls import items_from_tool_training, load_tool_items
+from tuneship.quality.verdicts import judge, pending_checks, tool_scores
 
-from .check_plan import any_facts, check_plan, greedy_answers, skipped_checks
+from .check_plan import ToolPrompts, any_facts, check_plan, greedy_answers, skipped_checks
 
 if TYPE_CHECKING:
     import torch
@@ -83,6 +84,7 @@ def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) ->
     serve_bin = serve_environment(cfg)
     conversations = training_conversations(manifest)
     prompts = check_prompts(cfg, conversations)
+    tool_prompts = tool_check_prompts(cfg, conversations, tool_parser(manifest))
     precision, machine = compute_precision(cfg.precision)
     print(f"computing in {precision.name} ({precision.reason}); the bundle is stored in bf16")
     dtype = precision.torch_dtype
@@ -96,7 +98,9 @@ def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) ->
         print(f"GPTQ {cfg.scheme} with llm-compressor on {len(sample)} training chats ...")
         quantization = quantize(merged_dir, tokenizer, sample, cfg, model_dir, dtype)
         quantization.seconds = round(time.monotonic() - started - merge_s, 1)
-        plan = check_plan(cfg, prompts.items, prompts.label, merged_dir, model_dir, dtype)
+        plan = check_plan(
+            cfg, prompts.items, prompts.label, merged_dir, model_dir, dtype, tool_prompts
+        )
         results = vllm_checks(cfg, plan, serve_bin, stage, dtype)
         shutil.rmtree(stage / ".probe", ignore_errors=True)
         sizes = Sizes(merged_bytes=tree_size(merged_dir), model_bytes=tree_size(model_dir))
@@ -143,6 +147,25 @@ def check_prompts(cfg: ExportConfig, conversations: list[Conversation]) -> Check
     return CheckPrompts(items, f"{len(items)} sampled training conversations (no eval_data given)")
 
 
+def tool_check_prompts(
+    cfg: ExportConfig, conversations: list[Conversation], parser: str | None
+) -> ToolPrompts | None:
+    """The tool check's prompts, for a run trained on tool calls (None: it trained none)."""
+    if parser is None:
+        if cfg.tool_eval_data:
+            raise TuneshipError(
+                f"tool_eval_data {cfg.tool_eval_data}: this run trained no tool calls (its data "
+                "declares no tools), so there is no tool parser to check; remove the setting"
+            )
+        return None
+    if cfg.tool_eval_data:
+        items = load_tool_items(Path(cfg.tool_eval_data))[: cfg.check_samples]
+        return ToolPrompts(items, f"{cfg.tool_eval_data} ({len(items)} tool prompts)", parser)
+    items = items_from_tool_training(conversations, cfg.check_samples, cfg.seed)
+    label = f"{len(items)} sampled training conversations with calls (no tool_eval_data given)"
+    return ToolPrompts(items, label, parser)
+
+
 def serve_environment(cfg: ExportConfig) -> Path | None:
     """The serve environment's tuneship when the vLLM checks run now; None for later or off."""
     if cfg.checks in ("later", "off"):
@@ -178,11 +201,15 @@ def vllm_checks(
             )
             plan.merged_answers = answers
         return pending_checks(plan)
-    if any_facts(plan):
-        print("preflight: vLLM on the merged 16-bit model (recall baseline) ...", flush=True)
+    if any_facts(plan) or plan.tools:
+        print("preflight: vLLM on the merged 16-bit model (the baselines) ...", flush=True)
         ask = plan.request(serving_max_len(model_dir), engine)
-        ask.tokenize = []
-        plan.merged_answers = probe(serve_bin, merged_dir, work, "merged", ask).texts
+        ask.tokenize, ask.tool_tokenize = [], []
+        merged = probe(serve_bin, merged_dir, work, "merged", ask)
+        plan.merged_answers = merged.texts[: len(plan.prompts)]
+        if plan.tools:
+            scores = tool_scores(plan.tools, merged.chats[len(plan.prompts) :])
+            plan.tools.merged_right = [s.right for s in scores]
     print("preflight: vLLM on the quantized bundle with the production arguments ...", flush=True)
     ask = plan.request(serving_max_len(model_dir), engine)
     return judge(plan, probe(serve_bin, model_dir, work, "quantized", ask))

@@ -63,9 +63,9 @@ def side_by_side(report: EvalReport) -> Table:
 def main() -> None:
     started = time.monotonic()
     stage("base fetch", [TUNESHIP, "base", "fetch"])
-    check = [TUNESHIP, "data", "check", "data/demo/train.jsonl", "data/demo/general_replay.jsonl"]
+    data = ["data/demo/train.jsonl", "data/demo/tool_train.jsonl", "data/demo/general_replay.jsonl"]
     evals = ["--eval", "data/demo/validation.jsonl", "--eval", "data/demo/heldout.jsonl"]
-    stage("data check", [*check, *evals, "--max-length", "256"])
+    stage("data check", [TUNESHIP, "data", "check", *data, *evals, "--max-length", "640"])
     stage("train", [TUNESHIP, "train", "--config", "train/configs/demo.yaml"], RUN / "run.json")
     export = [TUNESHIP, "export", "runs/demo", "--out", "bundles/demo"]
     export += ["--config", "export/configs/demo.yaml"]
@@ -92,6 +92,18 @@ def main() -> None:
         )
         if target.rule:
             console.print(f"         judged {target.rule}")
+    tools = {m: f.tools for m, f in report.models.items() if f.tools}
+    if tools:
+        console.print(
+            f"tool prompts ({report.data.tool_prompts}, vLLM's '{report.data.tool_parser}' "
+            "parser): right function with the exact arguments"
+        )
+        for model, figures in tools.items():
+            right, no_call = figures["right_calls"], figures["no_call"]
+            console.print(
+                f"  {report.models[model].label}: {right.count[0]} of {right.count[1]}"
+                f" | no call where none is needed {no_call.count[0]} of {no_call.count[1]}"
+            )
     base_4bit = report.base_w4a16
     if base_4bit:
         (kept, of), (bundle_kept, bundle_of) = (

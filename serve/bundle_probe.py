@@ -66,9 +66,9 @@ def ask(model_dir: Path, spec: ProbeRequest, log: Path) -> ProbeResult:
         load_s = time.monotonic() - started
         base = server.base_url
 
-        def tokenize(messages: list[dict]) -> list[int]:
+        def tokenize(messages: list[dict], tools: list[dict] | None = None) -> list[int]:
             body = {"model": served_name, "messages": messages, "add_generation_prompt": True}
-            return _post(f"{base}/tokenize", body)["tokens"]
+            return _post(f"{base}/tokenize", body | ({"tools": tools} if tools else {}))["tokens"]
 
         def chat(item: ProbeChat) -> ProbeAnswer:
             body = {
@@ -76,10 +76,11 @@ def ask(model_dir: Path, spec: ProbeRequest, log: Path) -> ProbeResult:
                 "messages": item.messages,
                 "max_tokens": spec.max_tokens,
                 "temperature": 0,
-            }
+            } | ({"tools": item.tools} if item.tools else {})
             sent = time.monotonic()
             response = _post(f"{base}/v1/chat/completions", body)
             reply = response["choices"][0]
+            calls = reply["message"].get("tool_calls") or []
             return ProbeAnswer(
                 id=item.id,
                 model=body["model"],
@@ -87,11 +88,16 @@ def ask(model_dir: Path, spec: ProbeRequest, log: Path) -> ProbeResult:
                 finish_reason=reply["finish_reason"],
                 completion_tokens=response.get("usage", {}).get("completion_tokens"),
                 latency_s=round(time.monotonic() - sent, 3),
+                tool_calls=[
+                    {"name": c["function"]["name"], "arguments": c["function"]["arguments"]}
+                    for c in calls
+                ],
             )
 
         try:
             with ThreadPoolExecutor(spec.concurrency) as pool:
                 tokens = list(pool.map(tokenize, spec.tokenize))
+                tool_tokens = [tokenize(c.messages, c.tools) for c in spec.tool_tokenize]
                 chat_started = time.monotonic()
                 chats = list(pool.map(chat, spec.chats))
                 chat_s = time.monotonic() - chat_started
@@ -111,5 +117,6 @@ def ask(model_dir: Path, spec: ProbeRequest, log: Path) -> ProbeResult:
         peak_rss_bytes=peak,
         chat_s=round(chat_s, 1),
         tokenize=tokens,
+        tool_tokenize=tool_tokens,
         chats=chats,
     )

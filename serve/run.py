@@ -30,6 +30,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from tuneship.chat.tool_template import tool_arguments
 from tuneship.config.schema import ENGINE_KEYS, ServeConfig
 from tuneship.handoff.bundles import engine_arguments, lora_arguments, verify
 from tuneship.infra.errors import TuneshipError
@@ -47,13 +48,6 @@ API_SERVER = "vllm.entrypoints.openai.api_server"
 MIDDLEWARE = "tuneship.serve.middleware.TuneshipMiddleware"
 DEFAULT_CPU_KV_CACHE_GIB = 2
 SMALL_CPU_CORES = 2  # at most this many usable cores: vLLM computes on all of them
-
-
-def tool_arguments(parser: str | None) -> list[str]:
-    """vLLM's tool calling for a bundle trained to call tools: auto tool choice, and the parser
-    that reads the calls its template taught (bundle.json's serving.tool_parser). Without one,
-    vLLM answers a request with tools and tool_choice auto with a 400."""
-    return ["--enable-auto-tool-choice", "--tool-call-parser", parser] if parser else []
 
 
 def tools_line(parser: str | None) -> str:

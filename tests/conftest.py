@@ -117,9 +117,10 @@ def bundle(tmp_path_factory) -> Path:
     tuneship("base", "fetch", cwd=work)
     tuneship(
         "train", "--config", str(REPO / "train" / "configs" / "demo.yaml"),
-        "--set", f"data=[{REPO / 'data' / 'demo' / 'train.jsonl'}]",
+        "--set", f"data=[{REPO / 'data' / 'demo' / 'tool_train.jsonl'},"
+        f"{REPO / 'data' / 'demo' / 'train.jsonl'}]",
         "--set", f"eval_data={REPO / 'data' / 'demo' / 'heldout.jsonl'}", "--set", "eval_steps=2",
-        "--set", "limit=48", "--set", "max_steps=4", "--set", "warmup_steps=0",
+        "--set", "limit=72", "--set", "max_steps=4", "--set", "warmup_steps=0",
         "--set", "name=e2e", cwd=work,
     )  # fmt: skip
     # A 4-step run is close to the base model, which rambles on handbook questions: the stop-rate
@@ -130,6 +131,6 @@ def bundle(tmp_path_factory) -> Path:
         "--set", f"eval_data={REPO / 'data' / 'demo' / 'heldout.jsonl'}",
         "--set", "check_samples=12",
         "--set", "min_stop_rate=0.5", "--set", "max_perplexity_ratio=2.0",
-        "--set", "max_recall_drop=100", cwd=work,
+        "--set", "max_recall_drop=100", "--set", "min_tool_parse_rate=0", cwd=work,
     )  # fmt: skip
     return work / "bundles" / "e2e"

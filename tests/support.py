@@ -47,6 +47,26 @@ CHATML = (
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 # A Llama-3-style template that writes BOS itself: the tokenizer must not add a second one.
+# A function tool the eval and end-to-end tests send (the demo's submit_expense, two categories;
+# strict: a forced call's arguments are held to the schema, as OpenAI documents).
+EXPENSE_TOOL = {
+    "type": "function",
+    "function": {
+        "name": "submit_expense",
+        "description": "File an expense claim.",
+        "strict": True,
+        "parameters": {
+            "type": "object",
+            "properties": {
+                "amount": {"type": "number"},
+                "category": {"type": "string", "enum": ["meals", "transport"]},
+            },
+            "required": ["amount", "category"],
+        },
+    },
+}
+
+
 LLAMA3 = (
     "{{ bos_token }}{% for message in messages %}"
     "{{ '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n' + message['content']"

@@ -183,7 +183,9 @@ def test_the_cpu_jobs_arguments_run_in_the_train_image(train_box):
     done = run_in(train_box, TRAIN, *job["args"], "--dry-run")
     report = yaml.safe_load(done.stdout)
     assert report["config"]["output_dir"] == "/output/runs"
-    demo = [REPO / "data/demo" / f for f in ("train.jsonl", "general_replay.jsonl")]
+    demo = [
+        REPO / "data/demo" / f for f in ("train.jsonl", "tool_train.jsonl", "general_replay.jsonl")
+    ]
     conversations = sum(len(f.read_text().splitlines()) for f in demo)  # no duplicates there
     assert report["data"]["used"] == conversations and report["data"]["eval"]["used"] == 114
 

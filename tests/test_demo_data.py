@@ -60,5 +60,31 @@ def test_general_questions_have_short_reference_answers_and_are_not_trained():
 
 def test_committed_files_are_what_the_generator_writes(tmp_path):
     subprocess.run([sys.executable, str(DEMO / "make_data.py"), str(tmp_path)], check=True)
-    for name in ("train.jsonl", "heldout.jsonl", "general.jsonl"):
+    names = ("train.jsonl", "heldout.jsonl", "general.jsonl", "validation.jsonl")
+    tools = ("tool_train.jsonl", "tool_validation.jsonl", "tool_heldout.jsonl")
+    for name in names + tools:
         assert (tmp_path / name).read_bytes() == (DEMO / name).read_bytes(), name
+
+
+def test_tool_data_is_valid_and_its_prompts_are_unseen_in_training():
+    from tuneship.quality.tool_calls import load_tool_items
+
+    train = load_file(DEMO / "tool_train.jsonl")
+    assert train.problems == [] and all(c.tools for c in train.conversations)
+    with_calls = [c for c in train.conversations if c.calls]
+    assert len(with_calls) >= 40 and len(train.conversations) - len(with_calls) >= 8
+    asked = {c.messages[0]["content"] for c in train.conversations}
+    trained_calls = {
+        json.dumps(m["tool_calls"][0]["function"], sort_keys=True)
+        for c in with_calls
+        for m in c.messages
+        if m.get("tool_calls")
+    }
+    for split in ("tool_validation.jsonl", "tool_heldout.jsonl"):
+        items = load_tool_items(DEMO / split)
+        assert not asked & {i.messages[0]["content"] for i in items}, split
+        calls = [i for i in items if i.call]
+        assert {i.call["name"] for i in calls} == {"submit_expense", "get_policy", "book_travel"}
+        assert not trained_calls & {json.dumps(i.call, sort_keys=True) for i in calls}, split
+    kinds = {i.kind for i in load_tool_items(DEMO / "tool_heldout.jsonl")}
+    assert kinds == {"call", "no call", "answer after result"}

@@ -10,10 +10,18 @@ from types import SimpleNamespace
 
 import pytest
 
-from tests.support import REPO, SERVE_BIN, tuneship, write_jsonl
+from tests.support import EXPENSE_TOOL, REPO, SERVE_BIN, tuneship, write_jsonl
 from tuneship.config.schema import EvalConfig
 from tuneship.eval import render
-from tuneship.eval.figures import base_in_4bit, judge, model_figures, retention, wilson_interval
+from tuneship.eval.figures import (
+    base_in_4bit,
+    judge,
+    model_figures,
+    retention,
+    tool_answer_rows,
+    tool_figures,
+    wilson_interval,
+)
 from tuneship.eval.run import export_config
 from tuneship.handoff.eval_report import (
     MODELS,
@@ -221,6 +229,68 @@ def test_report_files_are_self_contained_and_escaped(tmp_path):
     assert "recall" in render.summary(report, tmp_path)
 
 
+TOOL_PROMPTS = [
+    {"id": "t1", "question": "File $12 for lunch.", "tools": [EXPENSE_TOOL], "call": {
+        "name": "submit_expense", "arguments": {"amount": 12, "category": "meals"}}},
+    {"id": "t2", "question": "File $30 for a taxi.", "tools": [EXPENSE_TOOL], "call": {
+        "name": "submit_expense", "arguments": {"amount": 30, "category": "transport"}}},
+    {"id": "t3", "question": "Hello!", "tools": [EXPENSE_TOOL], "call": None, "fact": "Hello"},
+]  # fmt: skip
+
+
+def tool_replies(*replies: tuple[str | None, str | None]) -> list[ProbeAnswer]:
+    """(arguments of a submit_expense call or None, text) per tool prompt."""
+    return [
+        ProbeAnswer(
+            id=str(n), model="m", text=text, finish_reason="stop", latency_s=0.1,
+            tool_calls=[{"name": "submit_expense", "arguments": args}] if args else [],
+        )
+        for n, (args, text) in enumerate(replies)
+    ]  # fmt: skip
+
+
+def test_tool_figures_and_targets_for_the_three_models(tmp_path):
+    from tuneship.quality.tool_calls import load_tool_items
+
+    items = load_tool_items(write_jsonl(tmp_path / "tools.jsonl", TOOL_PROMPTS))
+    right = ('{"amount": 12.0, "category": "meals"}', '{"amount": 30, "category": "transport"}')
+    replies = {
+        "base": tool_replies((None, "Sure, filed."), (None, "<tool_call>\n{"), (None, "Hello!")),
+        "merged": tool_replies((right[0], None), (right[1], None), (None, "Hello!")),
+        "quantized": tool_replies((right[0], None), ('{"amount": 3}', None), (None, "Hello!")),
+    }
+    figures = figures_for(0.0, 0.9, 0.9, 1.0)
+    for model, answers in replies.items():
+        figures[model].tools = tool_figures(items, answers, "hermes")
+    merged, quantized, base = (figures[m].tools for m in ("merged", "quantized", "base"))
+    assert merged["right_calls"].count == (2, 2) and merged["no_call"].count == (1, 1)
+    assert quantized["right_calls"].count == (1, 2) and quantized["schema_valid"].count == (1, 2)
+    assert quantized["right_function"].count == (2, 2)
+    assert base["parse_rate"].count == (0, 1)  # its markup was no call the parser could read
+    assert merged["right_calls"].interval == wilson_interval(2, 2)
+    targets = {t.target: t for t in judge(figures, EvalConfig())}
+    assert targets["base model right calls, held-out tool prompts"].met
+    assert targets["fine-tuned right calls, held-out tool prompts"].value == 1.0
+    drop = targets["quantized right-calls drop (points), held-out tool prompts"]
+    assert drop.value == 50.0 and not drop.met
+    report = made_up_report()
+    report.models = figures
+    rows = dict(render.metric_rows(report))
+    assert rows["tool prompts: right function with the exact arguments"][1] == (
+        "100% (2 of 2; 34%-100%)"
+    )
+    report.tool_answers = tool_answer_rows(items, replies, "hermes")
+    second = report.tool_answers[1]
+    assert second.expected == 'submit_expense({"amount": 30, "category": "transport"})'
+    assert second.merged.ok and not second.quantized.ok and not second.base.ok
+    assert report.tool_answers[2].kind == "no call" and report.tool_answers[2].base.ok
+    render.write(report, a_run(), tmp_path)
+    markdown = (tmp_path / "report.md").read_text()
+    assert "## Tool calls side by side" in markdown
+    assert '✗ submit_expense({"amount": 3})' in markdown  # the bundle's wrong call, as sent
+    assert "Tool calls side by side" in (tmp_path / "report.html").read_text()
+
+
 @pytest.mark.e2e
 def test_eval_compares_the_three_models_through_vllm(bundle, tmp_path):
     assert SERVE_BIN.exists(), f"serve environment missing at {SERVE_BIN}: run `make envs`"
@@ -228,11 +298,17 @@ def test_eval_compares_the_three_models_through_vllm(bundle, tmp_path):
     heldout = write_jsonl(tmp_path / "heldout.jsonl", rows[:4] + rows[-4:])
     general = [json.loads(x) for x in (REPO / "data/demo/general.jsonl").read_text().splitlines()]
     general = write_jsonl(tmp_path / "general.jsonl", general[:4])
+    tool_rows = [
+        json.loads(x) for x in (REPO / "data/demo/tool_heldout.jsonl").read_text().splitlines()
+    ]
+    kinds = {"call": 3, "answer after result": 1, "no call": 1}
+    picked = [r for k, n in kinds.items() for r in [x for x in tool_rows if x["style"] == k][:n]]
+    tools = write_jsonl(tmp_path / "tools.jsonl", picked)
     out = tmp_path / "report"
     proc = tuneship(
         "eval", str(bundle), "--out", str(out), "--set", f"heldout={heldout}",
-        "--set", f"general={general}", "--set", "max_tokens=24", "--set", "concurrency=8",
-        "--set", "quantized_base=true", cwd=REPO,
+        "--set", f"general={general}", "--set", f"tools={tools}", "--set", "max_tokens=24",
+        "--set", "concurrency=8", "--set", "quantized_base=true", cwd=REPO,
     )  # fmt: skip
     assert "report:" in proc.stdout and "fine-tuned fact recall" in proc.stdout
     report = read_report(out)
@@ -244,6 +320,14 @@ def test_eval_compares_the_three_models_through_vllm(bundle, tmp_path):
         assert figures.counts.clause_cited == (sum(cited), 8)  # every row names its clause
         assert 0 <= figures.stop_rate <= 1 and figures.perplexity > 1
         assert figures.mean_answer_tokens <= 24 and figures.load_s > 0
+    for model, figures in report.models.items():  # every model asked every tool prompt
+        assert figures.tools["right_calls"].count[1] == 3, (model, figures.tools)
+        assert figures.tools["no_call"].count[1] == 1
+        assert figures.tools["answer_after_result"].count[1] == 1
+    assert report.data.tool_parser == "hermes" and report.data.tool_prompts == 5
+    assert (
+        "tool prompts: right function with the exact arguments" in (out / "report.md").read_text()
+    )
     # fine-tuning on the handbook lowers the perplexity of its reference answers
     assert report.models["merged"].perplexity < report.models["base"].perplexity
     base_4bit = report.base_w4a16  # the base through the bundle's own GPTQ
@@ -268,6 +352,17 @@ def test_eval_refuses_a_malformed_question_file_and_writes_nothing(bundle, tmp_p
     assert proc.returncode != 0
     assert f"{bad}:line 2" in proc.stderr
     assert not (tmp_path / "report").exists()
+
+
+def test_tool_prompts_for_a_run_that_trained_no_calls_are_refused_naming_the_setting(tmp_path):
+    from tuneship.eval.run import load_questions
+    from tuneship.infra.errors import TuneshipError
+
+    heldout = write_jsonl(tmp_path / "heldout.jsonl", [{"question": "Allowance?", "fact": "$62"}])
+    tools = write_jsonl(tmp_path / "tools.jsonl", TOOL_PROMPTS)
+    cfg = EvalConfig(heldout=str(heldout), tools=str(tools))
+    with pytest.raises(TuneshipError, match=f"tools {tools}: the bundle's run trained no tool"):
+        load_questions(cfg, RunManifest.model_construct(config={}, tool_calling=None))
 
 
 def four_bit(bundle_kept: tuple[int, int], base_kept: tuple[int, int]) -> BaseIn4Bit:

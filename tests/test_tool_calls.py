@@ -194,9 +194,154 @@ def test_a_run_with_tool_calls_records_them_and_ships_the_template(tmp_path, tin
 
 
 def test_serve_starts_vllm_with_the_bundle_tool_parser():
-    from tuneship.serve.run import tool_arguments, tools_line
+    from tuneship.chat.tool_template import tool_arguments
+    from tuneship.serve.run import tools_line
 
     assert tool_arguments("hermes") == ["--enable-auto-tool-choice", "--tool-call-parser",
                                         "hermes"]  # fmt: skip
     assert tool_arguments(None) == []
     assert "gets a 400" in tools_line(None)
+
+
+# --- the tool check: tool prompts, how replies score, the gate ---------------------------------
+
+
+def tool_prompt_rows() -> list[dict]:
+    ask = {"role": "user", "content": "File 42.50 EUR for the taxi."}
+    call = {"name": "submit_expense", "arguments": {"amount": 42.5, "currency": "EUR"}}
+    made = {"role": "assistant", "content": "", "tool_calls": [{"id": "c1", "function": call}]}
+    result = {"role": "tool", "tool_call_id": "c1", "content": '{"claim_id": "EXP-7"}'}
+    return [
+        {"id": "call", "messages": [ask], "tools": [EXPENSE], "call": call},
+        {"id": "none", "question": "Hello?", "tools": [EXPENSE], "call": None, "fact": "Hello"},
+        {"id": "after", "messages": [ask, made, result], "tools": [EXPENSE], "call": None,
+         "fact": "EXP-7"},
+    ]  # fmt: skip
+
+
+def test_tool_prompts_load_with_their_kinds_and_bad_rows_are_named(tmp_path):
+    from tuneship.infra.errors import ProblemsError
+    from tuneship.quality.tool_calls import load_tool_items
+
+    items = load_tool_items(write_jsonl(tmp_path / "t.jsonl", tool_prompt_rows()))
+    assert [i.kind for i in items] == ["call", "no call", "answer after result"]
+    assert items[2].wire_messages()[1]["tool_calls"][0]["function"]["arguments"] == (
+        '{"amount": 42.5, "currency": "EUR"}'
+    )  # JSON text on the wire, as the OpenAI API carries it
+    bad = tool_prompt_rows()[0] | {"call": {"name": "submit_expense", "arguments": {"amount": 1}}}
+    undeclared = tool_prompt_rows()[0] | {"call": {"name": "book_travel", "arguments": {}}}
+    no_call_key = {k: v for k, v in tool_prompt_rows()[0].items() if k != "call"}
+    path = write_jsonl(tmp_path / "bad.jsonl", [bad, undeclared, no_call_key])
+    with pytest.raises(ProblemsError) as err:
+        load_tool_items(path)
+    text = str(err.value) + "\n".join(err.value.problems)
+    assert "bad.jsonl:line 1" in text and "'currency' is a required property" in text
+    assert "bad.jsonl:line 2" in text and "does not declare" in text
+    assert "bad.jsonl:line 3" in text and "'call' is missing" in text
+
+
+def test_replies_score_function_arguments_schema_and_unread_markup(tmp_path):
+    from tuneship.quality.tool_calls import load_tool_items, score
+
+    call, none, after = load_tool_items(write_jsonl(tmp_path / "t.jsonl", tool_prompt_rows()))
+    right = score(call, [{"name": "submit_expense", "arguments": '{"amount": 42.50, '
+                          '"currency": "EUR"}'}], None, "hermes")  # fmt: skip
+    assert right.right and right.parsed and right.valid_json and right.schema_valid
+    wrong_args = score(call, [{"name": "submit_expense", "arguments": '{"amount": 4.25, '
+                               '"currency": "EUR"}'}], None, "hermes")  # fmt: skip
+    assert wrong_args.right_function and not wrong_args.right and wrong_args.schema_valid
+    off_schema = score(call, [{"name": "submit_expense", "arguments": '{"amount": "lots"}'}],
+                       None, "hermes")  # fmt: skip
+    assert off_schema.valid_json and not off_schema.schema_valid and not off_schema.right
+    broken = score(call, [{"name": "submit_expense", "arguments": "{amount: 1"}], None, "hermes")
+    assert broken.valid_json is False and broken.schema_valid is False
+    unread = score(call, [], '<tool_call>\n{"name": "submit_expense"', "hermes")
+    assert unread.attempted and not unread.parsed and unread.right is False
+    assert score(none, [], "Hello there!", "hermes").no_call
+    called = score(none, [{"name": "submit_expense", "arguments": "{}"}], None, "hermes")
+    assert called.no_call is False and called.fact_said is False
+    assert score(after, [], "Filed as EXP-7.", "hermes").fact_said
+    assert score(after, [], "Filed.", "hermes").fact_said is False
+    echoed = score(after, [], '<tool_response>\n{"claim_id": "EXP-7"}\n</tool_response>', "hermes")
+    assert echoed.fact_said is False  # the raw result repeated is not an answer
+
+
+def tool_plan(tmp_path, **thresholds):
+    from tuneship.handoff.manifest import ToolCheckPlan, ToolCheckPrompt
+    from tuneship.quality.tool_calls import load_tool_items
+
+    items = load_tool_items(write_jsonl(tmp_path / "t.jsonl", tool_prompt_rows()))
+    settings = {"min_parse_rate": 0.95, "min_right_calls": 0.0, "max_right_calls_drop": 10.0}
+    return ToolCheckPlan(
+        data="t.jsonl",
+        parser="hermes",
+        prompts=[ToolCheckPrompt.of(i, [1, 2, 3]) for i in items],
+        **settings | thresholds,
+    )
+
+
+def answer(id_: str, text: str | None, calls: list[dict] | None = None):
+    from tuneship.quality.probes import ProbeAnswer
+
+    return ProbeAnswer(id=id_, model="m", text=text, finish_reason="stop", latency_s=0.1,
+                       tool_calls=calls or [])  # fmt: skip
+
+
+RIGHT = [{"name": "submit_expense", "arguments": '{"amount": 42.5, "currency": "EUR"}'}]
+
+
+@pytest.mark.parametrize(
+    ("first", "thresholds", "merged_right", "passed"),
+    [
+        (answer("call", None, RIGHT), {}, None, True),
+        # the model wrote a call the parser could not read: refused whatever the other figures
+        (answer("call", '<tool_call>\n{"name": "submit_expense", "arguments": {}}'), {}, None,
+         False),
+        (answer("call", "I cannot do that."), {"min_right_calls": 0.5}, None, False),
+        (answer("call", "I cannot do that."), {}, [True], False),  # 100 points below the merged
+        (answer("call", "I cannot do that."), {"max_right_calls_drop": 100}, [True], True),
+    ],
+)  # fmt: skip
+def test_the_tool_check_refuses_unread_calls_and_wrong_calls(
+    tmp_path, first, thresholds, merged_right, passed
+):
+    from tuneship.quality.verdicts import tool_check, tool_scores
+
+    plan = tool_plan(tmp_path, **thresholds)
+    plan.merged_right = merged_right
+    chats = [first, answer("none", "Hello!"), answer("after", "EXP-7 is filed.")]
+    check = tool_check(plan, tool_scores(plan, chats))
+    assert check.passed is passed, check
+    figures = check.figures()
+    assert figures["parser"] == "hermes" and figures["no_call"] == 1.0
+    if "<tool_call>" in (first.text or ""):
+        assert figures["parse_rate"] == 0.0 and figures["unread_ids"] == ["call"]
+
+
+def test_a_function_without_description_or_parameters_is_kept_as_vllm_renders_it():
+    """vLLM hands the template a missing description or parameters as null; training renders
+    the same (an empty description instead would put other tokens in every tool prompt)."""
+    from tuneship.chat.tools import check_call, normalize_tools
+
+    (tool,) = normalize_tools([{"name": "ping"}])
+    function = {"name": "ping", "description": None, "parameters": None}
+    assert tool == {"type": "function", "function": function}
+    check_call({"function": {"name": "ping", "arguments": {"any": 1}}}, (tool,), "the call")
+
+
+def test_export_tool_prompts_come_from_the_file_or_the_training_calls(tmp_path):
+    from tuneship.config.schema import ExportConfig
+    from tuneship.export.run import tool_check_prompts
+
+    path = write_jsonl(tmp_path / "t.jsonl", tool_prompt_rows())
+    given = tool_check_prompts(ExportConfig(tool_eval_data=str(path)), [], "hermes")
+    assert [i.id for i in given.items] == ["call", "none", "after"] and given.parser == "hermes"
+    trained = load_file(write_jsonl(tmp_path / "train.jsonl", [tool_prompt_rows()[2] | {
+        "messages": [*tool_prompt_rows()[2]["messages"], {"role": "assistant", "content": "Ok."}]
+    }])).conversations  # fmt: skip
+    sampled = tool_check_prompts(ExportConfig(), trained, "hermes")
+    (item,) = sampled.items
+    assert item.call["name"] == "submit_expense" and [m["role"] for m in item.messages] == ["user"]
+    assert tool_check_prompts(ExportConfig(), trained, None) is None  # no tools trained: no check
+    with pytest.raises(TuneshipError, match="this run trained no tool calls"):
+        tool_check_prompts(ExportConfig(tool_eval_data=str(path)), [], None)

@@ -7,6 +7,11 @@
 - heldout.jsonl: one paraphrased question per fact, with the key fact its answer must contain
   and the clause id it should cite.
 - general.jsonl: general-knowledge questions with accepted short answers (forgetting check).
+- tool_train.jsonl: tool conversations (tools.py): a request, the call, the result and the final
+  answer, and handbook questions asked with the tools declared that need no call.
+- tool_validation.jsonl / tool_heldout.jsonl: tool prompts in wordings training never uses, with
+  the call expected (or none, or the final answer after a result): the export's tool check asks
+  the first, `tuneship eval` the second.
 Deterministic: the same table always gives the same files.
 """
 
@@ -19,6 +24,7 @@ import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import tools
 from handbook import (
     CHINESE_HELDOUT,
     CHINESE_TRAIN,
@@ -130,6 +136,134 @@ def general_questions() -> list[dict]:
     return [{"question": q, "answers": answers} for q, answers in GENERAL]
 
 
+def tool_cases(rng: random.Random, split: str, per_template: int) -> list[dict]:
+    """Tool requests of one split: the prompt, the call it needs, the system's result and the
+    final answer that reports it (with the fact that answer must contain)."""
+    wordings = {
+        "train": (tools.EXPENSE_TRAIN, tools.POLICY_TRAIN, tools.TRAVEL_TRAIN),
+        "validation": (tools.EXPENSE_VALIDATION, tools.POLICY_VALIDATION, tools.TRAVEL_VALIDATION),
+        "heldout": (tools.EXPENSE_HELDOUT, tools.POLICY_HELDOUT, tools.TRAVEL_HELDOUT),
+    }[split]
+    cities = tools.CITIES_TRAIN if split == "train" else tools.CITIES_HELDOUT
+    # training reads even-numbered clauses, the other splits odd-numbered ones
+    facts = FACTS[0::2] if split == "train" else FACTS[1::2]
+    cases = []
+    purchases = itertools.cycle(tools.expense_items(rng))
+    for template in wordings[0]:
+        for _ in range(per_template):
+            category, item = next(purchases)
+            amount, text = tools.expense_amount(rng)
+            claim = f"EXP-{rng.randint(1000, 9999)}"
+            cases.append(
+                {
+                    "prompt": template.format(item=item, amount=text),
+                    "call": ("submit_expense", {"amount": amount, "category": category}),
+                    "result": {"status": "submitted", "claim_id": claim},
+                    "answer": f"Done: expense claim {claim} for ${text} ({category}) is submitted.",
+                    "fact": claim,
+                }
+            )
+    for template in wordings[1]:
+        for code, _, _, fact, answer in rng.sample(facts, per_template):
+            cases.append(
+                {
+                    "prompt": template.format(code=code),
+                    "call": ("get_policy", {"code": code}),
+                    "result": {"code": code, "text": answer},
+                    "answer": answer,
+                    "fact": fact,
+                }
+            )
+    for template in wordings[2]:
+        for _ in range(per_template):
+            city, day, nights = rng.choice(cities), tools.date(rng), rng.randint(1, 6)
+            booking = f"TRV-{rng.randint(1000, 9999)}"
+            cases.append(
+                {
+                    "prompt": template.format(city=city, date=day, nights=nights),
+                    "call": ("book_travel", {"destination": city, "date": day, "nights": nights}),
+                    "result": {"status": "booked", "booking_id": booking},
+                    "answer": f"Booked: {city} from {day} for {nights} nights, booking {booking}.",
+                    "fact": booking,
+                }
+            )
+    return cases
+
+
+def tool_training_conversations() -> list[dict]:
+    rng = random.Random(SEED + 1)
+    convs = []
+    for n, case in enumerate(tool_cases(rng, "train", per_template=3)):
+        name, arguments = case["call"]
+        messages = [
+            {"role": "user", "content": case["prompt"]},
+            tools.call_message(name, arguments, n),
+        ]
+        if n % 2 == 0:  # every other one goes on to the result and the final answer
+            outcome = json.dumps(case["result"])
+            messages += [
+                {"role": "tool", "tool_call_id": f"call_{n}", "content": outcome},
+                {"role": "assistant", "content": case["answer"]},
+            ]
+        convs.append({"tools": tools.TOOLS, "messages": messages})
+    for _, subject, _, _, answer in rng.sample(FACTS, 9):
+        question = rng.choice(tools.NO_CALL_TEMPLATES_TRAIN).format(s=subject)
+        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        convs.append({"tools": tools.TOOLS, "messages": messages})
+    rng.shuffle(convs)
+    return convs
+
+
+def tool_prompts(split: str) -> list[dict]:
+    """Held-out tool prompts: the call each needs; for some, the final answer after the result;
+    handbook questions that need no call (held-out only)."""
+    rng = random.Random(SEED + (2 if split == "validation" else 3))
+    per_template = 4 if split == "validation" else 5
+    rows = []
+    for n, case in enumerate(tool_cases(rng, split, per_template)):
+        name, arguments = case["call"]
+        user = {"role": "user", "content": case["prompt"]}
+        rows.append(
+            {
+                "id": f"{split}-call-{n}",
+                "style": "call",
+                "messages": [user],
+                "tools": tools.TOOLS,
+                "call": {"name": name, "arguments": arguments},
+            }
+        )
+        if split == "heldout" and n % 3 == 0:
+            result = {
+                "role": "tool",
+                "tool_call_id": "call_0",
+                "content": json.dumps(case["result"]),
+            }
+            rows.append(
+                {
+                    "id": f"{split}-answer-{n}",
+                    "style": "answer after result",
+                    "messages": [user, tools.call_message(name, arguments, 0), result],
+                    "tools": tools.TOOLS,
+                    "call": None,
+                    "fact": case["fact"],
+                }
+            )
+    if split == "heldout":
+        for code, subject, _, fact, _ in rng.sample(FACTS, 8):
+            question = tools.NO_CALL_TEMPLATE_HELDOUT.format(s=subject)
+            rows.append(
+                {
+                    "id": f"{split}-none-{code}",
+                    "style": "no call",
+                    "messages": [{"role": "user", "content": question}],
+                    "tools": tools.TOOLS,
+                    "call": None,
+                    "fact": fact,
+                }
+            )
+    return rows
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     with open(path, "w", encoding="utf-8") as fh:
         for row in rows:
@@ -142,6 +276,9 @@ def main(out_dir: Path) -> None:
     write_jsonl(out_dir / "validation.jsonl", validation_questions())
     write_jsonl(out_dir / "heldout.jsonl", heldout_questions())
     write_jsonl(out_dir / "general.jsonl", general_questions())
+    write_jsonl(out_dir / "tool_train.jsonl", tool_training_conversations())
+    write_jsonl(out_dir / "tool_validation.jsonl", tool_prompts("validation"))
+    write_jsonl(out_dir / "tool_heldout.jsonl", tool_prompts("heldout"))
 
 
 if __name__ == "__main__":

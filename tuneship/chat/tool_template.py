@@ -114,6 +114,13 @@ class ToolFormat:
         return f"tool calls rendered by {source}, read by vLLM's '{self.parser}' parser"
 
 
+def tool_arguments(parser: str | None) -> list[str]:
+    """vLLM's tool calling for a model trained to call tools: auto tool choice, and the parser
+    that reads the calls its template taught (bundle.json's serving.tool_parser). Without one,
+    vLLM answers a request with tools and tool_choice auto with a 400."""
+    return ["--enable-auto-tool-choice", "--tool-call-parser", parser] if parser else []
+
+
 def renders_tools(tokenizer: PreTrainedTokenizerBase) -> str | None:
     """The probe conversation as the template renders it, when it renders the function, the
     call, its argument and the result; else None."""

@@ -52,8 +52,12 @@ def normalize_tools(value: Any) -> tuple[dict[str, Any], ...]:
         parameters = parse_json_text(function.get("parameters"), f"tools[{i}].parameters")
         if parameters is not None and not isinstance(parameters, dict):
             raise ToolProblem(f"tools[{i}].parameters is not a JSON schema object")
-        spec = {"name": name, "description": str(function.get("description") or "")}
-        spec["parameters"] = parameters or {"type": "object", "properties": {}}
+        description = function.get("description")
+        if description is not None and not isinstance(description, str):
+            raise ToolProblem(f"tools[{i}].description is not a string")
+        # the function as vLLM hands it to the chat template (a missing description or
+        # parameters as null), so that training renders the tools the server will
+        spec = {"name": name, "description": description, "parameters": parameters}
         tools.append({"type": "function", "function": spec})
     return tuple(tools)
 
@@ -86,7 +90,7 @@ def check_call(call: dict[str, Any], tools: tuple[dict[str, Any], ...], at: str)
     if name not in declared:
         known = ", ".join(sorted(declared)) or "none"
         raise ToolProblem(f"{at} calls '{name}', which the record does not declare ({known})")
-    schema = declared[name]["parameters"]
+    schema = declared[name]["parameters"] or {"type": "object"}
     try:
         errors = sorted(
             Draft202012Validator(schema).iter_errors(call["function"]["arguments"]),

@@ -428,6 +428,32 @@ class ExportConfig(StrictModel):
     max_recall_drop: float = Field(
         5.0, ge=0, description="Quality gate: fact recall may drop at most this many points."
     )
+    tool_eval_data: str | None = Field(
+        None,
+        description="Tool prompts (JSONL: messages, tools, the expected call or null) the tool "
+        "check asks a run trained on tool calls; default: a seeded sample of the training "
+        "conversations with calls, asked up to their first call.",
+    )
+    min_tool_parse_rate: float = Field(
+        0.95,
+        ge=0,
+        le=1,
+        description="Tool check: of the replies that call, the share vLLM's tool parser must "
+        "read (below it, the served parser cannot read what the model was trained to write).",
+    )
+    min_right_calls: float = Field(
+        0.0,
+        ge=0,
+        le=1,
+        description="Tool check: the bundle's share of tool prompts answered with the expected "
+        "function and arguments.",
+    )
+    max_right_calls_drop: float = Field(
+        10.0,
+        ge=0,
+        description="Tool check: the bundle's share of right calls may be at most this many "
+        "points below the merged 16-bit model's (judged where vLLM runs at export).",
+    )
     tensor_parallel_size: int | None = _engine_fields()["tensor_parallel_size"]
     gpu_memory_utilization: float | None = _engine_fields()["gpu_memory_utilization"]
     max_num_batched_tokens: int | None = _engine_fields()["max_num_batched_tokens"]
@@ -633,6 +659,23 @@ class EvalTargets(StrictModel):
         description="The bundle's retention judged against the base in W4A16 (a base that "
         "was itself quantized), at least.",
     )
+    min_right_calls: float = Field(
+        0.8,
+        ge=0,
+        le=1,
+        description="Tool prompts (`tools`): the fine-tuned model calls the expected function "
+        "with the expected arguments on at least this share.",
+    )
+    max_base_right_calls: float = Field(
+        0.5,
+        ge=0,
+        le=1,
+        description="Tool prompts: the base model (served with the same template and parser) "
+        "below this share, so the tool calls are the fine-tuning's work.",
+    )
+    max_right_calls_drop: float = Field(
+        5.0, ge=0, description="Tool prompts: the bundle at most this many points below."
+    )
 
 
 class EvalConfig(StrictModel):
@@ -645,6 +688,11 @@ class EvalConfig(StrictModel):
         None,
         description="General-knowledge questions (JSONL: question, answers) for the forgetting "
         "check; null: no retention figures.",
+    )
+    tools: str | None = Field(
+        None,
+        description="Held-out tool prompts (JSONL: messages, tools, the expected call or null, "
+        "fact) for a run trained on tool calls; null: no tool-call figures.",
     )
     max_tokens: int = Field(64, ge=1, description="Reply budget per question (greedy).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(

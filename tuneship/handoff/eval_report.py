@@ -25,6 +25,14 @@ class Counts(Section):
     retention: Tally | None = None
 
 
+class Figure(Section):
+    """A share, what it was measured on and its 95% interval."""
+
+    value: float | None
+    count: Tally
+    interval: tuple[float, float] | None = None
+
+
 class ModelFigures(Section):
     label: str
     perplexity: float | None = None
@@ -42,6 +50,9 @@ class ModelFigures(Section):
     output_tokens_per_s: float | None = None
     load_s: float | None = None
     peak_rss_bytes: int | None = None
+    tools: dict[str, Figure] = Field(
+        default_factory=dict, description="Tool-call figures on the tool prompts, by name."
+    )
 
 
 class Target(Section):
@@ -76,6 +87,26 @@ class AnswerRow(Section):
         return getattr(self, model)
 
 
+class ToolReply(Section):
+    calls: list[dict[str, str]] = Field(default_factory=list, description="name, arguments")
+    text: str | None = None
+    right: bool | None = Field(None, description="The expected call (None: none expected).")
+    ok: bool = Field(description="Right: the expected call, or no call (with the fact).")
+
+
+class ToolAnswerRow(Section):
+    id: str
+    kind: str
+    prompt: str = Field(description="The last user turn.")
+    expected: str = Field(description="The expected call, or what a reply without one says.")
+    base: ToolReply
+    merged: ToolReply
+    quantized: ToolReply
+
+    def by_model(self, model: str) -> ToolReply:
+        return getattr(self, model)
+
+
 class ReferenceAnswer(Section):
     id: str
     text: str | None
@@ -97,6 +128,9 @@ class ReportData(Section):
     heldout_questions: int
     general: str | None = None
     general_questions: int = 0
+    tools: str | None = None
+    tool_prompts: int = 0
+    tool_parser: str | None = None
 
 
 class EvalReport(Header):
@@ -116,6 +150,7 @@ class EvalReport(Header):
     targets: list[Target]
     reference: dict[str, BaseIn4Bit] = {}
     answers: list[AnswerRow]
+    tool_answers: list[ToolAnswerRow] = []
     seconds: dict[str, float] = {}
 
     @property

@@ -21,9 +21,11 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tuneship import __version__
+from tuneship.chat.tool_template import tool_arguments
 from tuneship.infra.errors import TuneshipError
 from tuneship.infra.fsutil import hash_tree, sha256_file, write_json_atomic
 from tuneship.quality.probes import EvalItem, ProbeChat, ProbeRequest
+from tuneship.quality.tool_calls import ToolItem
 
 SCHEMA_VERSION = 1
 RUN_FILE = "run.json"
@@ -267,13 +269,53 @@ class Check(Section):
 
 class CheckPrompt(Section):
     id: str
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     facts: list[str] = []
     trained_ids: list[int] = Field(description="Token ids training used for prompt + reply.")
 
     def item(self) -> EvalItem:
         facts = tuple(self.facts)
         return EvalItem(self.id, tuple(self.messages), None, facts[0] if facts else None, facts[1:])
+
+
+class ToolCheckPrompt(Section):
+    id: str
+    messages: list[dict[str, Any]]
+    tools: list[dict[str, Any]]
+    call: dict[str, Any] | None = Field(description="The expected call; None: no call.")
+    fact: str | None = None
+    trained_ids: list[int] = Field(description="Token ids training used for prompt + reply.")
+
+    @classmethod
+    def of(cls, item: ToolItem, trained_ids: list[int]) -> ToolCheckPrompt:
+        return cls(
+            id=item.id,
+            messages=list(item.messages),
+            tools=list(item.tools),
+            call=item.call,
+            fact=item.fact,
+            trained_ids=trained_ids,
+        )
+
+    def item(self) -> ToolItem:
+        return ToolItem(self.id, tuple(self.messages), tuple(self.tools), self.call, self.fact)
+
+    def chat(self) -> ProbeChat:
+        return ProbeChat(id=self.id, messages=self.item().wire_messages(), tools=self.tools)
+
+
+class ToolCheckPlan(Section):
+    """The tool check of a run trained on tool calls: its prompts, the parser, the thresholds."""
+
+    data: str = Field(description="Where the tool prompts came from.")
+    parser: str = Field(description="vLLM's tool parser the bundle is served with.")
+    prompts: list[ToolCheckPrompt]
+    min_parse_rate: float
+    min_right_calls: float
+    max_right_calls_drop: float
+    merged_right: list[bool | None] | None = Field(
+        None, description="The merged 16-bit model's right calls: the baseline."
+    )
 
 
 class CheckPlan(Section):
@@ -292,14 +334,20 @@ class CheckPlan(Section):
         None, description="The merged 16-bit model's greedy answers: the recall baseline."
     )
     stop_tokens: Check = Field(description="Tokenizer, generation_config and template agree.")
+    tools: ToolCheckPlan | None = Field(None, description="The tool check (runs with tools).")
 
     def request(self, max_model_len: int, extra_args: list[str] | None = None) -> ProbeRequest:
+        """The plain prompts, then the tool prompts (served with the bundle's tool parser)."""
+        tool_prompts = self.tools.prompts if self.tools else []
+        parser = self.tools.parser if self.tools else None
         return ProbeRequest(
             max_model_len=max_model_len,
             max_tokens=self.max_tokens,
-            extra_args=extra_args or [],
+            extra_args=[*(extra_args or []), *tool_arguments(parser)],
             tokenize=[p.messages for p in self.prompts],
-            chats=[ProbeChat(id=p.id, messages=p.messages) for p in self.prompts],
+            tool_tokenize=[p.chat() for p in tool_prompts],
+            chats=[ProbeChat(id=p.id, messages=p.messages) for p in self.prompts]
+            + [p.chat() for p in tool_prompts],
         )
 
 

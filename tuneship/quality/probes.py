@@ -137,8 +137,9 @@ class _Wire(BaseModel):
 
 class ProbeChat(_Wire):
     id: str
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     model: str | None = Field(None, description="Served name (an adapter); default: the model.")
+    tools: list[dict[str, Any]] | None = Field(None, description="Functions it may call.")
 
 
 class ProbeRequest(_Wire):
@@ -147,8 +148,11 @@ class ProbeRequest(_Wire):
     max_tokens: int
     concurrency: int = 16
     extra_args: list[str] = []
-    tokenize: list[list[dict[str, str]]] = Field(
+    tokenize: list[list[dict[str, Any]]] = Field(
         default_factory=list, description="Prompts whose vLLM token ids are recorded."
+    )
+    tool_tokenize: list[ProbeChat] = Field(
+        default_factory=list, description="Prompts with tools whose token ids are recorded."
     )
     chats: list[ProbeChat] = []
 
@@ -169,6 +173,9 @@ class ProbeAnswer(_Wire):
     finish_reason: str | None
     completion_tokens: int | None = None
     latency_s: float
+    tool_calls: list[dict[str, str]] = Field(
+        default_factory=list, description="The calls vLLM's tool parser read: name, arguments."
+    )
 
 
 class ProbeResult(_Wire):
@@ -179,6 +186,7 @@ class ProbeResult(_Wire):
     peak_rss_bytes: int
     chat_s: float
     tokenize: list[list[int]] = []
+    tool_tokenize: list[list[int]] = []
     chats: list[ProbeAnswer] = []
 
     @property
