@@ -390,23 +390,30 @@ def test_sigterm_drains_the_stream_refuses_new_requests_and_exits_0(bundle, keys
     log = bundle.parent / "serve-drain.log"
     argv = serve_argv(bundle, port, keys_file, "--drain-timeout", "60")
     srv = Server(argv, port, log, env={"TUNESHIP_API_KEYS": f"{ENV_KEY_ID}:{ENV_KEY}"}).__enter__()
+    probe = httpx.Client(timeout=10)  # made before the SIGTERM: the polls start at once
     try:
+        assert probe.get(f"{srv.base_url}/ready").status_code == 200
         stream = client(srv).chat.completions.create(
-            model="e2e", messages=QUESTION, max_tokens=120, stream=True, temperature=0,
+            model="e2e", messages=QUESTION, max_tokens=200, stream=True, temperature=0,
             extra_body={"ignore_eos": True},
         )  # fmt: skip
         pieces = [next(iter(stream))]
         sent = time.monotonic()
         os.kill(srv.proc.pid, signal.SIGTERM)  # what Kubernetes does: PID 1 only
         refused = None
+        polls = []  # (seconds after SIGTERM, /ready's status): a late drain or a slow poll
         deadline = time.monotonic() + 10
         while refused is None and time.monotonic() < deadline:
             try:
-                ready = httpx.get(f"{srv.base_url}/ready")
+                ready = probe.get(f"{srv.base_url}/ready")
             except httpx.ConnectError:
-                pytest.fail(f"the server stopped listening mid-stream:\n{srv.log_tail(60)}")
+                pytest.fail(
+                    f"the server stopped listening mid-stream; /ready polls {polls}:\n"
+                    + srv.log_tail(60)
+                )
+            polls.append((round(time.monotonic() - sent, 2), ready.status_code))
             if ready.status_code == 503:
-                refused = httpx.get(
+                refused = probe.get(
                     f"{srv.base_url}/v1/models", headers={"Authorization": f"Bearer {ENV_KEY}"}
                 )
             time.sleep(0.05)
@@ -415,8 +422,9 @@ def test_sigterm_drains_the_stream_refuses_new_requests_and_exits_0(bundle, keys
         code = srv.proc.wait(timeout=120)
         exited = time.monotonic()
     finally:
+        probe.close()
         srv.stop()
-    assert refused is not None and refused.status_code == 503
+    assert refused is not None and refused.status_code == 503, polls
     assert refused.json()["error"]["code"] == "draining" and refused.headers["retry-after"]
     assert pieces[-1].choices[0].finish_reason == "length"  # the stream ran to its end
     assert code == 0
@@ -429,6 +437,7 @@ def test_sigterm_drains_the_stream_refuses_new_requests_and_exits_0(bundle, keys
     timings = {
         "stream_after_sigterm_s": round(finished - sent, 2),
         "exit_after_sigterm_s": round(exited - sent, 2),
+        "first_503_after_sigterm_s": polls[-1][0],
     }
     print(f"drain: {timings}")
     (bundle.parent / "drain-test.json").write_text(json.dumps(timings))
