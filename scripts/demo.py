@@ -15,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import yaml
 from rich.console import Console
 from rich.table import Table
 
@@ -65,8 +66,10 @@ def main() -> None:
     stage("base fetch", [TUNESHIP, "base", "fetch"])
     data = ["data/demo/train.jsonl", "data/demo/tool_train.jsonl", "data/demo/general_replay.jsonl"]
     evals = ["--eval", "data/demo/validation.jsonl", "--eval", "data/demo/heldout.jsonl"]
-    stage("data check", [TUNESHIP, "data", "check", *data, *evals, "--max-length", "640"])
-    stage("train", [TUNESHIP, "train", "--config", "train/configs/demo.yaml"], RUN / "run.json")
+    train_config = "train/configs/demo.yaml"
+    max_length = str(yaml.safe_load(Path(train_config).read_text())["max_length"])
+    stage("data check", [TUNESHIP, "data", "check", *data, *evals, "--max-length", max_length])
+    stage("train", [TUNESHIP, "train", "--config", train_config], RUN / "run.json")
     export = [TUNESHIP, "export", "runs/demo", "--out", "bundles/demo"]
     export += ["--config", "export/configs/demo.yaml"]
     stage("export", export, BUNDLE / "bundle.json")

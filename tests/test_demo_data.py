@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 import subprocess
@@ -71,15 +72,14 @@ def test_tool_data_is_valid_and_its_prompts_are_unseen_in_training():
 
     train = load_file(DEMO / "tool_train.jsonl")
     assert train.problems == [] and all(c.tools for c in train.conversations)
-    with_calls = [c for c in train.conversations if c.calls]
-    assert len(with_calls) >= 40 and len(train.conversations) - len(with_calls) >= 8
-    asked = {c.messages[0]["content"] for c in train.conversations}
-    trained_calls = {
-        json.dumps(m["tool_calls"][0]["function"], sort_keys=True)
-        for c in with_calls
-        for m in c.messages
-        if m.get("tool_calls")
-    }
+    turns = [m for c in train.conversations for m in c.messages]
+    asked = {m["content"] for m in turns if m["role"] == "user"}
+    calls = [m for m in turns if m.get("tool_calls")]
+    answered_directly = [  # a question followed at once by the answer: no call
+        a for q, a in itertools.pairwise(turns) if q["role"] == "user" and not a.get("tool_calls")
+    ]
+    assert len(calls) >= 60 and len(answered_directly) >= 8
+    trained_calls = {json.dumps(m["tool_calls"][0]["function"], sort_keys=True) for m in calls}
     for split in ("tool_validation.jsonl", "tool_heldout.jsonl"):
         items = load_tool_items(DEMO / split)
         assert not asked & {i.messages[0]["content"] for i in items}, split

@@ -191,26 +191,40 @@ def tool_cases(rng: random.Random, split: str, per_template: int) -> list[dict]:
 
 
 def tool_training_conversations() -> list[dict]:
+    """Sessions of three requests each under one tool list, as an employee chats: the tool list
+    (~390 tokens) is paid once per three requests. Each request is a call (answered by the
+    system's result and a final answer, except some sessions' last one) or a handbook question
+    answered without a call."""
     rng = random.Random(SEED + 1)
-    convs = []
-    for n, case in enumerate(tool_cases(rng, "train", per_template=3)):
+    turns: list[list[dict]] = []
+    for case in tool_cases(rng, "train", per_template=2):
         name, arguments = case["call"]
-        messages = [
-            {"role": "user", "content": case["prompt"]},
-            tools.call_message(name, arguments, n),
-        ]
-        if n % 2 == 0:  # every other one goes on to the result and the final answer
-            outcome = json.dumps(case["result"])
-            messages += [
-                {"role": "tool", "tool_call_id": f"call_{n}", "content": outcome},
-                {"role": "assistant", "content": case["answer"]},
-            ]
-        convs.append({"tools": tools.TOOLS, "messages": messages})
-    for _, subject, _, _, answer in rng.sample(FACTS, 9):
+        turns.append([{"role": "user", "content": case["prompt"]}, (name, arguments, case)])
+    for _, subject, _, _, answer in rng.sample(FACTS, 10):
         question = rng.choice(tools.NO_CALL_TEMPLATES_TRAIN).format(s=subject)
-        messages = [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        turns.append(
+            [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+        )
+    rng.shuffle(turns)
+    convs = []
+    for start in range(0, len(turns), 3):
+        session = turns[start : start + 3]
+        messages: list[dict] = []
+        for n, (user, reply) in enumerate(session):
+            messages.append(user)
+            if isinstance(reply, dict):
+                messages.append(reply)
+                continue
+            name, arguments, case = reply
+            messages.append(tools.call_message(name, arguments, n))
+            # every call but the last of every other session goes on to the result and answer
+            if n < len(session) - 1 or len(convs) % 2 == 0:
+                outcome = json.dumps(case["result"])
+                messages += [
+                    {"role": "tool", "tool_call_id": f"call_{n}", "content": outcome},
+                    {"role": "assistant", "content": case["answer"]},
+                ]
         convs.append({"tools": tools.TOOLS, "messages": messages})
-    rng.shuffle(convs)
     return convs
 
 

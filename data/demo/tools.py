@@ -91,6 +91,12 @@ EXPENSE_TRAIN = [
     "Can you log my {item} expense? It came to ${amount}.",
     "The {item} cost me ${amount}; I'd like to get that money back.",
     "Expense this: {item}, ${amount}.",
+    "I need to be reimbursed for a {item} (${amount}).",
+    "Claim ${amount} for my {item}.",
+    "Put the {item} on expenses, it was ${amount}.",
+    "Hey, I bought a {item} for ${amount} for work. Please expense it.",
+    "File a claim: ${amount}, {item}.",
+    "Could you get my ${amount} {item} paid back?",
 ]
 POLICY_TRAIN = [
     "Show me policy {code}.",
@@ -98,6 +104,11 @@ POLICY_TRAIN = [
     "Please pull up handbook clause {code}.",
     "Can you read me policy {code}?",
     "Quote section {code} of the handbook, please.",
+    "Find clause {code} in the handbook.",
+    "Read out handbook section {code}.",
+    "Give me clause {code}, please.",
+    "What is in section {code}?",
+    "Fetch policy {code} for me.",
 ]
 TRAVEL_TRAIN = [
     "Book me a trip to {city} on {date} for {nights} nights.",
@@ -106,6 +117,12 @@ TRAVEL_TRAIN = [
     "Can you book {nights} nights in {city} from {date}?",
     "I have to be in {city} from {date} for {nights} nights for work, sort it out please.",
     "Organise a work visit to {city} on {date}, {nights} nights.",
+    "I'm going to {city} on {date} for {nights} nights; make the booking.",
+    "Schedule business travel: {city}, {date}, {nights} nights.",
+    "Travel request: {city}, leaving {date}, {nights} nights.",
+    "Plan my trip to {city}: {date}, {nights} nights.",
+    "I'll be in {city} for {nights} nights starting {date}. Set it up please.",
+    "Send me to {city} on {date} for {nights} nights.",
 ]
 # Validation (the export's tool check) and held-out (`tuneship eval`) wordings: never in training.
 EXPENSE_VALIDATION = ["Could you put in a claim for ${amount} spent on a {item}?"]
