@@ -196,14 +196,14 @@ def tool_training_conversations() -> list[dict]:
     system's result and a final answer, except some sessions' last one) or a handbook question
     answered without a call."""
     rng = random.Random(SEED + 1)
-    turns: list[list[dict]] = []
+    # (the user's turn, then the answer without a call, or the case whose call answers it)
+    turns: list[tuple[dict, dict]] = []
     for case in tool_cases(rng, "train", per_template=2):
-        name, arguments = case["call"]
-        turns.append([{"role": "user", "content": case["prompt"]}, (name, arguments, case)])
+        turns.append(({"role": "user", "content": case["prompt"]}, case))
     for _, subject, _, _, answer in rng.sample(FACTS, 10):
         question = rng.choice(tools.NO_CALL_TEMPLATES_TRAIN).format(s=subject)
         turns.append(
-            [{"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+            ({"role": "user", "content": question}, {"role": "assistant", "content": answer})
         )
     rng.shuffle(turns)
     convs = []
@@ -212,11 +212,11 @@ def tool_training_conversations() -> list[dict]:
         messages: list[dict] = []
         for n, (user, reply) in enumerate(session):
             messages.append(user)
-            if isinstance(reply, dict):
+            if "call" not in reply:
                 messages.append(reply)
                 continue
-            name, arguments, case = reply
-            messages.append(tools.call_message(name, arguments, n))
+            case = reply
+            messages.append(tools.call_message(*case["call"], n))
             # every call but the last of every other session goes on to the result and answer
             if n < len(session) - 1 or len(convs) % 2 == 0:
                 outcome = json.dumps(case["result"])
