@@ -238,8 +238,9 @@ def markdown(report: EvalReport, plots: list[str]) -> str:
         )
         + (
             f" {data.tool_prompts} held-out tool prompts from `{data.tools}`, served with "
-            f"vLLM's `{data.tool_parser}` tool parser and the run's chat template (the base "
-            "too); shares with their counts and 95% intervals."
+            f"vLLM's `{data.tool_parser}` tool parser at tool_strict_level "
+            f"`{report.config.get('tool_strict_level', 'auto')}` and the run's chat template "
+            "(the base too); shares with their counts and 95% intervals."
             if data.tools
             else ""
         )

@@ -281,7 +281,7 @@ def ask(
         "through the OpenAI-compatible endpoint ...",
         flush=True,
     )
-    extra = [*tool_arguments(questions.tool_parser)]
+    extra = [*tool_arguments(questions.tool_parser, session.cfg.tool_strict_level)]
     if template is not None and model == "base":
         extra += ["--chat-template", str(template)]
     answers = served_answers(session, model_dir, questions.all, model, questions.tools, extra)

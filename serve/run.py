@@ -50,9 +50,12 @@ DEFAULT_CPU_KV_CACHE_GIB = 2
 SMALL_CPU_CORES = 2  # at most this many usable cores: vLLM computes on all of them
 
 
-def tools_line(parser: str | None) -> str:
+def tools_line(parser: str | None, strict_level: str) -> str:
     if parser:
-        return f"tools: calls read by vLLM's '{parser}' parser (auto tool choice on)"
+        return (
+            f"tools: calls read by vLLM's '{parser}' parser (auto tool choice on, "
+            f"tool_strict_level {strict_level})"
+        )
     return "tools: not trained (a request with tools and tool_choice auto gets a 400)"
 
 
@@ -181,7 +184,7 @@ def prepare(
         (
             *lora_arguments(bundle_dir, {n: a.rank for n, a in manifest.adapters.items()}),
             *limit_args(cfg),
-            *tool_arguments(manifest.serving.tool_parser),
+            *tool_arguments(manifest.serving.tool_parser, cfg.tool_strict_level),
             *engine_arguments({k: getattr(cfg, k) for k in ENGINE_KEYS}),
             *([] if cfg.api_docs else ["--disable-fastapi-docs"]),
             *vllm_args,
@@ -191,7 +194,7 @@ def prepare(
     print(
         f"serving {manifest.served_model_name} ({flavour}): {shown} {shlex.join(argv)}\n"
         f"{weights.line()}\n"
-        f"{tools_line(manifest.serving.tool_parser)}\n"
+        f"{tools_line(manifest.serving.tool_parser, cfg.tool_strict_level)}\n"
         f"settings: {cfg.model_dump_json()}\n"
         f"{kv_line(manifest, cfg, bundle_dir / 'model', flavour, env)}\n"
         f"{startup_line(manifest)}",

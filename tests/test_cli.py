@@ -59,6 +59,9 @@ def test_serve_options_are_generated_from_the_serve_config():
     options -= {"config_path", "overrides", "dry_run", "help"}
     secret = {"api_keys", "key_id_secret"}  # never on a command line: environment or file
     assert options == set(ServeConfig.model_fields) - secret
+    level = next(p for p in serve.params if p.name == "tool_strict_level")
+    assert isinstance(level.type, click.Choice)  # a wrong value is named before anything starts
+    assert list(level.type.choices) == ["auto", "function", "parameter"]
 
 
 def test_serve_settings_layer_file_environment_set_and_options(tmp_path):

@@ -411,6 +411,23 @@ def test_the_readme_tool_loop_through_the_sdk(client, stream):
     assert answered["finish"] in ("stop", "length")
 
 
+def test_a_schema_the_call_grammar_cannot_hold_is_a_400_and_the_server_stays_up(client):
+    """At tool_strict_level parameter vLLM compiles each tool's schema into the grammar of a
+    call; one it cannot compile (a look-behind in a pattern) is the client's 400, never a 500,
+    and the next request is served."""
+    import openai
+
+    lookbehind = json.loads(json.dumps(EXPENSE_TOOL))
+    lookbehind["function"]["parameters"]["properties"]["category"] = {
+        "type": "string", "pattern": "(?<=x)y"}  # fmt: skip
+    ask = dict(model="e2e", messages=[{"role": "user", "content": "File $12 for lunch."}],
+               max_tokens=16, temperature=0)  # fmt: skip
+    with pytest.raises(openai.BadRequestError) as refused:
+        client.chat.completions.create(**ask, tools=[lookbehind], tool_choice="auto")
+    assert refused.value.status_code == 400
+    assert client.chat.completions.create(**ask, tools=[EXPENSE_TOOL]).choices[0].message
+
+
 def test_tool_choice_auto_and_required_are_served_with_the_bundles_parser(client):
     ask = dict(model="e2e", messages=[{"role": "user", "content": "File $12 for lunch."}],
                tools=[EXPENSE_TOOL], max_tokens=64, temperature=0)  # fmt: skip

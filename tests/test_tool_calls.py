@@ -12,7 +12,14 @@ import subprocess
 import pytest
 from transformers import AutoTokenizer
 
-from tests.support import LLAMA3, TUNESHIP, build_tokenizer, train_config, write_jsonl
+from tests.support import (
+    LLAMA3,
+    SERVE_BIN,
+    TUNESHIP,
+    build_tokenizer,
+    train_config,
+    write_jsonl,
+)
 from tuneship.chat import tool_template
 from tuneship.chat.labels import IGNORE, ChatTokenizer
 from tuneship.chat.records import load_file
@@ -198,9 +205,63 @@ def test_serve_starts_vllm_with_the_bundle_tool_parser():
     from tuneship.serve.run import tools_line
 
     assert tool_arguments("hermes") == ["--enable-auto-tool-choice", "--tool-call-parser",
-                                        "hermes"]  # fmt: skip
+                                        "hermes", "--tool-strict-level", "parameter"]  # fmt: skip
+    assert tool_arguments("hermes", "auto")[-1] == "auto"
     assert tool_arguments(None) == []
-    assert "gets a 400" in tools_line(None)
+    assert "gets a 400" in tools_line(None, "parameter")
+    assert "tool_strict_level function" in tools_line("hermes", "function")
+
+
+# What vLLM's grammar for `hermes` calls accepts, per --tool-strict-level (run in the serve
+# environment, where vLLM and xgrammar are): {level: [accepted, ...]} for each text given.
+STRICT_PROBE = """
+import json, sys
+from xgrammar import Grammar
+from xgrammar.testing import _is_grammar_accept_string
+from vllm.entrypoints.openai.chat_completion.protocol import ChatCompletionToolsParam
+from vllm.tool_parsers.structural_tag_registry import get_model_structural_tag
+from vllm.tool_parsers.tool_strict_level import ToolStrictLevel
+tools, texts = json.load(sys.stdin)
+tools = [ChatCompletionToolsParam(**t) for t in tools]
+accepted = {}
+for level in ("function", "parameter"):
+    tag = get_model_structural_tag(
+        "hermes", tools, "auto", False, strict_level=ToolStrictLevel.from_name(level)
+    )
+    grammar = Grammar.from_structural_tag(tag.model_dump_json())
+    accepted[level] = [_is_grammar_accept_string(grammar, t) for t in texts]
+print(json.dumps(accepted))
+"""
+
+
+def test_the_calls_training_renders_are_what_the_strict_level_lets_vllm_generate():
+    """At `tuneship serve`'s strict level, vLLM's grammar must accept the exact text the
+    template trained (else it would force the model off it) and refuse calls of undeclared
+    functions or off-schema arguments; `function` leaves the arguments free."""
+    tokenizer = build_tokenizer()
+    tool_template.apply(tokenizer, tool_template.tool_format(tokenizer))
+    chat = expense_chat(arguments={"amount": 12.5, "currency": "EUR"})
+    asked = render(tokenizer, chat["messages"][:1], add_generation_prompt=True, tools=chat["tools"])
+    trained = render(tokenizer, chat["messages"][:2], tools=chat["tools"])[len(asked) :]
+    trained = trained.removesuffix("<|im_end|>\n")
+    texts = [
+        trained,
+        "I will file it. " + trained + " Done.",
+        trained.replace("submit_expense", "file_expense"),
+        trained.replace('"EUR"', '"GBP"'),
+        "No call needed.",
+    ]
+    reply = subprocess.run(
+        [str(SERVE_BIN.parent / "python"), "-c", STRICT_PROBE],
+        input=json.dumps([chat["tools"], texts]),
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    accepted = json.loads(reply.stdout.splitlines()[-1])
+    assert trained.startswith('<tool_call>\n{"name": "submit_expense", "arguments": {')
+    assert accepted["parameter"] == [True, True, False, False, True]
+    assert accepted["function"] == [True, True, False, True, True]
 
 
 # --- the tool check: tool prompts, how replies score, the gate ---------------------------------

@@ -6,7 +6,7 @@ import os
 import sys
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Union
+from typing import Any, Literal, Union
 
 import click
 from pydantic import BaseModel
@@ -315,6 +315,8 @@ def options_from(model: type[BaseModel]) -> Callable:
                 continue
             flag, kind = name.replace("_", "-"), plain(field.annotation)
             declared = f"--{flag}/--no-{flag}" if kind is bool else f"--{flag}"
+            if typing.get_origin(kind) is Literal:
+                kind = click.Choice(typing.get_args(kind))
             fn = click.option(
                 declared,
                 name,

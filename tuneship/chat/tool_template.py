@@ -14,7 +14,7 @@ run, so the bundle and vLLM render what training did.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 from tuneship.chat.template import render
 from tuneship.infra.errors import TuneshipError
@@ -24,6 +24,13 @@ if TYPE_CHECKING:
 
 BASE = "base"
 TUNESHIP_CHATML = "tuneship-chatml-hermes"
+
+# vLLM's --tool-strict-level: how much of a call its grammar holds the model to once the model
+# starts one (text before it stays free). auto: only what tool_choice and each tool's `strict`
+# ask; function: the call's markup and a declared function name; parameter: also arguments that
+# fit the function's schema, as if every tool were `strict: true`.
+ToolStrictLevel = Literal["auto", "function", "parameter"]
+DEFAULT_TOOL_STRICT_LEVEL: ToolStrictLevel = "parameter"
 
 _FUNCTION = "tuneship_probe_lookup"
 _ARGUMENT = "tuneship-probe-argument"
@@ -114,11 +121,22 @@ class ToolFormat:
         return f"tool calls rendered by {source}, read by vLLM's '{self.parser}' parser"
 
 
-def tool_arguments(parser: str | None) -> list[str]:
-    """vLLM's tool calling for a model trained to call tools: auto tool choice, and the parser
-    that reads the calls its template taught (bundle.json's serving.tool_parser). Without one,
-    vLLM answers a request with tools and tool_choice auto with a 400."""
-    return ["--enable-auto-tool-choice", "--tool-call-parser", parser] if parser else []
+def tool_arguments(
+    parser: str | None, strict_level: ToolStrictLevel = DEFAULT_TOOL_STRICT_LEVEL
+) -> list[str]:
+    """vLLM's tool calling for a model trained to call tools: auto tool choice, the parser that
+    reads the calls its template taught (bundle.json's serving.tool_parser) and how strictly a
+    call is held to the declared functions. Without a parser, vLLM answers a request with tools
+    and tool_choice auto with a 400."""
+    if not parser:
+        return []
+    return [
+        "--enable-auto-tool-choice",
+        "--tool-call-parser",
+        parser,
+        "--tool-strict-level",
+        strict_level,
+    ]
 
 
 def renders_tools(tokenizer: PreTrainedTokenizerBase) -> str | None:

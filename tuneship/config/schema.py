@@ -20,6 +20,7 @@ from pydantic import (
 )
 
 from tuneship.chat.records import RecordMapping
+from tuneship.chat.tool_template import DEFAULT_TOOL_STRICT_LEVEL, ToolStrictLevel
 
 VLLM_DEFAULT_MAX_NUM_SEQS = 256
 
@@ -520,6 +521,13 @@ class ServeConfig(StrictModel):
     api_docs: bool = Field(
         False, description="Serve vLLM's API docs (/docs, /openapi.json), without a key."
     )
+    tool_strict_level: ToolStrictLevel = Field(
+        DEFAULT_TOOL_STRICT_LEVEL,
+        description="For a bundle trained on tool calls, once the model starts a call: "
+        "parameter holds it to a declared function and to arguments that fit its schema (what "
+        "the export's tool check measured); function, to a declared function only; auto, only "
+        "where the request's tool_choice or a tool's `strict` asks (vLLM --tool-strict-level).",
+    )
     vllm_dev_mode: bool = Field(
         False,
         description="Allow VLLM_SERVER_DEV_MODE / VLLM_ALLOW_RUNTIME_LORA_UPDATING in the "
@@ -693,6 +701,11 @@ class EvalConfig(StrictModel):
         None,
         description="Held-out tool prompts (JSONL: messages, tools, the expected call or null, "
         "fact) for a run trained on tool calls; null: no tool-call figures.",
+    )
+    tool_strict_level: ToolStrictLevel = Field(
+        DEFAULT_TOOL_STRICT_LEVEL,
+        description="How vLLM holds the tool prompts' calls to the declared functions, as "
+        "`tuneship serve` does (its default: parameter); auto measures the model alone.",
     )
     max_tokens: int = Field(64, ge=1, description="Reply budget per question (greedy).")
     precision: Literal["auto", "fp32", "bf16", "fp16"] = Field(

@@ -21,7 +21,11 @@ from typing import Any, Literal, TypeVar
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from tuneship import __version__
-from tuneship.chat.tool_template import tool_arguments
+from tuneship.chat.tool_template import (
+    DEFAULT_TOOL_STRICT_LEVEL,
+    ToolStrictLevel,
+    tool_arguments,
+)
 from tuneship.infra.errors import TuneshipError
 from tuneship.infra.fsutil import hash_tree, sha256_file, write_json_atomic
 from tuneship.quality.probes import EvalItem, ProbeChat, ProbeRequest
@@ -309,6 +313,9 @@ class ToolCheckPlan(Section):
 
     data: str = Field(description="Where the tool prompts came from.")
     parser: str = Field(description="vLLM's tool parser the bundle is served with.")
+    strict_level: ToolStrictLevel = Field(
+        DEFAULT_TOOL_STRICT_LEVEL, description="vLLM's --tool-strict-level, as serve's default."
+    )
     prompts: list[ToolCheckPrompt]
     min_parse_rate: float
     min_right_calls: float
@@ -339,11 +346,11 @@ class CheckPlan(Section):
     def request(self, max_model_len: int, extra_args: list[str] | None = None) -> ProbeRequest:
         """The plain prompts, then the tool prompts (served with the bundle's tool parser)."""
         tool_prompts = self.tools.prompts if self.tools else []
-        parser = self.tools.parser if self.tools else None
+        tools = tool_arguments(self.tools.parser, self.tools.strict_level) if self.tools else []
         return ProbeRequest(
             max_model_len=max_model_len,
             max_tokens=self.max_tokens,
-            extra_args=[*(extra_args or []), *tool_arguments(parser)],
+            extra_args=[*(extra_args or []), *tools],
             tokenize=[p.messages for p in self.prompts],
             tool_tokenize=[p.chat() for p in tool_prompts],
             chats=[ProbeChat(id=p.id, messages=p.messages) for p in self.prompts]

@@ -84,6 +84,7 @@ def tool_check(tools: ToolCheckPlan, scores: list[CallScore] | None) -> Check:
     figures: dict = {
         "data": tools.data,
         "parser": tools.parser,
+        "strict_level": tools.strict_level,
         "prompts": len(tools.prompts),
         "min_parse_rate": tools.min_parse_rate,
         "min_right_calls": tools.min_right_calls,
