@@ -70,6 +70,36 @@ def test_every_format_gives_the_same_conversations_and_names_the_bad_record(tmp_
     assert len({c.id for c in result.conversations}) == 3
 
 
+def function(name: str, properties: dict) -> dict:
+    parameters = {"type": "object", "required": list(properties), "properties": properties}
+    return {"type": "function", "function": {"name": name, "description": f"{name}.",
+                                             "parameters": parameters}}  # fmt: skip
+
+
+TOOLS = [
+    function("submit", {"category": {"type": "string", "enum": ["meals", "travel"]}}),
+    function("lookup", {"code": {"type": "string"}}),
+]
+CALL = {"role": "assistant", "content": "", "tool_calls": [{
+    "id": "c0", "type": "function", "function": {"name": "lookup", "arguments": '{"code": "T"}'}
+}]}  # fmt: skip
+TOOL_ROW = {"tools": TOOLS, "messages": [{"role": "user", "content": "Clause T-1.1?"}, CALL,
+            {"role": "tool", "tool_call_id": "c0", "content": "Meals: $62."},
+            {"role": "assistant", "content": "Meals are $62."}]}  # fmt: skip
+
+
+@pytest.mark.parametrize("kind", ["parquet", "saved"])
+def test_tools_stored_as_arrow_structs_read_back_as_declared(tmp_path, kind):
+    # Arrow stores a list of tools as one struct type holding every tool's keys; each tool
+    # reads back with the others' keys as nulls ('code': None beside 'category'), which the
+    # template would render as phantom parameters training sees and serving never does
+    path, _ = write(tmp_path, kind, [TOOL_ROW] * 3)
+    (conversation, *_) = load_file(path).conversations
+    assert [t["function"]["parameters"] for t in conversation.tools] == [
+        t["function"]["parameters"] for t in TOOLS
+    ]
+
+
 def test_a_file_that_cannot_be_read_is_one_problem_naming_it(tmp_path):
     (tmp_path / "bad.parquet").write_bytes(b"not parquet")
     (tmp_path / "bad.jsonl.gz").write_bytes(b"not gzip")

@@ -153,7 +153,7 @@ def _parquet(path: Path, prefix: str = "") -> Iterator[tuple[str, Any]]:
     row = 0
     for batch in table.iter_batches(batch_size=PARQUET_BATCH, use_threads=False):
         for record in batch.to_pylist():
-            yield f"{prefix}row {row}", record
+            yield f"{prefix}row {row}", without_struct_nulls(record)
             row += 1
 
 
@@ -187,4 +187,17 @@ def _saved_dataset(path: Path) -> Iterator[tuple[str, Any]]:
             )
         dataset = dataset["train"]
     for row, record in enumerate(dataset):
-        yield f"row {row}", record
+        yield f"row {row}", without_struct_nulls(record)
+
+
+def without_struct_nulls(value: Any) -> Any:
+    """An Arrow row with the keys its struct type added dropped. A list of structs has one type
+    holding every element's keys, so each tool of a record reads back with the other tools'
+    parameters as nulls (and each message with the other messages' keys): Arrow cannot tell
+    absent from null, and no record format here means anything by a null key, so every null
+    key goes (a null inside a list, such as an enum's, stays)."""
+    if isinstance(value, dict):
+        return {k: without_struct_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [without_struct_nulls(v) for v in value]
+    return value
