@@ -325,7 +325,10 @@ def base_through_the_recipe(
     )
     quantized = session.work / "base-w4a16"
     sample = calibration_sample(
-        training_conversations(manifest), export_cfg.calibration_samples, export_cfg.seed
+        training_conversations(manifest),
+        export_cfg.calibration_samples,
+        export_cfg.seed,
+        export_cfg.calibration_mix,
     )
     quantize(Path(manifest.base.path), tokenizer, sample, export_cfg, quantized, session.dtype)
     general = session.questions.general

@@ -94,8 +94,13 @@ def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) ->
         print(f"merging {run_dir / 'adapter'} into {manifest.base.path} ...")
         tokenizer = merge(manifest.base.path, run_dir / "adapter", merged_dir, dtype)
         merge_s = time.monotonic() - started
-        sample = calibration_sample(conversations, cfg.calibration_samples, cfg.seed)
-        print(f"GPTQ {cfg.scheme} with llm-compressor on {len(sample)} training chats ...")
+        sample = calibration_sample(
+            conversations, cfg.calibration_samples, cfg.seed, cfg.calibration_mix
+        )
+        print(
+            f"GPTQ {cfg.scheme} with llm-compressor on {len(sample)} training chats "
+            f"({cfg.calibration_mix} mix) ..."
+        )
         quantization = quantize(merged_dir, tokenizer, sample, cfg, model_dir, dtype)
         quantization.seconds = round(time.monotonic() - started - merge_s, 1)
         plan = check_plan(

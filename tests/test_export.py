@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import json
+from collections import Counter
 from pathlib import Path
 
 import pytest
 
+from tuneship.chat.records import Conversation
 from tuneship.config.schema import ExportConfig
 from tuneship.export.run import run as export
 from tuneship.handoff.manifest import read_bundle
@@ -58,6 +60,31 @@ def test_asymmetric_scheme_stores_a_zero_point_per_group(tmp_path, tiny_run):
     assert zero.unique().numel() > 1  # fitted per group, not one constant offset
     recipe = read_bundle(out).quantization
     assert (recipe.scheme, recipe.symmetric) == ("W4A16_ASYM", False)
+
+
+def conversations(dataset: str, n: int) -> list[Conversation]:
+    turns = ({"role": "user", "content": "q"}, {"role": "assistant", "content": "a"})
+    return [Conversation(f"data/{dataset}:{line}", "openai", turns) for line in range(1, n + 1)]
+
+
+def test_calibration_gives_each_training_dataset_an_equal_share_until_it_runs_out():
+    from tuneship.modelops.calibration import calibration_sample, dataset_of
+
+    rows = conversations("chat.jsonl", 400) + conversations("tools.jsonl", 10)
+    rows += conversations("replay.jsonl", 300)
+    picked = calibration_sample(rows, 64, seed=0)
+    assert len({c.id for c in picked}) == 64
+    assert Counter(dataset_of(c.id) for c in picked) == {
+        "data/tools.jsonl": 10,
+        "data/chat.jsonl": 27,
+        "data/replay.jsonl": 27,
+    }
+    assert calibration_sample(rows, 64, seed=0) == picked  # seeded
+    plain = calibration_sample(rows, 64, seed=0, mix="rows")  # a dataset weighs its rows
+    assert Counter(dataset_of(c.id) for c in plain)["data/tools.jsonl"] < 10
+    assert sorted(calibration_sample(rows[:20], 64, seed=1), key=lambda c: c.id) == sorted(
+        rows[:20], key=lambda c: c.id
+    )
 
 
 def test_keep_16bit_layers_stay_unquantized_in_the_bundle(tmp_path, tiny_run):
@@ -169,7 +196,7 @@ def test_bundle_show_summarises_provenance_recipe_and_checks(tmp_path, tiny_run)
     text = show(out)
     assert "served model name: b" in text
     assert "W4A16 GPTQ via llmcompressor, group size 64, ignored lm_head" in text
-    assert "calibrated on 2 conversations" in text
+    assert "calibrated on 2 conversations" in text and "train.jsonl 2)" in text
     assert "stop_tokens: pass" in text and "preflight: skipped" in text
     assert "quality_gate: pass (data=" in text or "quality_gate: FAIL" in text
 

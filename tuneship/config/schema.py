@@ -22,6 +22,9 @@ from pydantic import (
 from tuneship.chat.records import RecordMapping
 from tuneship.chat.tool_template import DEFAULT_TOOL_STRICT_LEVEL, ToolStrictLevel
 
+# How GPTQ's calibration sample draws on the training datasets (tuneship/modelops/calibration.py)
+CalibrationMix = Literal["datasets", "rows"]
+
 VLLM_DEFAULT_MAX_NUM_SEQS = 256
 
 
@@ -369,6 +372,12 @@ class ExportConfig(StrictModel):
     )
     calibration_samples: int = Field(
         64, ge=1, description="Training conversations sampled (seeded) to calibrate GPTQ."
+    )
+    calibration_mix: CalibrationMix = Field(
+        "datasets",
+        description="How the calibration sample draws on the training datasets: datasets, an "
+        "equal share each (a small dataset with a behaviour of its own, such as tool calls, is "
+        "calibrated on as much as a large one); rows, in proportion to their rows.",
     )
     calibration_max_length: int = Field(
         512, ge=16, description="Tokens kept per calibration conversation."

@@ -147,7 +147,9 @@ def show(bundle_dir: Path) -> str:
     m = read_bundle(Path(bundle_dir))
     q, cal = m.quantization, m.quantization.calibration
     calibrated = (
-        f", calibrated on {cal.samples} conversations ({cal.tokens} tokens, seed {cal.seed})"
+        f", calibrated on {cal.samples} conversations ({cal.tokens} tokens, seed {cal.seed}"
+        + "".join(f"; {name} {n}" for name, n in cal.datasets.items())
+        + ")"
         if cal
         else ""
     )

@@ -242,6 +242,8 @@ class CalibrationInfo(Section):
     max_length: int
     seed: int
     ids: list[str] = []
+    mix: str | None = None  # "datasets" or "rows" (ExportConfig.calibration_mix)
+    datasets: dict[str, int] = {}  # conversations drawn from each training dataset
 
 
 class QuantizationInfo(Section):

@@ -4,20 +4,45 @@ template the model was trained on (never generic text: the calibration sees what
 from __future__ import annotations
 
 import random
+import re
+from collections import defaultdict
 from typing import TYPE_CHECKING
 
 from tuneship.chat.records import Conversation
 from tuneship.chat.template import render
+from tuneship.config.schema import CalibrationMix
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 
+def dataset_of(conversation_id: str) -> str:
+    """The training file a conversation came from ("FILE:LINE" or "FILE#INDEX")."""
+    return re.sub(r"[:#]\d+$", "", conversation_id)
+
+
 def calibration_sample(
-    conversations: list[Conversation], samples: int, seed: int
+    conversations: list[Conversation], samples: int, seed: int, mix: CalibrationMix = "datasets"
 ) -> list[Conversation]:
-    """The training conversations GPTQ calibrates on: a seeded sample."""
-    return random.Random(seed).sample(conversations, min(samples, len(conversations)))
+    """The training conversations GPTQ calibrates on, seeded. `rows`: a plain sample, so each
+    dataset weighs as many rows as it has. `datasets`: each training dataset an equal share (one
+    with fewer rows gives all it has, the others share the rest), because a small dataset
+    often carries a behaviour of its own (tool calls, a format) that a plain sample of a few
+    hundred rows would calibrate on two or three conversations, and 4-bit weights then lose it
+    first."""
+    rng = random.Random(seed)
+    if mix == "rows" or samples >= len(conversations):
+        return rng.sample(conversations, min(samples, len(conversations)))
+    by_dataset: dict[str, list[Conversation]] = defaultdict(list)
+    for conv in conversations:
+        by_dataset[dataset_of(conv.id)].append(conv)
+    pools = [rng.sample(rows, len(rows)) for _, rows in sorted(by_dataset.items())]
+    picked: list[Conversation] = []
+    while len(picked) < samples:  # round robin: equal shares, the small ones run out first
+        for pool in pools:
+            if pool and len(picked) < samples:
+                picked.append(pool.pop())
+    return picked
 
 
 def calibration_rows(

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import sys
+from collections import Counter
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -14,7 +15,7 @@ from tuneship.chat.records import Conversation
 from tuneship.config.schema import ExportConfig
 from tuneship.handoff.manifest import CalibrationInfo, QuantizationInfo
 from tuneship.infra.errors import TuneshipError
-from tuneship.modelops.calibration import calibration_rows
+from tuneship.modelops.calibration import calibration_rows, dataset_of
 
 if TYPE_CHECKING:
     import torch
@@ -157,5 +158,7 @@ def quantize(
             max_length=cfg.calibration_max_length,
             seed=cfg.seed,
             ids=[c.id for c in sample],
+            mix=cfg.calibration_mix,
+            datasets=dict(Counter(dataset_of(c.id) for c in sample)),
         ),
     )
