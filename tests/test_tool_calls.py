@@ -152,6 +152,21 @@ def test_data_check_reports_tool_calls_and_the_format_training_will_use(tmp_path
     assert tools["conversations"] == 2 and tools["calls"] == 3 and tools["most_calls"] == 2
     assert tools["invalid_calls"] == 1
     assert "tuneship-chatml-hermes, read by vLLM's 'hermes' parser" in tools["format"]
+    assert tools["off_schema_order"] == {"count": 0, "ids": []}
+
+
+def test_data_check_names_calls_whose_arguments_the_strict_grammar_would_reorder(tmp_path):
+    # at tool_strict_level parameter vLLM writes arguments in the schema's property order
+    reordered = expense_chat(arguments='{"currency": "EUR", "amount": 12}')
+    path = write_jsonl(tmp_path / "t.jsonl", [expense_chat(), reordered])
+    checked = subprocess.run(
+        [TUNESHIP, "data", "check", str(path), "--no-tokens"], capture_output=True, text=True
+    )
+    assert checked.returncode == 0, checked.stderr
+    assert "1 conversations write a call's arguments in another order than its schema's " in (
+        checked.stdout
+    )
+    assert "(e.g. t.jsonl:2)" in checked.stdout
 
 
 def test_tuneship_template_renders_tools_and_leaves_plain_chats_as_they_were():

@@ -30,6 +30,7 @@ from tuneship.chat.records import (
     stream_file,
 )
 from tuneship.chat.tool_template import ToolFormat
+from tuneship.chat.tools import calls_off_schema_order
 from tuneship.infra.errors import TuneshipError
 
 MAX_LISTED = 200  # problems kept to print; the count is of all
@@ -107,6 +108,7 @@ def check(
     records, formats, turns, multi_turn = 0, Counter[str](), Counter[int](), 0
     repeats, repeat_ids = 0, list[str]()
     tool_conversations, calls, most_calls, tool_problems = 0, 0, 0, 0
+    off_order, off_order_ids = 0, list[str]()
 
     def problem(found: RecordProblem) -> None:
         nonlocal tool_problems
@@ -132,6 +134,10 @@ def check(
                 tool_conversations += 1
                 calls += item.calls
                 most_calls = max(most_calls, item.calls)
+                if calls_off_schema_order(item.tools, item.messages):
+                    off_order += 1
+                    if len(off_order_ids) < 10:
+                        off_order_ids.append(item.id)
             if duplicates.is_repeat(item):
                 repeats += 1
                 if len(repeat_ids) < 10:
@@ -159,6 +165,7 @@ def check(
             else 0,
             "most_calls": most_calls,
             "invalid_calls": tool_problems,
+            "off_schema_order": {"count": off_order, "ids": off_order_ids},
         },
     }
     if held_out and leaks and eval_paths:
@@ -202,6 +209,14 @@ def render(result: DataCheck, report: dict[str, Any]) -> str:
             "calls (undeclared function, bad JSON, arguments off the schema, unanswered results)"
             + (f"\n  {tools['format']}" if "format" in tools else "")
         )
+        off = tools["off_schema_order"]
+        if off["count"]:
+            lines.append(
+                f"  {off['count']} conversations write a call's arguments in another order than "
+                f"its schema's properties (e.g. {', '.join(off['ids'][:3])}): served at "
+                "tool_strict_level parameter, vLLM writes them in the schema's order, off what "
+                "training taught; reorder the schema's properties (or the arguments) to match"
+            )
     if "eval" in report:
         ev = report["eval"]
         lines.append(

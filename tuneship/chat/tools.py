@@ -105,6 +105,24 @@ def check_call(call: dict[str, Any], tools: tuple[dict[str, Any], ...], at: str)
         )
 
 
+def calls_off_schema_order(conv_tools: tuple[dict[str, Any], ...], messages: Any) -> int:
+    """How many of the calls write their arguments in another order than their function's
+    schema lists its properties. Served with a strict level of `parameter`, vLLM's grammar
+    writes arguments in the schema's order, so a model trained on another order is pushed off
+    what it learnt at every such call."""
+    order = {
+        t["function"]["name"]: list(((t["function"]["parameters"] or {}).get("properties")) or {})
+        for t in conv_tools
+    }
+    off = 0
+    for message in messages:
+        for call in message.get("tool_calls", ()):
+            written = list(call["function"]["arguments"])
+            listed = [k for k in order.get(call["function"]["name"], []) if k in written]
+            off += [k for k in written if k in listed] != listed
+    return off
+
+
 class CallLedger:
     """Calls made and answered as a conversation's turns go by: a tool turn answers the oldest
     unanswered call (or the one its tool_call_id names)."""
