@@ -192,7 +192,7 @@ def tool_cases(rng: random.Random, split: str, per_template: int) -> list[dict]:
 
 def tool_training_conversations() -> list[dict]:
     """Sessions of three requests each under one tool list, as an employee chats: the tool list
-    (~390 tokens) is paid once per three requests. Each request is a call (answered by the
+    (~490 tokens) is paid once per three requests. Each request is a call (answered by the
     system's result and a final answer, except some sessions' last one) or a handbook question
     answered without a call."""
     rng = random.Random(SEED + 1)

@@ -16,14 +16,17 @@ TOOLS: list[dict[str, Any]] = [
         "type": "function",
         "function": {
             "name": "submit_expense",
-            "description": "File an expense claim.",
+            "description": "File an expense claim for money an employee spent on work.",
             "parameters": {
                 "type": "object",
                 "properties": {
-                    "amount": {"type": "number"},
+                    "amount": {"type": "number", "description": "US dollars spent."},
                     "category": {
                         "type": "string",
                         "enum": ["meals", "lodging", "transport", "equipment", "training"],
+                        "description": "What the money was spent on: meals (food, drinks), "
+                        "lodging (hotels), transport (taxis, trains, flights), equipment "
+                        "(hardware such as monitors or headsets), training (courses, exams).",
                     },
                 },
                 "required": ["amount", "category"],
@@ -34,10 +37,16 @@ TOOLS: list[dict[str, Any]] = [
         "type": "function",
         "function": {
             "name": "get_policy",
-            "description": "Read a handbook clause by its code.",
+            "description": "Read the text of a handbook clause, given its code.",
             "parameters": {
                 "type": "object",
-                "properties": {"code": {"type": "string", "pattern": "^[A-Z]-[0-9]+\\.[0-9]+$"}},
+                "properties": {
+                    "code": {
+                        "type": "string",
+                        "pattern": "^[A-Z]-[0-9]+\\.[0-9]+$",
+                        "description": "The clause code, as the user gives it.",
+                    }
+                },
                 "required": ["code"],
             },
         },
@@ -46,13 +55,17 @@ TOOLS: list[dict[str, Any]] = [
         "type": "function",
         "function": {
             "name": "book_travel",
-            "description": "Book a business trip.",
+            "description": "Book a business trip: travel to a city and a hotel there.",
             "parameters": {
                 "type": "object",
                 "properties": {
-                    "destination": {"type": "string"},
-                    "date": {"type": "string", "format": "date"},
-                    "nights": {"type": "integer", "minimum": 1},
+                    "destination": {"type": "string", "description": "The city."},
+                    "date": {"type": "string", "format": "date", "description": "Day of travel."},
+                    "nights": {
+                        "type": "integer",
+                        "minimum": 1,
+                        "description": "How many nights of hotel stay.",
+                    },
                 },
                 "required": ["destination", "date", "nights"],
             },
