@@ -80,6 +80,10 @@ def test_calibration_gives_each_training_dataset_an_equal_share_until_it_runs_ou
         "data/replay.jsonl": 27,
     }
     assert calibration_sample(rows, 64, seed=0) == picked  # seeded
+    assert [dataset_of(i) for i in ("d.parquet#3", "shards#part-1.parquet:7")] == [
+        "d.parquet",
+        "shards",
+    ]
     plain = calibration_sample(rows, 64, seed=0, mix="rows")  # a dataset weighs its rows
     assert Counter(dataset_of(c.id) for c in plain)["data/tools.jsonl"] < 10
     assert sorted(calibration_sample(rows[:20], 64, seed=1), key=lambda c: c.id) == sorted(

@@ -17,8 +17,9 @@ if TYPE_CHECKING:
 
 
 def dataset_of(conversation_id: str) -> str:
-    """The training file a conversation came from ("FILE:LINE" or "FILE#INDEX")."""
-    return re.sub(r"[:#]\d+$", "", conversation_id)
+    """The training file or folder a conversation came from (its id is "FILE:LINE",
+    "FILE#INDEX" or "FOLDER#SHARD:ROW")."""
+    return re.sub(r"(:\d+|#.*)$", "", conversation_id)
 
 
 def calibration_sample(
