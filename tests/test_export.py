@@ -7,6 +7,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 from tuneship.chat.records import Conversation
 from tuneship.config.schema import ExportConfig
@@ -60,6 +61,29 @@ def test_asymmetric_scheme_stores_a_zero_point_per_group(tmp_path, tiny_run):
     assert zero.unique().numel() > 1  # fitted per group, not one constant offset
     recipe = read_bundle(out).quantization
     assert (recipe.scheme, recipe.symmetric) == ("W4A16_ASYM", False)
+
+
+def test_observer_picks_the_group_ranges_and_imatrix_weighs_them_by_the_calibration(
+    tmp_path, tiny_run
+):
+    from safetensors import safe_open
+
+    def scales(observer: str):
+        cfg = ExportConfig(observer=observer, calibration_samples=4, checks=False)
+        out = export(tiny_run, tmp_path / observer, cfg)
+        weights = json.loads((out / "model" / "config.json").read_text())["quantization_config"]
+        assert weights["config_groups"]["group_0"]["weights"]["observer"] == observer
+        assert read_bundle(out).quantization.observer == observer
+        with safe_open(str(out / "model" / "model.safetensors"), "pt") as tensors:
+            return tensors.get_tensor("model.layers.0.mlp.down_proj.weight_scale").float()
+
+    minmax, mse, imatrix = (
+        scales(o) for o in ("memoryless_minmax", "memoryless_mse", "imatrix_mse")
+    )
+    # a searched range clips outliers: no group's scale grows, and some shrink
+    assert (mse <= minmax + 1e-3).all() and (mse < minmax - 1e-3).any()
+    # weighed by the calibration activations, the search settles elsewhere in some groups
+    assert not torch.equal(imatrix, mse)
 
 
 def conversations(dataset: str, n: int) -> list[Conversation]:
@@ -201,6 +225,7 @@ def test_bundle_show_summarises_provenance_recipe_and_checks(tmp_path, tiny_run)
     assert "served model name: b" in text
     assert "W4A16 GPTQ via llmcompressor, group size 64, ignored lm_head" in text
     assert "calibrated on 2 conversations" in text and "train.jsonl 2)" in text
+    assert "ranges by memoryless_minmax" in text
     assert "stop_tokens: pass" in text and "preflight: skipped" in text
     assert "quality_gate: pass (data=" in text or "quality_gate: FAIL" in text
 

@@ -23,6 +23,7 @@ from tuneship.chat.records import RecordMapping
 from tuneship.chat.tool_template import DEFAULT_TOOL_STRICT_LEVEL, ToolStrictLevel
 
 # How GPTQ's calibration sample draws on the training datasets (tuneship/modelops/calibration.py)
+WeightObserver = Literal["memoryless_minmax", "memoryless_mse", "imatrix_mse"]
 CalibrationMix = Literal["datasets", "rows"]
 
 VLLM_DEFAULT_MAX_NUM_SEQS = 256
@@ -383,6 +384,13 @@ class ExportConfig(StrictModel):
         512, ge=16, description="Tokens kept per calibration conversation."
     )
     dampening_frac: float = Field(0.01, gt=0, lt=1, description="GPTQ Hessian dampening.")
+    observer: WeightObserver = Field(
+        "memoryless_minmax",
+        description="How each group's scale and zero point are chosen before GPTQ rounds "
+        "(llm-compressor's observer names): memoryless_minmax spans the group's min and max; "
+        "memoryless_mse searches for the clipping with the least squared error; imatrix_mse "
+        "weighs that error by how strongly the calibration activations use each input channel.",
+    )
     keep_16bit: list[str] = Field(
         default_factory=list,
         description="Linear layers left unquantized, besides lm_head: module names or "

@@ -160,7 +160,8 @@ def show(bundle_dir: Path) -> str:
         f"run: {m.run.name} ({m.run.path}), run.json sha256 {(m.run.run_json_sha256 or '')[:12]}",
         f"merge: into the {m.merge.into} in {m.merge.dtype}",
         f"quantization: {q.scheme} {q.algorithm} via {q.engine}, group size {q.group_size}, "
-        f"ignored {', '.join(q.ignore)}{calibrated}",
+        + (f"ranges by {q.observer}, " if q.observer else "")
+        + f"ignored {', '.join(q.ignore)}{calibrated}",
         f"layout: {m.layout}" + (f", adapters {', '.join(m.adapters)}" if m.adapters else ""),
         f"size: {_mb(m.sizes.model_bytes)} (merged 16-bit {_mb(m.sizes.merged_bytes or 0)}), "
         f"{len(m.files)} files",

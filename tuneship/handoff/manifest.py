@@ -256,6 +256,7 @@ class QuantizationInfo(Section):
     group_size: int | None = None
     ignore: list[str] = []
     dampening_frac: float | None = None
+    observer: str | None = None
     calibration: CalibrationInfo | None = None
     seconds: float | None = None
 

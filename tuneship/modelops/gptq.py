@@ -119,7 +119,12 @@ def quantize(
     scheme = QuantizationScheme(
         targets=["Linear"],
         weights=QuantizationArgs(
-            num_bits=4, type="int", symmetric=symmetric, strategy="group", group_size=group_size
+            num_bits=4,
+            type="int",
+            symmetric=symmetric,
+            strategy="group",
+            group_size=group_size,
+            observer=cfg.observer,
         ),
     )
     ignore = ["lm_head", *ROUTERS, *cfg.keep_16bit]
@@ -152,6 +157,7 @@ def quantize(
         group_size=group_size,
         ignore=ignore,
         dampening_frac=cfg.dampening_frac,
+        observer=cfg.observer,
         calibration=CalibrationInfo(
             samples=len(rows),
             tokens=sum(len(r["input_ids"]) for r in rows),
