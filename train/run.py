@@ -79,6 +79,13 @@ class Prepared:
     distillation: Distillation | None = None  # once the teacher targets are computed
 
 
+# Under torchrun the training objects outlive the process group: freed after it is destroyed,
+# DDP's reducer drops the last reference to gloo's group, whose destructor can wait forever for
+# a peer that has gone (a rank hung at the end of a finished run, in the frame teardown of
+# `run`). They are never freed: the CLI ends a distributed run with os._exit.
+HELD_UNTIL_EXIT: list[object] = []
+
+
 def run(
     cfg: TrainConfig,
     force: bool = False,
@@ -151,6 +158,8 @@ def run(
     # The group closes before rank 0's solo work (hashing a 140 GB base, fsync on network
     # storage): no rank waits for it in a collective, so its length meets no timeout.
     leave_process_group(world)
+    if world > 1:
+        HELD_UNTIL_EXIT.append((training, model))
     if rank != 0:
         return None
     base_info = describe_base(cfg, base, tokenizer, eot_id)
