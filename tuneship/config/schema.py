@@ -23,8 +23,9 @@ from tuneship.chat.records import RecordMapping
 from tuneship.chat.tool_template import DEFAULT_TOOL_STRICT_LEVEL, ToolStrictLevel
 
 # How GPTQ's calibration sample draws on the training datasets (tuneship/modelops/calibration.py)
-WeightObserver = Literal["memoryless_minmax", "memoryless_mse", "imatrix_mse"]
 CalibrationMix = Literal["datasets", "rows"]
+# How each weight group's range is picked before GPTQ rounds (llm-compressor's observer names)
+WeightObserver = Literal["memoryless_minmax", "memoryless_mse", "imatrix_mse"]
 
 VLLM_DEFAULT_MAX_NUM_SEQS = 256
 
