@@ -40,7 +40,7 @@ from tuneship.handoff.manifest import BundleManifest, ComputeInfo, RunManifest, 
 from tuneship.handoff.runs import check_run, training_conversations
 from tuneship.infra.errors import ConfigError, TuneshipError
 from tuneship.infra.fsutil import check_output_free, staged_dir
-from tuneship.modelops.calibration import calibration_sample
+from tuneship.modelops.calibration import recipe_sample
 from tuneship.modelops.gptq import quantize
 from tuneship.modelops.merging import merge
 from tuneship.modelops.precision import compute_precision
@@ -324,12 +324,7 @@ def base_through_the_recipe(
         flush=True,
     )
     quantized = session.work / "base-w4a16"
-    sample = calibration_sample(
-        training_conversations(manifest),
-        export_cfg.calibration_samples,
-        export_cfg.seed,
-        export_cfg.calibration_mix,
-    )
+    sample = recipe_sample(training_conversations(manifest), tokenizer, export_cfg)
     quantize(Path(manifest.base.path), tokenizer, sample, export_cfg, quantized, session.dtype)
     general = session.questions.general
     answers = served_answers(session, quantized, general, "base-w4a16")

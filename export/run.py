@@ -18,6 +18,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from pydantic import ValidationError
+
 from tuneship.chat.records import Conversation
 from tuneship.config.schema import ExportConfig
 from tuneship.handoff.bundles import engine_arguments, show, verify
@@ -41,7 +43,7 @@ from tuneship.handoff.manifest import (
 from tuneship.handoff.runs import check_run, training_conversations
 from tuneship.infra.errors import TuneshipError
 from tuneship.infra.fsutil import check_output_free, hash_tree, sha256_file, staged_dir, tree_size
-from tuneship.modelops.calibration import calibration_sample
+from tuneship.modelops.calibration import recipe_sample
 from tuneship.modelops.gptq import quantize
 from tuneship.modelops.merging import merge
 from tuneship.modelops.precision import compute_precision
@@ -94,9 +96,7 @@ def run(run_dir: Path, out_dir: Path, cfg: ExportConfig, force: bool = False) ->
         print(f"merging {run_dir / 'adapter'} into {manifest.base.path} ...")
         tokenizer = merge(manifest.base.path, run_dir / "adapter", merged_dir, dtype)
         merge_s = time.monotonic() - started
-        sample = calibration_sample(
-            conversations, cfg.calibration_samples, cfg.seed, cfg.calibration_mix
-        )
+        sample = recipe_sample(conversations, tokenizer, cfg)
         print(
             f"GPTQ {cfg.scheme} with llm-compressor on {len(sample)} training chats "
             f"({cfg.calibration_mix} mix) ..."
@@ -256,7 +256,16 @@ def up_to_date(out_dir: Path, run_dir: Path, cfg: ExportConfig) -> bool:
     except TuneshipError:
         return False
     same_run = bundle.run.run_json_sha256 == sha256_file(run_dir / RUN_FILE)
-    return same_run and bundle.config == cfg.model_dump()
+    return same_run and recorded_config(bundle) == cfg
+
+
+def recorded_config(bundle: BundleManifest) -> ExportConfig | None:
+    """The config a bundle records, with today's defaults for keys added since it was made
+    (None when it no longer validates: a key since removed)."""
+    try:
+        return ExportConfig.model_validate(bundle.config)
+    except ValidationError:
+        return None
 
 
 def remove_stale_partials(out_dir: Path) -> None:

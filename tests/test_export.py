@@ -115,6 +115,25 @@ def test_calibration_gives_each_training_dataset_an_equal_share_until_it_runs_ou
     )
 
 
+def test_token_mix_gives_each_training_dataset_an_equal_share_of_the_tokens():
+    from tuneship.modelops.calibration import calibration_sample, dataset_of
+
+    rows = conversations("chat.jsonl", 400) + conversations("tools.jsonl", 40)
+    length = {"data/chat.jsonl": 100, "data/tools.jsonl": 1000}  # tool sessions: 10x longer
+
+    def tokens(conv):
+        return length[dataset_of(conv.id)]
+
+    picked = calibration_sample(rows, 66, seed=0, mix="tokens", length=tokens)
+    assert len({c.id for c in picked}) == 66
+    assert Counter(dataset_of(c.id) for c in picked) == {
+        "data/chat.jsonl": 60,
+        "data/tools.jsonl": 6,
+    }
+    by_rows = calibration_sample(rows, 66, seed=0, mix="datasets", length=tokens)
+    assert Counter(dataset_of(c.id) for c in by_rows)["data/tools.jsonl"] == 33
+
+
 def test_keep_16bit_layers_stay_unquantized_in_the_bundle(tmp_path, tiny_run):
     from safetensors import safe_open
 
@@ -177,6 +196,11 @@ def test_second_export_sees_the_verified_bundle_and_returns_at_once(tmp_path, ti
     export(tiny_run, tmp_path / "b", cfg)
     assert "nothing to do" in capsys.readouterr().out
     assert (out / "bundle.json").stat().st_mtime_ns == stamp
+    recorded = json.loads((out / "bundle.json").read_text())
+    del recorded["config"]["observer"]  # as in a bundle made before the key was added
+    (out / "bundle.json").write_text(json.dumps(recorded))
+    export(tiny_run, tmp_path / "b", cfg)
+    assert "nothing to do" in capsys.readouterr().out
     with pytest.raises(TuneshipError, match="already exists"):
         export(tiny_run, tmp_path / "b", cfg.model_copy(update={"calibration_samples": 3}))
 

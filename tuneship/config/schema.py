@@ -23,7 +23,7 @@ from tuneship.chat.records import RecordMapping
 from tuneship.chat.tool_template import DEFAULT_TOOL_STRICT_LEVEL, ToolStrictLevel
 
 # How GPTQ's calibration sample draws on the training datasets (tuneship/modelops/calibration.py)
-CalibrationMix = Literal["datasets", "rows"]
+CalibrationMix = Literal["datasets", "tokens", "rows"]
 # How each weight group's range is picked before GPTQ rounds (llm-compressor's observer names)
 WeightObserver = Literal["memoryless_minmax", "memoryless_mse", "imatrix_mse"]
 
@@ -378,8 +378,10 @@ class ExportConfig(StrictModel):
     calibration_mix: CalibrationMix = Field(
         "datasets",
         description="How the calibration sample draws on the training datasets: datasets, an "
-        "equal share each (a small dataset with a behaviour of its own, such as tool calls, is "
-        "calibrated on as much as a large one); rows, in proportion to their rows.",
+        "equal share of the rows each (a small dataset with a behaviour of its own, such as tool "
+        "calls, is calibrated on as much as a large one); tokens, an equal share of the tokens "
+        "each (a dataset of few but long conversations does not outweigh the others); rows, in "
+        "proportion to their rows.",
     )
     calibration_max_length: int = Field(
         512, ge=16, description="Tokens kept per calibration conversation."

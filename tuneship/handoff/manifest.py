@@ -242,7 +242,7 @@ class CalibrationInfo(Section):
     max_length: int
     seed: int
     ids: list[str] = []
-    mix: str | None = None  # "datasets" or "rows" (ExportConfig.calibration_mix)
+    mix: str | None = None  # "datasets", "tokens" or "rows" (ExportConfig.calibration_mix)
     datasets: dict[str, int] = {}  # conversations drawn from each training dataset
 
 

@@ -6,11 +6,12 @@ from __future__ import annotations
 import random
 import re
 from collections import defaultdict
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from tuneship.chat.records import Conversation
 from tuneship.chat.template import render
-from tuneship.config.schema import CalibrationMix
+from tuneship.config.schema import CalibrationMix, ExportConfig
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
@@ -23,14 +24,20 @@ def dataset_of(conversation_id: str) -> str:
 
 
 def calibration_sample(
-    conversations: list[Conversation], samples: int, seed: int, mix: CalibrationMix = "datasets"
+    conversations: list[Conversation],
+    samples: int,
+    seed: int,
+    mix: CalibrationMix = "datasets",
+    length: Callable[[Conversation], int] = lambda conv: 1,
 ) -> list[Conversation]:
     """The training conversations GPTQ calibrates on, seeded. `rows`: a plain sample, so each
-    dataset weighs as many rows as it has. `datasets`: each training dataset an equal share (one
-    with fewer rows gives all it has, the others share the rest), because a small dataset
-    often carries a behaviour of its own (tool calls, a format) that a plain sample of a few
-    hundred rows would calibrate on two or three conversations, and 4-bit weights then lose it
-    first."""
+    dataset weighs as many rows as it has. `datasets`: each training dataset an equal share of
+    the rows (one with fewer rows gives all it has, the others share the rest), because a small
+    dataset often carries a behaviour of its own (tool calls, a format) that a plain sample of a
+    few hundred rows would calibrate on two or three conversations, and 4-bit weights then lose
+    it first. `tokens`: each dataset an equal share of the tokens (`length` of each
+    conversation), so a dataset of long conversations (whole tool sessions) is not most of what
+    GPTQ sees when its rows are few but long."""
     rng = random.Random(seed)
     if mix == "rows" or samples >= len(conversations):
         return rng.sample(conversations, min(samples, len(conversations)))
@@ -38,22 +45,45 @@ def calibration_sample(
     for conv in conversations:
         by_dataset[dataset_of(conv.id)].append(conv)
     pools = [rng.sample(rows, len(rows)) for _, rows in sorted(by_dataset.items())]
+    share = [0] * len(pools)  # rows or tokens drawn from each dataset so far
     picked: list[Conversation] = []
-    while len(picked) < samples:  # round robin: equal shares, the small ones run out first
-        for pool in pools:
-            if pool and len(picked) < samples:
-                picked.append(pool.pop())
+    while len(picked) < samples:  # the dataset furthest behind draws next; empty ones drop out
+        behind = min((i for i, pool in enumerate(pools) if pool), key=lambda i: share[i])
+        conv = pools[behind].pop()
+        share[behind] += length(conv) if mix == "tokens" else 1
+        picked.append(conv)
     return picked
+
+
+def recipe_sample(
+    conversations: list[Conversation], tokenizer: PreTrainedTokenizerBase, cfg: ExportConfig
+) -> list[Conversation]:
+    """The calibration sample an export config asks for (the export's, and the eval's base
+    model quantized with the same recipe)."""
+    return calibration_sample(
+        conversations,
+        cfg.calibration_samples,
+        cfg.seed,
+        cfg.calibration_mix,
+        lambda conv: len(calibration_ids(tokenizer, conv, cfg.calibration_max_length)),
+    )
+
+
+def calibration_ids(
+    tokenizer: PreTrainedTokenizerBase, conversation: Conversation, max_length: int
+) -> list[int]:
+    """The conversation rendered with the chat template (and its tools) and tokenized (the
+    template writes any BOS itself), cut to max_length tokens."""
+    text = render(tokenizer, list(conversation.messages), tools=list(conversation.tools))
+    return tokenizer(text, add_special_tokens=False).input_ids[:max_length]
 
 
 def calibration_rows(
     tokenizer: PreTrainedTokenizerBase, sample: list[Conversation], max_length: int
 ) -> list[dict[str, list[int]]]:
-    """Each conversation rendered with the chat template (and its tools) and tokenized (the
-    template writes any BOS itself), cut to max_length tokens."""
+    """The sample as GPTQ's calibration dataset rows."""
     rows = []
     for conv in sample:
-        text = render(tokenizer, list(conv.messages), tools=list(conv.tools))
-        ids = tokenizer(text, add_special_tokens=False).input_ids[:max_length]
+        ids = calibration_ids(tokenizer, conv, max_length)
         rows.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
     return rows
