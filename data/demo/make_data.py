@@ -136,7 +136,9 @@ def general_questions() -> list[dict]:
     return [{"question": q, "answers": answers} for q, answers in GENERAL]
 
 
-def tool_cases(rng: random.Random, split: str, per_template: int) -> list[dict]:
+def tool_cases(
+    rng: random.Random, split: str, per_template: int, expense_per_template: int | None = None
+) -> list[dict]:
     """Tool requests of one split: the prompt, the call it needs, the system's result and the
     final answer that reports it (with the fact that answer must contain)."""
     wordings = {
@@ -150,7 +152,7 @@ def tool_cases(rng: random.Random, split: str, per_template: int) -> list[dict]:
     cases = []
     purchases = itertools.cycle(tools.expense_items(rng))
     for template in wordings[0]:
-        for _ in range(per_template):
+        for _ in range(expense_per_template or per_template):
             category, item = next(purchases)
             amount, text = tools.expense_amount(rng)
             claim = f"EXP-{rng.randint(1000, 9999)}"
@@ -198,7 +200,8 @@ def tool_training_conversations() -> list[dict]:
     rng = random.Random(SEED + 1)
     # (the user's turn, then the answer without a call, or the case whose call answers it)
     turns: list[tuple[dict, dict]] = []
-    for case in tool_cases(rng, "train", per_template=2):
+    # expenses asked more often: the category is the one argument the request does not spell out
+    for case in tool_cases(rng, "train", per_template=2, expense_per_template=3):
         turns.append(({"role": "user", "content": case["prompt"]}, case))
     for _, subject, _, _, answer in rng.sample(FACTS, 10):
         question = rng.choice(tools.NO_CALL_TEMPLATES_TRAIN).format(s=subject)

@@ -94,6 +94,18 @@ CITIES_TRAIN = [
     "Dublin",
     "Boston",
     "Milan",
+    "Paris",
+    "Sydney",
+    "Warsaw",
+    "Zurich",
+    "Kyoto",
+    "Houston",
+    "Seattle",
+    "Munich",
+    "Rome",
+    "Helsinki",
+    "Stockholm",
+    "Montreal",
 ]
 CITIES_HELDOUT = ["Lisbon", "Atlanta", "Nagoya", "Vienna", "Portland", "Oslo", "Phoenix", "Prague"]
 
@@ -110,6 +122,12 @@ EXPENSE_TRAIN = [
     "Hey, I bought a {item} for ${amount} for work. Please expense it.",
     "File a claim: ${amount}, {item}.",
     "Could you get my ${amount} {item} paid back?",
+    "My {item} came to ${amount}; please process the reimbursement.",
+    "Log ${amount} for a {item} as a work expense.",
+    "I'd like to claim the {item} I bought: ${amount}.",
+    "Add a ${amount} {item} to my expenses.",
+    "Can you refund me ${amount} for the {item}?",
+    "Record an expense of ${amount}: {item}.",
 ]
 POLICY_TRAIN = [
     "Show me policy {code}.",
@@ -136,6 +154,12 @@ TRAVEL_TRAIN = [
     "Plan my trip to {city}: {date}, {nights} nights.",
     "I'll be in {city} for {nights} nights starting {date}. Set it up please.",
     "Send me to {city} on {date} for {nights} nights.",
+    "Fly me to {city} on {date}; I need a hotel for {nights} nights.",
+    "Please sort out travel and a hotel in {city}, arriving {date}, {nights} nights.",
+    "I have a meeting in {city} on {date}. Book {nights} nights for me.",
+    "Could you arrange {nights} nights in {city}? I leave on {date}.",
+    "Trip request for {city}: departure {date}, a stay of {nights} nights.",
+    "I need to be in {city} on {date} for {nights} nights; book it please.",
 ]
 # Validation (the export's tool check) and held-out (`tuneship eval`) wordings: never in training.
 EXPENSE_VALIDATION = ["Could you put in a claim for ${amount} spent on a {item}?"]
