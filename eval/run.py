@@ -318,9 +318,10 @@ def base_through_the_recipe(
     probes: dict[str, ProbeResult],
 ) -> BaseIn4Bit:
     """The base model quantized with the bundle's own recipe and asked the general questions."""
+    tuned = ", its scales tuned toward the 16-bit base" if export_cfg.scale_tuning_epochs else ""
     print(
-        "base model in W4A16 (the bundle's recipe): GPTQ, then the general questions through "
-        "vLLM ...",
+        f"base model in W4A16 (the bundle's recipe): GPTQ{tuned}, then the general questions "
+        "through vLLM ...",
         flush=True,
     )
     quantized = session.work / "base-w4a16"

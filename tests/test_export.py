@@ -418,3 +418,57 @@ def test_a_bundle_computed_in_fp32_is_stored_as_one_computed_in_bf16(tmp_path, t
         assert compute.precision == precision and compute.reason == f"set to {precision}"
         config = json.loads((out[precision] / "model" / "config.json").read_text())
         assert config["dtype"] == "bfloat16"
+
+
+def test_scale_tuning_keeps_the_4bit_integers_and_brings_the_bundle_closer_to_the_merged_model(
+    tmp_path, tiny_run
+):
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CompressedTensorsConfig
+
+    from tuneship.handoff.bundles import show
+    from tuneship.handoff.manifest import read_run
+    from tuneship.handoff.runs import training_conversations
+    from tuneship.modelops.calibration import tuning_examples
+    from tuneship.modelops.scale_tuning import mean_kl
+
+    settings = dict(calibration_samples=8, checks=False, keep_merged=True, precision="fp32")
+    plain = export(tiny_run, tmp_path / "plain", ExportConfig(**settings))
+    tuned_cfg = ExportConfig(
+        **settings, scale_tuning_epochs=8, scale_tuning_lr=0.02, scale_tuning_batch=8
+    )
+    tuned = export(tiny_run, tmp_path / "tuned", tuned_cfg)
+
+    def tensors(out: Path, layer: str = "model.layers.1.mlp.down_proj"):
+        with safe_open(str(out / "model" / "model.safetensors"), "pt") as t:
+            return t.get_tensor(f"{layer}.weight_packed"), t.get_tensor(f"{layer}.weight_scale")
+
+    (plain_ints, plain_scales), (tuned_ints, tuned_scales) = tensors(plain), tensors(tuned)
+    assert torch.equal(plain_ints, tuned_ints)  # GPTQ's integers, untouched
+    assert not torch.equal(plain_scales, tuned_scales)
+    info = read_bundle(tuned).quantization.scale_tuning
+    assert info is not None and read_bundle(plain).quantization.scale_tuning is None
+    assert info.steps == 8 and 0 < info.largest_change < 1  # 64 conversations, 8 a step
+    assert "; scales tuned toward the merged model (8 epochs, 8 steps, KL " in show(tuned)
+
+    def load(path: Path):
+        config = CompressedTensorsConfig(run_compressed=False) if path.name == "model" else None
+        return AutoModelForCausalLM.from_pretrained(
+            path, dtype=torch.float32, quantization_config=config
+        ).eval()
+
+    ids = set(read_bundle(tuned).quantization.calibration.ids)
+    sample = [c for c in training_conversations(read_run(tiny_run)) if c.id in ids]
+    tokenizer = AutoTokenizer.from_pretrained(tuned / "model")
+    examples = tuning_examples(tokenizer, sample, tuned_cfg.calibration_max_length)
+    merged = load(tuned / "merged")
+    assert mean_kl(load(tuned / "model"), merged, examples) < 0.8 * mean_kl(
+        load(plain / "model"), merged, examples
+    )
+
+
+def test_scale_tuning_settings_are_checked_at_the_boundary():
+    with pytest.raises(ValueError, match="scale_tuning_epochs"):
+        ExportConfig(scale_tuning_epochs=-1)
+    with pytest.raises(ValueError, match="scale_tuning_lr"):
+        ExportConfig(scale_tuning_lr=0)

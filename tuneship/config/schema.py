@@ -394,6 +394,27 @@ class ExportConfig(StrictModel):
         "memoryless_mse searches for the clipping with the least squared error; imatrix_mse "
         "weighs that error by how strongly the calibration activations use each input channel.",
     )
+    scale_tuning_epochs: float = Field(
+        0,
+        ge=0,
+        le=20,
+        description="After GPTQ, passes over the calibration sample that tune each group's "
+        "scale, its 4-bit integers fixed, so that the bundle's next-token distributions on the "
+        "assistant turns come closer to the merged model's (KL divergence); 0: GPTQ alone. The "
+        "bundle keeps its format and size. Costs about a training epoch over the sample.",
+    )
+    scale_tuning_lr: float = Field(
+        1e-3,
+        gt=0,
+        le=0.1,
+        description="Adam's step for scale tuning: the relative change of a scale per step.",
+    )
+    scale_tuning_batch: int = Field(
+        32,
+        ge=1,
+        description="Conversations per scale-tuning step: one conversation's gradient is mostly "
+        "noise, and Adam takes a full step on whatever it is given.",
+    )
     keep_16bit: list[str] = Field(
         default_factory=list,
         description="Linear layers left unquantized, besides lm_head: module names or "

@@ -16,6 +16,7 @@ from tuneship.handoff.manifest import (
     BundleManifest,
     Check,
     CheckRecord,
+    ScaleTuningInfo,
     read_bundle,
     read_manifest,
     verify_files,
@@ -143,6 +144,16 @@ def _check_line(name: str, check: Check) -> str:
     return f"  {name}: {status}" + (f" ({', '.join(shown)})" if shown else "")
 
 
+def _scale_tuning(tuning: ScaleTuningInfo | None) -> str:
+    if tuning is None:
+        return ""
+    kl = f", KL {tuning.kl_first} -> {tuning.kl_last}" if tuning.kl_first is not None else ""
+    return (
+        f"; scales tuned toward the merged model ({tuning.epochs:g} epochs, {tuning.steps} "
+        f"steps{kl}, largest change {tuning.largest_change:.1%})"
+    )
+
+
 def show(bundle_dir: Path) -> str:
     m = read_bundle(Path(bundle_dir))
     q, cal = m.quantization, m.quantization.calibration
@@ -161,7 +172,8 @@ def show(bundle_dir: Path) -> str:
         f"merge: into the {m.merge.into} in {m.merge.dtype}",
         f"quantization: {q.scheme} {q.algorithm} via {q.engine}, group size {q.group_size}, "
         + (f"ranges by {q.observer}, " if q.observer else "")
-        + f"ignored {', '.join(q.ignore)}{calibrated}",
+        + f"ignored {', '.join(q.ignore)}{calibrated}"
+        + _scale_tuning(q.scale_tuning),
         f"layout: {m.layout}" + (f", adapters {', '.join(m.adapters)}" if m.adapters else ""),
         f"size: {_mb(m.sizes.model_bytes)} (merged 16-bit {_mb(m.sizes.merged_bytes or 0)}), "
         f"{len(m.files)} files",

@@ -246,6 +246,20 @@ class CalibrationInfo(Section):
     datasets: dict[str, int] = {}  # conversations drawn from each training dataset
 
 
+class ScaleTuningInfo(Section):
+    """The group scales tuned after GPTQ toward the merged model (ExportConfig.scale_tuning_*):
+    the mean KL divergence per assistant token of the first and of the last 16 conversations
+    drawn (fewer on a small sample)."""
+
+    epochs: float
+    learning_rate: float
+    steps: int
+    kl_first: float | None = None
+    kl_last: float | None = None
+    largest_change: float = 0.0  # the most any scale moved, relative
+    seconds: float | None = None
+
+
 class QuantizationInfo(Section):
     scheme: str
     engine: str | None = None
@@ -258,6 +272,7 @@ class QuantizationInfo(Section):
     dampening_frac: float | None = None
     observer: str | None = None
     calibration: CalibrationInfo | None = None
+    scale_tuning: ScaleTuningInfo | None = None
     seconds: float | None = None
 
 

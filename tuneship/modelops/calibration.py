@@ -9,8 +9,9 @@ from collections import defaultdict
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from tuneship.chat.labels import tokenize_conversation
 from tuneship.chat.records import Conversation
-from tuneship.chat.template import render
+from tuneship.chat.template import end_of_turn, render
 from tuneship.config.schema import CalibrationMix, ExportConfig
 
 if TYPE_CHECKING:
@@ -87,3 +88,16 @@ def calibration_rows(
         ids = calibration_ids(tokenizer, conv, max_length)
         rows.append({"input_ids": ids, "attention_mask": [1] * len(ids)})
     return rows
+
+
+def tuning_examples(
+    tokenizer: PreTrainedTokenizerBase, sample: list[Conversation], max_length: int
+) -> list[tuple[list[int], list[int]]]:
+    """The sample as scale tuning's (input ids, labels): the labels mark the assistant turns, as
+    training's do, and the ids are the calibration's (the same rendering, cut alike)."""
+    eot_text, _ = end_of_turn(tokenizer)
+    examples = []
+    for conv in sample:
+        example = tokenize_conversation(tokenizer, conv, eot_text, max_length)
+        examples.append((example.input_ids, example.labels))
+    return examples

@@ -15,7 +15,8 @@ from tuneship.chat.records import Conversation
 from tuneship.config.schema import ExportConfig
 from tuneship.handoff.manifest import CalibrationInfo, QuantizationInfo
 from tuneship.infra.errors import TuneshipError
-from tuneship.modelops.calibration import calibration_rows, dataset_of
+from tuneship.modelops.calibration import calibration_rows, dataset_of, tuning_examples
+from tuneship.modelops.scale_tuning import tune_scales
 
 if TYPE_CHECKING:
     import torch
@@ -140,6 +141,18 @@ def quantize(
         shuffle_calibration_samples=False,
         log_dir=None,
     )
+    tuning = None
+    if cfg.scale_tuning_epochs > 0:
+        tuning = tune_scales(
+            model,
+            merged_dir,
+            tuning_examples(tokenizer, sample, cfg.calibration_max_length),
+            cfg.scale_tuning_epochs,
+            cfg.scale_tuning_lr,
+            cfg.seed,
+            dtype,
+            cfg.scale_tuning_batch,
+        )
     # nn.Module's own `to`: transformers wraps PreTrainedModel.to in a way type checkers misread
     torch.nn.Module.to(model, dtype=torch.bfloat16)
     model.save_pretrained(out_dir, save_compressed=True)
@@ -167,4 +180,5 @@ def quantize(
             mix=cfg.calibration_mix,
             datasets=dict(Counter(dataset_of(c.id) for c in sample)),
         ),
+        scale_tuning=tuning,
     )
