@@ -81,8 +81,9 @@ def assistant_kl(
     import torch
     import torch.nn.functional as F
 
-    ids = torch.tensor([input_ids])
-    keep = torch.tensor([i for i, label in enumerate(labels[1:]) if label != IGNORE])
+    device = next(model.parameters()).device  # where GPTQ left the model
+    ids = torch.tensor([input_ids], device=device)
+    keep = torch.tensor([i for i, label in enumerate(labels[1:]) if label != IGNORE], device=device)
     with torch.no_grad():
         target = F.log_softmax(teacher(ids, logits_to_keep=keep).logits[0].float(), -1)
     student = F.log_softmax(model(ids, logits_to_keep=keep).logits[0].float(), -1)
@@ -124,7 +125,9 @@ def tune_scales(
     from transformers import AutoModelForCausalLM
 
     examples = [ex for ex in examples if any(label != IGNORE for label in ex[1][1:])]
+    device = next(model.parameters()).device
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=dtype).eval()
+    torch.nn.Module.to(teacher, device)  # nn.Module's `to`: see gptq.quantize
     layers = quantized_layers(model)
     wrapped = {id(layer.module): layer.module.forward for layer in layers}
     for param in model.parameters():
