@@ -467,6 +467,16 @@ def test_scale_tuning_keeps_the_4bit_integers_and_brings_the_bundle_closer_to_th
     )
 
 
+def test_scale_tuning_needs_assistant_tokens_in_the_calibration_sample():
+    from tuneship.modelops.scale_tuning import tune_scales
+
+    prompts_only = [([1, 2, 3], [-100, -100, -100])]
+    with pytest.raises(TuneshipError, match="no calibration conversation has an assistant token"):
+        tune_scales(
+            torch.nn.Linear(2, 2), Path("unused"), prompts_only, 1, 1e-3, 0, torch.float32, 8
+        )
+
+
 def test_scale_tuning_settings_are_checked_at_the_boundary():
     with pytest.raises(ValueError, match="scale_tuning_epochs"):
         ExportConfig(scale_tuning_epochs=-1)

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from tuneship.chat.labels import IGNORE
 from tuneship.handoff.manifest import ScaleTuningInfo
+from tuneship.infra.errors import TuneshipError
 
 if TYPE_CHECKING:
     import torch
@@ -125,6 +126,11 @@ def tune_scales(
     from transformers import AutoModelForCausalLM
 
     examples = [ex for ex in examples if any(label != IGNORE for label in ex[1][1:])]
+    if not examples:
+        raise TuneshipError(
+            "scale tuning: no calibration conversation has an assistant token within "
+            "calibration_max_length; raise it, or set scale_tuning_epochs: 0"
+        )
     device = next(model.parameters()).device
     teacher = AutoModelForCausalLM.from_pretrained(teacher_dir, dtype=dtype).eval()
     torch.nn.Module.to(teacher, device)  # nn.Module's `to`: see gptq.quantize
