@@ -148,7 +148,13 @@ def test_packed_and_padded_batches_train_the_same(tmp_path, tiny_base, small_dat
 
 
 def test_gradient_checkpointing_gives_the_same_training(tmp_path, tiny_base, small_dataset):
-    plain = run(train_config(tmp_path, tiny_base, small_dataset, name="plain", max_steps=4))
+    # checkpointing turns share_prefix off (trainer.prefix_sharing), so the plain run too: the
+    # same sums in another order differ in the last bits, which Adam's first steps magnify
+    plain = run(
+        train_config(
+            tmp_path, tiny_base, small_dataset, name="plain", max_steps=4, share_prefix=False
+        )
+    )
     ckpt = run(
         train_config(
             tmp_path, tiny_base, small_dataset, name="gc", max_steps=4, gradient_checkpointing=True

@@ -237,3 +237,26 @@ def test_config_rejects_contradictory_eval_settings():
         from tuneship.config.loading import load_config
 
         load_config(TrainConfig, None, {"name": "x", "data": ["a"], "early_stopping_patience": 2})
+
+
+def test_batches_group_rows_of_a_rare_length_together():
+    """10 tool sessions of ~960 tokens among 30 chats of ~70, batches of 8: the sessions fill one
+    batch and share at most one more with chats (transformers' grouping within random groups
+    mixes them into several, each chat padded to 960). Every row once an epoch, the longest
+    batch first, and another order the next epoch."""
+    import torch
+
+    from tuneship.train.examples import SortedBatches
+
+    lengths = [960 + i for i in range(10)] + [70 + i % 5 for i in range(30)]
+    torch.manual_seed(0)
+    sampler = SortedBatches(lengths, 8)
+    epochs = [list(sampler), list(sampler)]
+    for order in epochs:
+        assert sorted(order) == list(range(40))
+        batches = [order[i : i + 8] for i in range(0, 40, 8)]
+        assert max(lengths) in [lengths[i] for i in batches[0]]
+        mixed = [b for b in batches if {lengths[i] > 500 for i in b} == {True, False}]
+        assert len(mixed) <= 1
+    assert epochs[0] != epochs[1]
+    assert list(SortedBatches([], 8)) == []

@@ -14,6 +14,12 @@ layer (logit soft-capping or scaling).
 The distilled rows' targets come with the batch (teacher.py computed them before training), so
 a step runs the model once on every rank, whatever its rows: no teacher pass for the ranks of a
 distributed run to agree on.
+
+Rows of a batch often begin with the same tokens: a system prompt, the tool list of every tool
+conversation (~490 tokens of the demo's ~960). With `share_prefix`, the model runs that prefix
+once, for one row, keeps its keys and values, and runs the rest of each row against them: the
+same hidden states and gradients (the prefix's are summed over the rows it stands for), for
+half the computation on the demo's tool batches.
 """
 
 from __future__ import annotations
@@ -25,7 +31,8 @@ from typing import Any
 
 import torch
 from torch.distributed.tensor import DTensor
-from transformers import Trainer
+from transformers import DynamicCache, Trainer
+from transformers.cache_utils import DynamicLayer
 
 from tuneship.chat.labels import IGNORE
 
@@ -145,6 +152,60 @@ def final_hidden(causal_lm: Any) -> Iterator[list[Any]]:
         handle.remove()
 
 
+# Below this many shared tokens a second forward call may cost more than it saves. The base's
+# own 24-token system prompt on 8 of the demo's short chats saves ~5% of a CPU step
+# (bench/prefix.py).
+SHARED_PREFIX_MIN = 16
+
+
+def shared_prefix(input_ids: Any, attention_mask: Any) -> int:
+    """How many tokens every row of a right-padded batch begins with, short of each row's last
+    token (so every row keeps one of its own); 0 for one row, or a prefix under
+    SHARED_PREFIX_MIN."""
+    rows = input_ids.shape[0]
+    if rows < 2 or attention_mask is None:
+        return 0
+    shortest = int(attention_mask.sum(-1).min())
+    if shortest - 1 < SHARED_PREFIX_MIN or not bool(attention_mask[:, :shortest].all()):
+        return 0  # a row too short, or padding on the left
+    same = (input_ids[:, : shortest - 1] == input_ids[:1, : shortest - 1]).all(0)
+    length = int(same.int().cumprod(0).sum())
+    return length if length >= SHARED_PREFIX_MIN else 0
+
+
+def plain_cache(cache: Any, length: int) -> bool:
+    """A cache of full attention's keys and values, every layer `length` tokens: what can stand
+    for the prefix of every row (not sliding windows, linear attention or quantized caches)."""
+    return type(cache) is DynamicCache and all(
+        type(layer) is DynamicLayer and layer.get_seq_length() == length for layer in cache.layers
+    )
+
+
+def forward_with_shared_prefix(model: Any, inputs: dict[str, Any], prefix: int, keep: Any) -> Any:
+    """The model's forward on a batch whose rows all begin with the same `prefix` tokens: the
+    prefix once, for the first row, then every row's rest against its keys and values. Returns
+    the second pass's outputs, or None when the model's cache cannot be shared (nothing of the
+    batch computed then)."""
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    head = model(
+        input_ids=ids[:1, :prefix],
+        attention_mask=mask[:1, :prefix],
+        use_cache=True,
+        logits_to_keep=keep,
+    )
+    cache = head.past_key_values
+    if not plain_cache(cache, prefix):
+        return None
+    cache.batch_repeat_interleave(ids.shape[0])  # differentiable: the rows' gradients add up
+    return model(
+        input_ids=ids[:, prefix:],
+        attention_mask=mask,
+        past_key_values=cache,
+        use_cache=True,
+        logits_to_keep=keep,
+    )
+
+
 def full_weight(weight: Any) -> Any:
     """The whole output layer (FSDP may hold only this rank's shard of it)."""
     return weight.full_tensor() if isinstance(weight, DTensor) else weight
@@ -156,9 +217,12 @@ class LossTrainer(Trainer):
     distribution, the others their text. loss_chunk: tokens per chunk of the output layer (0:
     the model's full logits)."""
 
-    def __init__(self, *args: Any, loss_chunk: int = 0, **kwargs: Any):
+    def __init__(self, *args: Any, loss_chunk: int = 0, share_prefix: bool = False, **kwargs: Any):
         super().__init__(*args, **kwargs)
         self.loss_chunk = loss_chunk
+        # a prefix's keys and values are reused across rows, so only with the chunked loss
+        # (which needs the hidden states, not the logits) and a batch without other inputs
+        self.share_prefix = share_prefix and bool(loss_chunk)
         # compute_loss divides by the token count of the whole accumulated batch itself: the
         # Trainer must not divide again by the accumulation steps
         self.model_accepts_loss_kwargs = True
@@ -173,11 +237,20 @@ class LossTrainer(Trainer):
             raise ValueError("distilled rows need their teacher targets (teacher.py)")
         causal_lm = self.accelerator.unwrap_model(model).get_base_model()
         if self.loss_chunk:
+            keep = one_position(labels.device)
             with final_hidden(causal_lm) as seen:
-                outputs = model(**inputs, logits_to_keep=one_position(labels.device))
+                outputs = self.shared_forward(model, inputs, keep)
+                if outputs is None:
+                    seen.clear()
+                    outputs = model(**inputs, logits_to_keep=keep)
+            hidden = (
+                seen[-1]
+                if len(seen) == 1
+                else torch.cat([seen[0].expand(labels.shape[0], -1, -1), seen[1]], dim=1)
+            )
             weight = full_weight(causal_lm.get_output_embeddings().weight)
             total, tokens = chunked_token_losses(
-                seen[-1], teacher, labels, distill, weight, self.loss_chunk
+                hidden, teacher, labels, distill, weight, self.loss_chunk
             )
         else:
             outputs = model(**inputs)
@@ -191,3 +264,16 @@ class LossTrainer(Trainer):
             if self.args.average_tokens_across_devices:
                 loss = loss * self.accelerator.num_processes
         return (loss, outputs) if return_outputs else loss
+
+    def shared_forward(self, model: Any, inputs: dict[str, Any], keep: Any) -> Any:
+        """forward_with_shared_prefix where the batch shares a prefix (None where it does not,
+        and from then on where the model's cache cannot be shared)."""
+        if not self.share_prefix or set(inputs) != {"input_ids", "attention_mask"}:
+            return None
+        prefix = shared_prefix(inputs["input_ids"], inputs["attention_mask"])
+        if not prefix:
+            return None
+        outputs = forward_with_shared_prefix(model, inputs, prefix, keep)
+        if outputs is None:
+            self.share_prefix = False
+        return outputs

@@ -23,7 +23,7 @@ from tuneship.infra.errors import Preempted
 
 from . import checkpoints as ckpt
 from .best import BestAdapter
-from .examples import TrainingRows, packed_collate, pad_collate
+from .examples import SortedBatches, TrainingRows, packed_collate, pad_collate
 from .loss import LossTrainer, not_chunkable
 from .observe import (
     METRICS_JSONL,
@@ -38,6 +38,15 @@ from .ranks import backend_for
 
 class TuneshipTrainer(ckpt.CheckpointingTrainer, LossTrainer):
     """Atomic checkpoints and the chunked, distilling loss in one Trainer."""
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = train_dataset if train_dataset is not None else self.train_dataset
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        lengths = [len(example.input_ids) for example in dataset.examples]
+        return SortedBatches(
+            lengths, self.args.train_batch_size * self.args.gradient_accumulation_steps
+        )
 
     def create_accelerator_and_postprocess(self) -> None:
         super().create_accelerator_and_postprocess()
@@ -167,6 +176,7 @@ def build_training(
             "loss", f"loss_chunk: off for this model ({reason}); the loss uses full logits"
         )
         loss_chunk = 0
+    share_prefix = prefix_sharing(ctx, loss_chunk)
     trainer = TuneshipTrainer(
         model=model,
         args=training_arguments(ctx, precision, model),
@@ -178,9 +188,27 @@ def build_training(
         keep_checkpoints=cfg.keep_checkpoints,
         extra_state=best,
         loss_chunk=loss_chunk,
+        share_prefix=share_prefix,
     )
     trainer.remove_callback(PrinterCallback)  # RunObserver reports instead
     return Training(trainer, observer, sigterm, best, server)
+
+
+def prefix_sharing(ctx: Context, loss_chunk: int) -> bool:
+    """Whether batches run their shared prefix once (loss.forward_with_shared_prefix): two
+    forward calls a step, which DDP and FSDP expect one of, and which gradient checkpointing
+    would recompute into the same cache twice."""
+    cfg = ctx.cfg
+    off = {
+        "several processes": ctx.world > 1,
+        "gradient_checkpointing": cfg.gradient_checkpointing,
+        "packed batches": cfg.batching == "packed",
+        "loss_chunk: 0": not loss_chunk,
+    }
+    reasons = [why for why, applies in off.items() if applies]
+    if cfg.share_prefix and reasons:
+        ctx.reporter.event("loss", f"share_prefix: off ({', '.join(reasons)})")
+    return cfg.share_prefix and not reasons
 
 
 def fit(ctx: Context, training: Training, resume_from: Path | None) -> TrainMetrics:

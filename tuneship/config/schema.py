@@ -260,6 +260,13 @@ class TrainConfig(DataMix):
     gradient_checkpointing: bool = Field(
         False, description="Recompute activations in the backward pass: less memory, ~30% slower."
     )
+    share_prefix: bool = Field(
+        True,
+        description="Run the tokens every row of a batch begins with (a system prompt, a tool "
+        "list) once per batch and the rest of each row against their keys and values: the same "
+        "loss and gradients for less computation. Single-process runs without gradient "
+        "checkpointing; off by itself elsewhere and for models whose cache cannot be shared.",
+    )
     distill_top_k: int = Field(
         64,
         ge=1,
@@ -766,5 +773,12 @@ class EvalConfig(StrictModel):
         description="Also quantize the base model with the bundle's own recipe and ask it the "
         "general questions: what 4-bit weights alone cost, told apart from the fine-tuning "
         "(a few minutes more: GPTQ and one more vLLM start-up).",
+    )
+    quantized_base_scale_tuning: bool = Field(
+        False,
+        description="With quantized_base, where the bundle's scales were tuned "
+        "(scale_tuning_epochs): tune the base's the same way, toward the 16-bit base (as long "
+        "again as the bundle's tuning took). Off: the base through GPTQ with the bundle's "
+        "scheme, group size, observer and calibration sample, what its 4-bit integers cost.",
     )
     targets: EvalTargets = Field(default_factory=EvalTargets)
