@@ -210,6 +210,7 @@ def base_in_4bit(
     base: list[ProbeAnswer],
     bundle: list[ProbeAnswer],
     base_4bit: list[ProbeAnswer],
+    scales_tuned: bool = False,
 ) -> BaseIn4Bit:
     """The base model quantized with the bundle's recipe: the general knowledge 4-bit weights
     alone cost it, and the bundle's retention measured against it instead of the 16-bit base."""
@@ -217,6 +218,7 @@ def base_in_4bit(
     kept = retained(general, base, base_4bit)
     bundle_kept = retained(general, base_4bit, bundle)
     return BaseIn4Bit(
+        scales_tuned=scales_tuned,
         general_accuracy=share(ok),
         retention=share(kept),
         bundle_retention=share(bundle_kept),

@@ -93,8 +93,9 @@ def base_in_4bit_rows(figures: BaseIn4Bit | None) -> list[tuple[str, list[str]]]
         hits, of = figures.counts[key]
         return f"{pct(getattr(figures, key))} ({hits} of {of})"
 
+    how = " (scales tuned)" if figures.scales_tuned else ""
     return [
-        ("  the base itself in W4A16", [counted("retention"), "-", "-"]),
+        (f"  the base itself in W4A16{how}", [counted("retention"), "-", "-"]),
         ("  against the base in W4A16", ["-", "-", counted("bundle_retention")]),
     ]
 

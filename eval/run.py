@@ -317,7 +317,10 @@ def base_through_the_recipe(
     tokenizer: PreTrainedTokenizerBase,
     probes: dict[str, ProbeResult],
 ) -> BaseIn4Bit:
-    """The base model quantized with the bundle's own recipe and asked the general questions."""
+    """The base model quantized with the bundle's own recipe and asked the general questions
+    (its scales tuned too only with quantized_base_scale_tuning)."""
+    if not session.cfg.quantized_base_scale_tuning:
+        export_cfg = export_cfg.model_copy(update={"scale_tuning_epochs": 0})
     tuned = ", its scales tuned toward the 16-bit base" if export_cfg.scale_tuning_epochs else ""
     print(
         f"base model in W4A16 (the bundle's recipe): GPTQ{tuned}, then the general questions "
@@ -331,7 +334,11 @@ def base_through_the_recipe(
     answers = served_answers(session, quantized, general, "base-w4a16")
     n = len(session.questions.heldout)
     return base_in_4bit(
-        general, probes["base"].chats[n:], probes["quantized"].chats[n:], answers.chats
+        general,
+        probes["base"].chats[n:],
+        probes["quantized"].chats[n:],
+        answers.chats,
+        scales_tuned=export_cfg.scale_tuning_epochs > 0,
     )
 
 

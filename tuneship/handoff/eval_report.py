@@ -116,6 +116,7 @@ class ReferenceAnswer(Section):
 class BaseIn4Bit(Section):
     """The base model through the bundle's own recipe (`quantized_base`)."""
 
+    scales_tuned: bool = False  # its scales tuned as the bundle's were (scale tuning)
     general_accuracy: float | None
     retention: float | None
     bundle_retention: float | None
