@@ -467,6 +467,36 @@ def test_scale_tuning_keeps_the_4bit_integers_and_brings_the_bundle_closer_to_th
     )
 
 
+def test_a_step_dequantizes_once_with_the_gradient_of_dequantizing_every_pass():
+    """tune_scales dequantizes each weight once per optimizer step and sums the step's
+    gradients in fp32 before they reach the scales: the same gradient as autograd through a
+    dequantization in every forward pass."""
+    import torch
+
+    from tuneship.modelops.scale_tuning import TunedLayer, tuned_forward
+
+    gen = torch.Generator().manual_seed(0)
+    module = torch.nn.Linear(64, 8, bias=False)
+    offsets = torch.randint(-8, 8, (8, 64), generator=gen, dtype=torch.int8)
+    scale = torch.rand(8, 2, generator=gen) / 10 + 0.01
+    inputs = [torch.randn(5, 64, generator=gen) for _ in range(3)]
+    grads = []
+    for per_step in (False, True):
+        layer = TunedLayer(module, offsets, 32, scale, torch.zeros(8, 2, requires_grad=True))
+        if per_step:
+            weight = layer.begin_step()
+            forward = tuned_forward(layer)
+            for x in inputs:
+                (forward(x).square().sum() / 3).backward()
+            torch.autograd.backward([weight], [layer.step_grad])
+        else:
+            for x in inputs:
+                ((x @ layer.weight().T).square().sum() / 3).backward()
+        grads.append(layer.log_gain.grad.clone())
+    assert grads[0].abs().sum() > 0
+    assert torch.allclose(grads[1], grads[0], rtol=1e-5, atol=1e-7)
+
+
 def test_scale_tuning_needs_assistant_tokens_in_the_calibration_sample():
     from tuneship.modelops.scale_tuning import tune_scales
 

@@ -33,12 +33,31 @@ class TunedLayer:
     group_size: int
     scale: torch.Tensor  # GPTQ's scales, fp32
     log_gain: torch.Tensor  # trained
+    step_weight: Any = None  # this step's weight in the model's dtype, what forward uses
+    step_grad: Any = None  # its gradient summed over the step's conversations, fp32
 
     def weight(self) -> torch.Tensor:
         import torch
 
         gains = self.scale * torch.exp(self.log_gain)
         return self.offsets.to(gains.dtype) * gains.repeat_interleave(self.group_size, 1)
+
+    def begin_step(self) -> torch.Tensor:
+        """Dequantize the weight once for a whole optimizer step (the scales do not change
+        within one): forward passes use it as a leaf whose gradients add up in fp32; returns
+        the weight still tied to log_gain, for end_step."""
+        import torch
+
+        weight = self.weight()
+        self.step_weight = weight.detach().to(self.module.weight.dtype).requires_grad_()
+        self.step_grad = torch.zeros_like(weight)
+
+        def add_up(leaf: torch.Tensor) -> None:
+            self.step_grad.add_(leaf.grad.float())
+            leaf.grad = None
+
+        self.step_weight.register_post_accumulate_grad_hook(add_up)
+        return weight
 
 
 def quantized_layers(model: torch.nn.Module) -> list[TunedLayer]:
@@ -154,19 +173,24 @@ def tune_scales(
     started = time.monotonic()
     losses = []
     try:
-        with tqdm(draws, desc="tuning the 4-bit scales", unit="chat") as progress:
-            for drawn, (input_ids, labels) in enumerate(progress, start=1):
-                loss = assistant_kl(model, teacher, input_ids, labels)
-                (loss / batch).backward()
-                losses.append(loss.item())
-                if drawn % batch == 0 or drawn == len(draws):
-                    optimizer.step()
-                    optimizer.zero_grad()
-                    schedule.step()
-                progress.set_postfix(kl=f"{sum(losses[-16:]) / len(losses[-16:]):.4f}")
+        with tqdm(total=len(draws), desc="tuning the 4-bit scales", unit="chat") as progress:
+            for first in range(0, len(draws), batch):
+                weights = [layer.begin_step() for layer in layers]
+                for input_ids, labels in draws[first : first + batch]:
+                    loss = assistant_kl(model, teacher, input_ids, labels)
+                    (loss / batch).backward()
+                    losses.append(loss.item())
+                    progress.update()
+                    progress.set_postfix(kl=f"{sum(losses[-16:]) / len(losses[-16:]):.4f}")
+                # the step's summed gradient through the dequantization once, into log_gain
+                torch.autograd.backward(weights, [layer.step_grad for layer in layers])
+                optimizer.step()
+                optimizer.zero_grad()
+                schedule.step()
     finally:
         for layer in layers:
             layer.module.forward = wrapped[id(layer.module)]
+            layer.step_weight = layer.step_grad = None
     with torch.no_grad():
         for layer in layers:
             weight = layer.weight()
@@ -191,6 +215,6 @@ def tuned_forward(layer: TunedLayer):
     import torch.nn.functional as F
 
     def forward(x):
-        return F.linear(x, layer.weight().to(x.dtype), layer.module.bias)
+        return F.linear(x, layer.step_weight.to(x.dtype), layer.module.bias)
 
     return forward
