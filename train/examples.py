@@ -135,7 +135,8 @@ def pad_collate(pad_id: int):
 class SortedBatches(Sampler[int]):
     """Batches of rows of similar length: all rows sorted by length (ties in random order), cut
     into batches, the batches in random order, the longest first (memory runs out at the first
-    step if at all). transformers' own length grouping sorts within random groups (of 208 rows
+    step if at all) and a last one short of `batch_size` last (anywhere else it would shift
+    every later batch's rows across two). transformers' own length grouping sorts within random groups (of 208 rows
     for the demo's 852), so rows of a rare length (the demo's 40 tool sessions of ~960 tokens among 812 chats
     of ~70) fall into mixed batches, each chat padded to 960 and no prefix shared (loss.py):
     11 such batches in the demo's 3 epochs, each as slow as a full batch of tool sessions. Draws
@@ -154,10 +155,11 @@ class SortedBatches(Sampler[int]):
         batches = [
             ordered[i : i + self.batch_size] for i in range(0, len(ordered), self.batch_size)
         ]
+        short = [batches.pop()] if len(batches) > 1 and len(batches[-1]) < self.batch_size else []
         if not batches:
             return
         rest = [batches[1 + int(i)] for i in torch.randperm(len(batches) - 1)]
-        for batch in batches[:1] + rest:
+        for batch in batches[:1] + rest + short:
             yield from batch
 
 
