@@ -136,12 +136,12 @@ class SortedBatches(Sampler[int]):
     """Batches of rows of similar length: all rows sorted by length (ties in random order), cut
     into batches, the batches in random order, the longest first (memory runs out at the first
     step if at all) and a last one short of `batch_size` last (anywhere else it would shift
-    every later batch's rows across two). transformers' own length grouping sorts within random groups (of 208 rows
-    for the demo's 852), so rows of a rare length (the demo's 40 tool sessions of ~960 tokens among 812 chats
-    of ~70) fall into mixed batches, each chat padded to 960 and no prefix shared (loss.py):
-    11 such batches in the demo's 3 epochs, each as slow as a full batch of tool sessions. Draws
-    from torch's global generator, as transformers' sampler does, so a resumed run (which
-    restores it) takes the same batches."""
+    every later batch's rows across two). transformers' own length grouping sorts within random
+    groups (of 208 rows for the demo's 852), so rows of a rare length (the demo's 40 tool
+    sessions of ~960 tokens among 812 chats of ~70) fall into mixed batches, each chat padded to
+    960 and no prefix shared (loss.py): 11 such batches in the demo's 3 epochs, each as slow as a
+    full batch of tool sessions. Draws from torch's global generator, as transformers' sampler
+    does, so a resumed run (which restores it) takes the same batches."""
 
     def __init__(self, lengths: Sequence[int], batch_size: int):
         self.lengths, self.batch_size = list(lengths), batch_size
