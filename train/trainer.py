@@ -23,7 +23,7 @@ from tuneship.infra.errors import Preempted
 
 from . import checkpoints as ckpt
 from .best import BestAdapter
-from .examples import SortedBatches, TrainingRows, packed_collate, pad_collate
+from .examples import RowDataset, SortedBatches, TrainingRows, packed_collate, pad_collate
 from .loss import LossTrainer, not_chunkable
 from .observe import (
     METRICS_JSONL,
@@ -41,7 +41,9 @@ class TuneshipTrainer(ckpt.CheckpointingTrainer, LossTrainer):
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.args.train_sampling_strategy != "group_by_length":
+        if self.args.train_sampling_strategy != "group_by_length" or not isinstance(
+            dataset, RowDataset
+        ):
             return super()._get_train_sampler(train_dataset)
         lengths = [len(example.input_ids) for example in dataset.examples]
         return SortedBatches(

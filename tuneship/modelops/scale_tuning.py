@@ -53,8 +53,9 @@ class TunedLayer:
         self.step_grad = torch.zeros_like(weight)
 
         def add_up(leaf: torch.Tensor) -> None:
-            self.step_grad.add_(leaf.grad.float())
-            leaf.grad = None
+            if leaf.grad is not None:
+                self.step_grad.add_(leaf.grad.float())
+                leaf.grad = None
 
         self.step_weight.register_post_accumulate_grad_hook(add_up)
         return weight
