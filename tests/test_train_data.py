@@ -262,3 +262,20 @@ def test_batches_group_rows_of_a_rare_length_together():
         assert sorted(lengths[i] for i in batches[-1]) == sorted(lengths)[:3]
     assert epochs[0] != epochs[1]
     assert list(SortedBatches([], 8)) == []
+
+
+def test_sorted_batching_trains_on_sorted_batches(tmp_path, tiny_base, small_dataset, monkeypatch):
+    """batching: sorted hands the Trainer SortedBatches (group_by_length: transformers' own)."""
+    from tuneship.train import examples
+
+    drawn = []
+    original = examples.SortedBatches.__iter__
+
+    def counted(self):
+        drawn.append(len(self))
+        return original(self)
+
+    monkeypatch.setattr(examples.SortedBatches, "__iter__", counted)
+    for batching in ("group_by_length", "sorted"):
+        run(train_config(tmp_path, tiny_base, small_dataset, name=batching, batching=batching))
+        assert bool(drawn) == (batching == "sorted"), batching

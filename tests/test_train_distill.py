@@ -240,5 +240,7 @@ def test_distill_data_alone_keeps_the_model_at_the_base(tmp_path, tiny_base, sma
 
 
 def test_distill_sources_refuse_packed_batches(tmp_path, tiny_base, small_dataset):
-    with pytest.raises(ValidationError, match="distill sources need batching: group_by_length"):
+    with pytest.raises(
+        ValidationError, match="distill sources need batching: group_by_length or sorted"
+    ):
         distill_config(tmp_path, tiny_base, small_dataset, batching="packed")

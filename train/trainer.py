@@ -39,11 +39,11 @@ from .ranks import backend_for
 class TuneshipTrainer(ckpt.CheckpointingTrainer, LossTrainer):
     """Atomic checkpoints and the chunked, distilling loss in one Trainer."""
 
+    sorted_batches = False  # batching: sorted
+
     def _get_train_sampler(self, train_dataset=None):
         dataset = train_dataset if train_dataset is not None else self.train_dataset
-        if self.args.train_sampling_strategy != "group_by_length" or not isinstance(
-            dataset, RowDataset
-        ):
+        if not self.sorted_batches or not isinstance(dataset, RowDataset):
             return super()._get_train_sampler(train_dataset)
         lengths = [len(example.input_ids) for example in dataset.examples]
         return SortedBatches(
@@ -138,7 +138,7 @@ def training_arguments(ctx: Context, precision: str, model: Any) -> TrainingArgu
         ddp_find_unused_parameters=False if world > 1 else None,
         ddp_timeout=cfg.distributed.timeout_s,  # when the Trainer starts the process group
         train_sampling_strategy="group_by_length"
-        if cfg.batching == "group_by_length"
+        if cfg.batching in ("group_by_length", "sorted")
         else "random",
         include_num_input_tokens_seen="non_padding" if cfg.batching != "packed" else "all",
         logging_steps=cfg.logging_steps,
@@ -192,6 +192,7 @@ def build_training(
         loss_chunk=loss_chunk,
         share_prefix=share_prefix,
     )
+    trainer.sorted_batches = cfg.batching == "sorted"
     trainer.remove_callback(PrinterCallback)  # RunObserver reports instead
     return Training(trainer, observer, sigterm, best, server)
 

@@ -246,9 +246,12 @@ class TrainConfig(DataMix):
         "about 100x slower there.",
     )
     logging_steps: int = Field(5, ge=1, description="Record the loss every N steps.")
-    batching: Literal["group_by_length", "packed"] = Field(
+    batching: Literal["group_by_length", "sorted", "packed"] = Field(
         "group_by_length",
-        description="group_by_length: batches of similar lengths, padded to the longest; "
+        description="group_by_length: batches of similar lengths, padded to the longest "
+        "(transformers' grouping, within random groups of rows); sorted: all rows sorted by "
+        "length, then the batches shuffled (rows of a rare length, such as long tool sessions, "
+        "batch together and share their prefix instead of padding short chats); "
         "packed: conversations concatenated without padding, attention kept within each "
         "conversation (position ids restart per conversation).",
     )
@@ -314,7 +317,8 @@ class TrainConfig(DataMix):
             raise ValueError("data: give every source a weight, or none of them")
         if any(s.distill for s in self.data) and self.batching == "packed":
             raise ValueError(
-                "data: distill sources need batching: group_by_length (packed rows mix sources)"
+                "data: distill sources need batching: group_by_length or sorted (packed rows mix "
+                "sources)"
             )
         if self.eval_data and self.eval_fraction:
             raise ValueError("set eval_data or eval_fraction, not both")
