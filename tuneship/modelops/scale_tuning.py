@@ -45,7 +45,7 @@ class TunedLayer:
     def begin_step(self) -> torch.Tensor:
         """Dequantize the weight once for a whole optimizer step (the scales do not change
         within one): forward passes use it as a leaf whose gradients add up in fp32; returns
-        the weight still tied to log_gain, for end_step."""
+        the weight still tied to log_gain, for the step's end (tune_scales)."""
         import torch
 
         weight = self.weight()
