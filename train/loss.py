@@ -153,8 +153,8 @@ def final_hidden(causal_lm: Any) -> Iterator[list[Any]]:
 
 
 # Below this many shared tokens a second forward call may cost more than it saves. The base's
-# own 24-token system prompt on 8 of the demo's short chats saves ~5% of a CPU step
-# (bench/prefix.py).
+# own 24-token system prompt on 8 of the demo's short chats saves ~5% of a step on a 2-core
+# AVX512-BF16 CPU (bench/prefix.py).
 SHARED_PREFIX_MIN = 16
 
 
